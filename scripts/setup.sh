@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One-shot, idempotent setup on Debian/Ubuntu: system packages, then .venv with pinned Python packages.
+# Usage: scripts/setup.sh [EXTRAS]   (EXTRAS defaults to "train,agent,dev")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="${1:-train,agent,dev}"
+APT_PACKAGES=(dataset-fashion-mnist mosquitto python3-venv)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# torch first, by exact pin: an unpinned resolve would pull a multi-GB CUDA build.
+.venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
+.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[${EXTRAS}]"
+echo "setup: .venv ready (extras: ${EXTRAS})"

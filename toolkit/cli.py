@@ -1,0 +1,110 @@
+"""`nmoe`: the command line of nmoe-edge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from toolkit.config import (
+    BASELINE_METHODS,
+    GATE_METHODS,
+    STAGE1_METHODS,
+    ConfigError,
+    describe,
+    load,
+)
+from toolkit.data import DataError
+from toolkit.errors import DivergedError, RunDirConflict
+
+TRAIN_HELP = f"""\
+Train and evaluate a Networked Mixture-of-Experts and its baselines on non-IID federated data.
+
+A run has three federated stages: (1) a shared feature extractor ({", ".join(STAGE1_METHODS)}),
+(2) one expert per client trained on its own data with the extractor frozen, (3) a gate
+({", ".join(GATE_METHODS)}); plus the baselines {", ".join(BASELINE_METHODS)}.
+Every combination of stage1.methods x gate.methods is evaluated as nmoe_<stage1>_<gate>.
+
+The run dir gets: config.json (resolved), checkpoints/ (one file per job, saved every round),
+metrics.json, report.md, plots/*.png and run.log. Re-running the same command after a crash or
+Ctrl-C resumes from the last completed round; nothing finished is recomputed. A run dir holding
+a different config is refused.
+"""
+
+TRAIN_EPILOG = """\
+examples:
+  nmoe train configs/quick.toml --out runs/quick
+  nmoe train configs/quick.toml --out runs/iid --set data.partition=iid
+  nmoe train configs/fmnist-dir0.1.toml --out runs/d01 --set 'gate.methods=["fedgate","fedavggate"]'
+  nmoe train configs/quick.toml --out /tmp/x --dry-run     # validate and print the resolved config
+  nmoe results runs/quick                                    # the results table of a finished run
+"""
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load(args.config, args.set)
+    if args.dry_run:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    from toolkit.report import results_table
+    from toolkit.rundir import train
+
+    metrics = train(cfg, Path(args.out), show_progress=not args.quiet)
+    print(results_table(metrics))
+    print(f"\nreport: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _results(args: argparse.Namespace) -> int:
+    from toolkit.report import results_table
+
+    path = Path(args.run_dir) / "metrics.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: has `nmoe train ... --out {args.run_dir}` finished?")
+    metrics = json.loads(path.read_text())
+    print(results_table(metrics))
+    print(f"\nreport: {Path(args.run_dir) / 'report.md'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nmoe", description="nmoe-edge: federated Networked Mixture-of-Experts, from training to devices.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train and evaluate NMoE variants and baselines",
+                           description=TRAIN_HELP,
+                           epilog="config keys and their defaults (a TOML file sets any subset):\n"
+                                  + describe() + "\n\n" + TRAIN_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("config", help="TOML config file, e.g. configs/quick.toml")
+    train.add_argument("--out", required=True, metavar="DIR", help="run dir to create or resume")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key; VALUE is parsed as TOML (repeatable), "
+                            "e.g. --set gate.rounds=5 --set data.alpha=0.1")
+    train.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and stop")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=_train)
+
+    results = sub.add_parser("results", help="print the results table of a run dir")
+    results.add_argument("run_dir", help="a run dir written by `nmoe train`")
+    results.set_defaults(func=_results)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\nnmoe: interrupted; run the same command again to resume from the last completed round",
+              file=sys.stderr)
+        return 130
+    except (ConfigError, DataError, RunDirConflict, DivergedError, FileNotFoundError) as e:
+        print(f"nmoe: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

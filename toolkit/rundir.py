@@ -1,0 +1,97 @@
+"""The run dir contract: resolved config, checkpoints, metrics.json, report and plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toolkit.config import Config, from_dict
+from toolkit.errors import RunDirConflict
+from toolkit.pipeline import Pipeline
+from toolkit.report import write_report
+
+log = logging.getLogger("nmoe")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (a crash never leaves half a file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in sorted(a.keys() | b.keys())
+                for d in _diff(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)]
+    return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
+
+
+def claim(out: Path, cfg: Config) -> bool:
+    """Create or reopen a run dir for cfg; True when resuming. Refuses a dir holding another config."""
+    path = out / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changes = _diff(old, cfg.to_dict())
+        if changes:
+            raise RunDirConflict(f"{out} holds a run of a different config ({'; '.join(changes[:5])}). "
+                                 "Use another --out, or delete the folder to start over.")
+        return True
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, cfg.to_dict())
+    return False
+
+
+def load_config(out: Path) -> Config:
+    """The resolved config stored in a run dir."""
+    return from_dict(json.loads((out / "config.json").read_text()))
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"platform": platform.platform(), "processor": cpu, "cpus": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def _log_to(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("nmoe").addHandler(handler)
+    logging.getLogger("nmoe").setLevel(logging.INFO)
+    return handler
+
+
+def train(cfg: Config, out: Path, show_progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) every method of cfg into `out`; returns the metrics written to metrics.json."""
+    resuming = claim(out, cfg)
+    handler = _log_to(out / "run.log")
+    try:
+        log.info("%s run in %s (config %s)", "resuming" if resuming else "starting", out, cfg.hash()[:12])
+        start = time.perf_counter()
+        pipeline = Pipeline(cfg, out / "checkpoints", show_progress)
+        methods = pipeline.run()
+        metrics = {
+            "dataset": cfg.data.dataset, "config": cfg.to_dict(), "config_hash": cfg.hash(),
+            "elapsed_seconds": round(time.perf_counter() - start, 1), "resumed": resuming,
+            "machine": machine(), "methods": methods, "compute": pipeline.compute(),
+        }
+        write_json(out / "metrics.json", metrics)
+        write_report(metrics, out)
+        log.info("done: %s", out / "metrics.json")
+        return metrics
+    finally:
+        logging.getLogger("nmoe").removeHandler(handler)
+        handler.close()

@@ -1,5 +1,6 @@
 """Aggregation strategies, the round loop, byte accounting and resume."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,26 +26,26 @@ from toolkit.torch_params import get_params
 from toolkit.training import GateData, GateTask, LocalClient, OptimSpec
 
 
-class AddClient:
-    """Toy client: 'training' adds (cid + 1) to every parameter; records what it received."""
+@dataclass(frozen=True)
+class AddTask:
+    """Toy client update: adds `amount` to every parameter."""
+
+    amount: float
+
+    def fit(self, params: Params, data: object, seed: int) -> tuple[Params, dict[str, float]]:
+        return {k: v + self.amount for k, v in params.items()}, {}
+
+
+class AddClient(LocalClient):
+    """A LocalClient whose 'training' adds (cid + 1); records the names it received."""
 
     def __init__(self, cid: int, init: Params, n: int = 1) -> None:
-        self.cid, self.state, self.n, self.received = cid, dict(init), n, []
+        super().__init__(cid, AddTask(cid + 1), [0] * n, init)
+        self.received: list[list[str]] = []
 
     def fit(self, ins: FitIns) -> FitRes:
         self.received.append(sorted(ins.params))
-        self.state.update(ins.params)
-        self.state = {k: v + (self.cid + 1) for k, v in self.state.items()}
-        return FitRes({k: self.state[k] for k in ins.upload}, self.n)
-
-    def model(self, shared: Params) -> Params:
-        return {**self.state, **shared}
-
-    def get_state(self) -> Params:
-        return self.state
-
-    def set_state(self, state: Params) -> None:
-        self.state = dict(state)
+        return super().fit(ins)
 
 
 INIT = {"body.w": np.zeros(3, np.float32), "final.w": np.zeros(2, np.float32)}
@@ -112,7 +113,7 @@ def test_client_uploading_extra_names_is_rejected() -> None:
     class Leaky(AddClient):
         def fit(self, ins: FitIns) -> FitRes:
             res = super().fit(ins)
-            return FitRes(dict(self.state), res.num_examples)
+            return FitRes(dict(self.state), res.num_examples)  # everything, not just ins.upload
 
     with pytest.raises(ProtocolViolation, match="final.w"):
         run_federated("t", PartialSync(("final.",)), [Leaky(0, INIT)], INIT, 1, 1.0, 0, show_progress=False)

@@ -22,7 +22,6 @@ test: lint
 
 demo: $(STAMP)
 	$(NMOE) train configs/quick.toml --out $(RUN)
-	$(NMOE) results $(RUN)
 
 bench-accuracy: $(STAMP)
 	$(PY) bench/accuracy

@@ -108,3 +108,29 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     a = json.loads((clean / "metrics.json").read_text())["methods"]
     b = json.loads((killed / "metrics.json").read_text())["methods"]
     assert a == b
+
+
+def test_trained_models_load_back_for_export(tiny_run: Path) -> None:
+    import torch
+
+    from toolkit.artifacts import ArtifactError, load_nmoe
+    from toolkit.models import Expert, Extractor, Gate
+    from toolkit.torch_params import set_params
+
+    nmoe = load_nmoe(tiny_run, "nmoe_fedce_fedgate")
+    assert nmoe.dataset["input_shape"] == [1, 16, 16] and len(nmoe.dataset["class_names"]) == 10
+    assert len(nmoe.devices) == 4
+    m = nmoe.config.model
+    ext = set_params(Extractor(tuple(nmoe.dataset["input_shape"]), m.width, m.latent_dim), nmoe.devices[0].extractor)
+    z = ext(torch.zeros(2, 1, 16, 16))
+    for d in nmoe.devices:
+        assert set_params(Gate(m.latent_dim, m.gate_hidden, 4), d.gate)(z).shape == (2, 4)
+        assert set_params(Expert(m.latent_dim, m.expert_hidden, 10), d.expert)(z).shape == (2, 10)
+    # FedGate: shared body, personal final layers
+    assert (nmoe.devices[0].gate["body.0.weight"] == nmoe.devices[1].gate["body.0.weight"]).all()
+    assert not (nmoe.devices[0].gate["final.weight"] == nmoe.devices[1].gate["final.weight"]).all()
+    assert load_nmoe(tiny_run, "nmoe_fedce_rangate").devices[0].gate is None
+    with pytest.raises(ArtifactError, match="not an NMoE method"):
+        load_nmoe(tiny_run, "fedavg")
+    with pytest.raises(ArtifactError, match="is not a run dir"):
+        load_nmoe(tiny_run / "nope", "nmoe_fedce_fedgate")

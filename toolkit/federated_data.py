@@ -35,6 +35,14 @@ class FederatedData:
         return len(self.train)
 
 
+def dataset_info(splits: DatasetSplits) -> dict:
+    """What a device needs to feed the extractor: input shape, normalization, class names."""
+    return {"name": splits.name, "input_shape": list(splits.input_shape), "input_dtype": "uint8",
+            "scale": 1 / 255, "mean": list(splits.mean), "std": list(splits.std),
+            "class_names": list(splits.class_names), "num_classes": splits.num_classes,
+            "normalization": "x = (pixel * scale - mean[c]) / std[c], NCHW float32"}
+
+
 def normalize(ds: ArrayDataset, mean: tuple[float, ...], std: tuple[float, ...]) -> TensorData:
     """uint8 [N,C,H,W] -> float32 normalized per channel."""
     x = torch.from_numpy(ds.x).float().div_(255.0)

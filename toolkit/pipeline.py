@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from toolkit.artifacts import stage1_job, stage2_job, stage3_job
 from toolkit.checkpoint import JobStore, run_steps
 from toolkit.config import Config
 from toolkit.evaluate import (
@@ -174,8 +175,8 @@ class Pipeline:
         init = self.init(self.dense, "dense")
         clients = [LocalClient(c, task, self.fd.train[c], init) for c in range(self.n)]
         return run_federated(
-            "stage1_fedce", FedAvg(), clients, init, f.rounds, f.client_fraction, self.cfg.seed,
-            self.store("stage1_fedce"),
+            stage1_job("fedce"), FedAvg(), clients, init, f.rounds, f.client_fraction, self.cfg.seed,
+            self.store(stage1_job("fedce")),
             lambda models: self.means(self.shared_model_accuracy(set_params(self.dense(), models[0]))), self.show)
 
     def contrastive(self, method: str) -> FederatedResult:
@@ -189,8 +190,9 @@ class Pipeline:
                                sc_weight=s1.sc_weight if hybrid else 1.0, ce_weight=1.0 if hybrid else 0.0)
         init = self.init(build, method)
         clients = [LocalClient(c, task, self.fd.train[c], init) for c in range(self.n)]
-        return run_federated(f"stage1_{method}", FedAvg(), clients, init, f.rounds, f.client_fraction,
-                             self.cfg.seed, self.store(f"stage1_{method}"), None, self.show)
+        job = stage1_job(method)
+        return run_federated(job, FedAvg(), clients, init, f.rounds, f.client_fraction,
+                             self.cfg.seed, self.store(job), None, self.show)
 
     def stage1(self, method: str) -> Stage1Result:
         res = self.dense_fedavg if method == "fedce" else self.contrastive(method)
@@ -212,7 +214,8 @@ class Pipeline:
             data = TensorData(z.train[c], self.fd.train[c].y)
             return task.fit(self.init(self.expert, f"expert{c}"), data, derive_seed(self.cfg.seed, method, "expert", c))
 
-        done = run_steps(self.store(f"stage2_{method}"), self.n, train, f"stage2_{method}", "expert", self.show)
+        job = stage2_job(method)
+        done = run_steps(self.store(job), self.n, train, job, "expert", self.show)
         return [p for p, _ in done]
 
     def expert_probs(self, experts: list[Params], z: torch.Tensor) -> torch.Tensor:
@@ -228,7 +231,7 @@ class Pipeline:
         clients = [LocalClient(c, task, gate_data[c], init) for c in range(self.n)]
         evaluate = lambda models: self.means(self.nmoe_accuracy(
             [gate_router(set_params(self.gate(), models[c]), self.k) for c in range(self.n)], personal, global_))
-        job = f"stage3_{method}_{gate}"
+        job = stage3_job(method, gate)
         return run_federated(job, GATE_STRATEGIES[gate](), clients, init, g.rounds, g.client_fraction,
                              self.cfg.seed, self.store(job), evaluate, self.show)
 

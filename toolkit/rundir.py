@@ -14,6 +14,7 @@ import torch
 
 from toolkit.config import Config, from_dict
 from toolkit.errors import RunDirConflict
+from toolkit.federated_data import dataset_info
 from toolkit.pipeline import Pipeline
 from toolkit.report import write_report
 
@@ -82,6 +83,7 @@ def train(cfg: Config, out: Path, show_progress: bool = True) -> dict[str, Any]:
         log.info("%s run in %s (config %s)", "resuming" if resuming else "starting", out, cfg.hash()[:12])
         start = time.perf_counter()
         pipeline = Pipeline(cfg, out / "checkpoints", show_progress)
+        write_json(out / "dataset.json", dataset_info(pipeline.fd.splits))
         methods = pipeline.run()
         metrics = {
             "dataset": cfg.data.dataset, "config": cfg.to_dict(), "config_hash": cfg.hash(),

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One-shot, idempotent setup on Debian/Ubuntu: system packages, then .venv with pinned Python packages.
-# Usage: scripts/setup.sh [EXTRAS]   (EXTRAS defaults to "train,agent,dev")
+# Usage: scripts/setup.sh [EXTRAS]   (EXTRAS defaults to "train,agent,export,dev")
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${1:-train,agent,dev}"
+EXTRAS="${1:-train,agent,export,dev}"
 APT_PACKAGES=(dataset-fashion-mnist mosquitto python3-venv)
 
 missing=()

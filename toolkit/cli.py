@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -68,6 +69,23 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+# Subcommands of other packages, found by name so that `toolkit` never depends on them (import-linter
+# checks that) and a device without torch can still run `nmoe` for the agent. Each module has
+# `register(subparsers)`, which adds its parser with `func` set, and imports nothing heavy at load.
+PLUGINS = ("export.cli",)
+
+
+def register_plugin(sub: argparse._SubParsersAction, module: str) -> None:
+    """Add a plugin's subcommand if its package is installed."""
+    try:
+        plugin = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            return  # that part of nmoe-edge is not installed here
+        raise
+    plugin.register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nmoe", description="nmoe-edge: federated Networked Mixture-of-Experts, from training to devices.")
@@ -90,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     results = sub.add_parser("results", help="print the results table of a run dir")
     results.add_argument("run_dir", help="a run dir written by `nmoe train`")
     results.set_defaults(func=_results)
+    for module in PLUGINS:
+        register_plugin(sub, module)
     return parser
 
 

@@ -134,3 +134,16 @@ def test_trained_models_load_back_for_export(tiny_run: Path) -> None:
         load_nmoe(tiny_run, "fedavg")
     with pytest.raises(ArtifactError, match="is not a run dir"):
         load_nmoe(tiny_run / "nope", "nmoe_fedce_fedgate")
+
+
+def test_bad_data_path_is_one_clear_error_and_fixing_it_works(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    base = ["train", str(ROOT / "configs" / "quick.toml"), "--out", str(out), "--quiet"]
+    assert main([*base, "--set", f"data.path={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nowhere") in err and "train-images-idx3-ubyte" in err
+    # the corrected config is accepted in the same run dir (nothing had started)
+    assert main([*base[:-1], "--dry-run"]) == 0
+    from toolkit import config
+    from toolkit.rundir import claim
+    assert claim(out, config.load(ROOT / "configs" / "quick.toml")) is False

@@ -36,9 +36,11 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def claim(out: Path, cfg: Config) -> bool:
-    """Create or reopen a run dir for cfg; True when resuming. Refuses a dir holding another config."""
+    """Create or reopen a run dir for cfg; True when resuming. Refuses a dir holding progress of another config
+    (a dir with no checkpoint yet, e.g. after a bad data path, is simply taken over)."""
     path = out / "config.json"
-    if path.exists():
+    started = any((out / "checkpoints").glob("*.npz"))
+    if path.exists() and started:
         old = json.loads(path.read_text())
         changes = _diff(old, cfg.to_dict())
         if changes:

@@ -318,3 +318,20 @@ def test_array_dataset_subset_and_validation() -> None:
     assert len(sub) == 2 and sub.y.tolist() == [1, 4] and sub.x[1, 0, 0, 0] == 16
     with pytest.raises(ValueError, match="ArrayDataset"):
         ArrayDataset(np.zeros((3, 4, 4), np.uint8), np.zeros(3, np.int64))
+
+
+def test_cifar_files_run_through_training(tmp_path: Path) -> None:
+    """The standard CIFAR-10 files drive a whole (small) `nmoe train` run: 3-channel 32x32 end to end."""
+    import json
+
+    from toolkit.cli import main
+
+    _write_cifar(tmp_path / "data", rows=60)
+    out = tmp_path / "run"
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
+    overrides = ["data.dataset=cifar10", f"data.path={tmp_path / 'data'}", "data.personal_test_size=20",
+                 "data.min_client_size=5", 'stage1.methods=["fedce"]', 'gate.methods=["fedgate"]',
+                 'baselines.methods=["fedavg"]', "federated.rounds=1", "gate.rounds=1"]
+    assert main(["train", str(tiny), "--out", str(out), "--quiet", *[a for o in overrides for a in ("--set", o)]]) == 0
+    assert json.loads((out / "dataset.json").read_text())["input_shape"] == [3, 32, 32]
+    assert set(json.loads((out / "metrics.json").read_text())["methods"]) == {"fedavg", "nmoe_fedce_fedgate"}

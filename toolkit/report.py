@@ -2,32 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 BASELINES = ("local", "fedavg", "fedavg_ft", "centralized")
-GATES = ("rangate", "rollgate", "fedavggate", "fedgate", "localgate")
+GATE_COLORS = {"rangate": "tab:blue", "rollgate": "tab:orange", "fedavggate": "tab:green",
+               "fedgate": "tab:red", "localgate": "tab:purple"}
+# stage-1 method: (mix towards black (<0) or white (>0), dash pattern)
+STAGE1_STYLES = {"fedce": (0.0, "--"), "fedsc": (-0.3, ":"), "hybrid": (0.4, "-.")}
+BASELINE_STYLES = {"local": (0.65, "s"), "fedavg": (0.5, "o"), "fedavg_ft": (0.3, "^"),
+                   "centralized": (0.0, "D")}
+ROUTING_GATES = ("fedgate", "fedavggate", "localgate")
 COLUMNS = ("method", "personalized %", "global %", "upload MB", "download MB")
+DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "synthetic": "Synthetic"}
+DPI = 120
 
 
 def ordered(methods: dict) -> list[str]:
-    """Baselines in their fixed order, then NMoE methods alphabetically."""
+    """Baselines in their fixed order, then the other (NMoE) methods alphabetically."""
     return [n for n in BASELINES if n in methods] + sorted(n for n in methods if n not in BASELINES)
 
 
 def rows(metrics: dict) -> list[tuple[str, ...]]:
-    """One formatted row per method."""
-    out = []
-    for name in ordered(metrics["methods"]):
-        m = metrics["methods"][name]
-        out.append((name, f"{100 * m['personalized_accuracy']:.2f}", f"{100 * m['global_accuracy']:.2f}",
-                    f"{m['upload_bytes'] / 1e6:.2f}", f"{m['download_bytes'] / 1e6:.2f}"))
-    return out
+    """One formatted row per method, in table order."""
+    methods = metrics["methods"]
+    return [(name, f"{100 * methods[name]['personalized_accuracy']:.2f}",
+             f"{100 * methods[name]['global_accuracy']:.2f}",
+             f"{methods[name]['upload_bytes'] / 1e6:.2f}", f"{methods[name]['download_bytes'] / 1e6:.2f}")
+            for name in ordered(methods)]
 
 
 def results_table(metrics: dict) -> str:
@@ -36,164 +47,247 @@ def results_table(metrics: dict) -> str:
     widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
 
     def fmt(row: tuple[str, ...]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(row, widths)))
 
     return "\n".join([fmt(table[0]), "  ".join("-" * w for w in widths), *map(fmt, table[1:])])
 
 
 def best(methods: dict, key: str, names: list[str] | None = None) -> str | None:
-    """The method with the highest `key` among `names` (default: all)."""
-    pool = [n for n in (names if names is not None else methods) if n in methods]
+    """The method with the highest `key` among `names` (default: all), None if there is none."""
+    pool = [n for n in (methods if names is None else names) if n in methods]
     return max(pool, key=lambda n: methods[n][key]) if pool else None
 
 
-def gate_of(name: str) -> str:
-    return name.rsplit("_", 1)[-1] if name.startswith("nmoe_") else name
+def nmoe_parts(name: str) -> tuple[str, str]:
+    """('fedce', 'fedgate') for 'nmoe_fedce_fedgate'; ('', '') for a baseline."""
+    parts = name.split("_")
+    return (parts[1], parts[-1]) if name.startswith("nmoe_") and len(parts) >= 3 else ("", "")
+
+
+def shade(color: str, mix: float) -> tuple[float, float, float]:
+    """`color` mixed with black (mix < 0) or white (mix > 0) by |mix|."""
+    target = 1.0 if mix > 0 else 0.0
+    return tuple((1 - abs(mix)) * c + abs(mix) * target for c in to_rgb(color))
 
 
 def style(name: str) -> dict:
-    """Baselines solid, NMoE dashed and coloured by gate."""
-    if name in BASELINES:
-        return {"linestyle": "-", "color": plt.cm.Greys(0.45 + 0.15 * BASELINES.index(name))}
-    return {"linestyle": "--", "color": plt.cm.tab10(GATES.index(gate_of(name)) if gate_of(name) in GATES else 9)}
+    """Line style: baselines solid grey with a marker each, NMoE a colour family per gate and a
+    shade plus dash pattern per stage-1 method."""
+    if name in BASELINE_STYLES:
+        grey, marker = BASELINE_STYLES[name]
+        return {"color": str(grey), "linestyle": "-", "marker": marker}
+    stage1, gate = nmoe_parts(name)
+    mix, dash = STAGE1_STYLES.get(stage1, (0.0, "--"))
+    return {"color": shade(GATE_COLORS.get(gate, "tab:brown"), mix), "linestyle": dash,
+            "marker": None}
 
 
 def headline(methods: dict) -> list[str]:
-    """Baselines plus the best method per gate: keeps crowded plots readable."""
+    """Baselines plus the best method per gate type: keeps crowded plots readable."""
     picks = [n for n in BASELINES if n in methods]
-    for gate in GATES:
-        b = best(methods, "personalized_accuracy", [n for n in methods if n.endswith(f"_{gate}")])
-        if b:
-            picks.append(b)
+    gates = sorted({nmoe_parts(n)[1] for n in methods if n not in BASELINES})
+    for gate in gates:
+        picks.append(best(methods, "personalized_accuracy",
+                          [n for n in methods if n not in BASELINES and nmoe_parts(n)[1] == gate]))
     return picks
 
 
+def save(fig: Figure, path: Path) -> None:
+    """Write the figure as a PNG and free it."""
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+
+
+def side_legend(ax: Axes, source: Axes | None = None) -> None:
+    """Legend of `source`'s lines (default: ax's) to the right of ax, out of the data's way."""
+    ax.legend(*(source or ax).get_legend_handles_labels(), fontsize=8, loc="center left",
+              bbox_to_anchor=(1.01, 0.5), frameon=False)
+
+
 def plot_curves(metrics: dict, path: Path) -> bool:
+    """Personalized and global accuracy per round, one line per method with a curve."""
     methods = {n: m for n, m in metrics["methods"].items() if m.get("curve")}
     if not methods:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
-    for ax, key, title in zip(axes, ("personalized_accuracy", "global_accuracy"), ("personalized", "global")):
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharex=True, sharey=True)
+    for ax, kind in zip(axes, ("personalized", "global")):
         for name in ordered(methods):
-            pts = [(p["round"], p[key]) for p in methods[name]["curve"] if p.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=name, marker=".", **style(name))
-        ax.set(title=f"{title} accuracy per round", xlabel="round (NMoE: gate round)", ylabel="accuracy")
+            points = [(p["round"], p[f"{kind}_accuracy"]) for p in methods[name]["curve"]
+                      if p.get(f"{kind}_accuracy") is not None]
+            if points:
+                ax.plot(*zip(*points), label=name, linewidth=1.4, markersize=4,
+                        markevery=max(1, len(points) // 10), **style(name))
+        ax.set(title=f"{kind} accuracy per round", xlabel="round (NMoE: gate training round)",
+               ylabel="accuracy")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    side_legend(axes[1], source=axes[0])  # every method with a curve has personalized points
+    save(fig, path)
     return True
 
 
 def plot_per_client(metrics: dict, path: Path) -> bool:
-    methods = metrics["methods"]
-    names = ordered(methods) if len(methods) <= 8 else headline(methods)
-    if not names:
+    """Grouped bars of personalized accuracy per client; only headline methods if > 8."""
+    methods = {n: m for n, m in metrics["methods"].items() if m.get("per_client")}
+    if not methods:
         return False
-    clients = [p["client"] for p in methods[names[0]]["per_client"]]
+    names = ordered(methods) if len(methods) <= 8 else headline(methods)
+    clients = sorted({p["client"] for n in names for p in methods[n]["per_client"]})
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(clients) + 3), 4.8))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * len(clients) + 4), 4.8))
     for i, name in enumerate(names):
-        acc = [p["personalized_accuracy"] for p in methods[name]["per_client"]]
-        ax.bar([c + (i - (len(names) - 1) / 2) * width for c in clients], acc, width, label=name,
-               color=style(name)["color"], hatch="//" if name.startswith("nmoe_") else None, edgecolor="white")
-    subset = "" if len(names) == len(methods) else " (baselines + best NMoE per gate)"
-    ax.set(title=f"personalized accuracy per client{subset}", xlabel="client", ylabel="accuracy", xticks=clients)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        acc = {p["client"]: p["personalized_accuracy"] for p in methods[name]["per_client"]}
+        xs = [clients.index(c) + (i - (len(names) - 1) / 2) * width for c in acc]
+        ax.bar(xs, list(acc.values()), width, label=name, color=style(name)["color"],
+               hatch="//" if name.startswith("nmoe_") else None, edgecolor="white", linewidth=0.3)
+    subset = "" if len(names) == len(methods) else "\n(baselines + best NMoE method per gate type)"
+    ax.set(title=f"personalized accuracy per client{subset}", xlabel="client", ylabel="accuracy",
+           xticks=range(len(clients)), xticklabels=[str(c) for c in clients], ylim=(0, 1.0))
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    side_legend(ax)
+    save(fig, path)
     return True
 
 
 def plot_routing(name: str, matrix: list[list[float]], path: Path) -> None:
-    n = len(matrix)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.55 * n))
-    im = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    """Heatmap of routing shares, rows: client data, columns: expert, value in each cell."""
+    n_rows, n_cols = len(matrix), len(matrix[0])
+    fig, ax = plt.subplots(figsize=(2.0 + 0.6 * n_cols, 1.2 + 0.55 * n_rows))
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
     for i, row in enumerate(matrix):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v > 0.5 else "black")
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if value > 0.5 else "black")
     ax.set(title=f"routing of {name}\n(row: client's test data, column: expert)", xlabel="expert",
-           ylabel="client data", xticks=range(n), yticks=range(n))
-    fig.colorbar(im, ax=ax, fraction=0.046, label="share of top-k selections")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+           ylabel="client data", xticks=range(n_cols), yticks=range(n_rows))
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of top-k selections")
+    save(fig, path)
 
 
-def plot_summary(metrics: dict, path: Path) -> None:
-    names = ordered(metrics["methods"])[::-1]
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.32 * len(names)))
-    y = range(len(names))
-    for offset, key, color in ((-0.2, "personalized_accuracy", "tab:blue"), (0.2, "global_accuracy", "tab:orange")):
-        ax.barh([i + offset for i in y], [metrics["methods"][n][key] for n in names], 0.4,
-                color=color, label=key.replace("_", " "))
-    ax.set(yticks=list(y), yticklabels=names, xlabel="accuracy", xlim=(0, 1), title="accuracy per method")
-    ax.legend(loc="lower right", fontsize=8)
+def plot_summary(metrics: dict, path: Path) -> bool:
+    """Horizontal bars of personalized and global accuracy per method, in table order."""
+    methods = metrics["methods"]
+    names = ordered(methods)
+    if not names:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 1.4 + 0.36 * len(names)))
+    for offset, kind, color in ((-0.2, "personalized", "tab:blue"), (0.2, "global", "tab:orange")):
+        values = [methods[n][f"{kind}_accuracy"] for n in names]
+        bars = ax.barh([i + offset for i in range(len(names))], values, 0.4, color=color,
+                       label=f"{kind} accuracy")
+        ax.bar_label(bars, labels=[f"{100 * v:.1f}" for v in values], padding=2, fontsize=6.5)
+    ax.set(yticks=range(len(names)), yticklabels=names, xlabel="accuracy", xlim=(0, 1.08),
+           ylim=(len(names) - 0.5, -0.5))
+    ax.set_title("accuracy per method (labels in %)", pad=22)
+    baselines = sum(n in BASELINES for n in names)
+    if 0 < baselines < len(names):
+        ax.axhline(baselines - 0.5, color="0.5", linewidth=0.8)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
+    return True
+
+
+def routing_picks(methods: dict) -> list[str]:
+    """The best (personalized accuracy) method with routing for each of fedgate, fedavggate,
+    localgate."""
+    picks = [best(methods, "personalized_accuracy",
+                  [n for n in methods if nmoe_parts(n)[1] == gate and methods[n].get("routing")])
+             for gate in ROUTING_GATES]
+    return [p for p in picks if p]
 
 
 def write_plots(metrics: dict, out_dir: Path) -> list[Path]:
-    """PNG plots into out_dir; a plot whose data is absent is skipped."""
+    """PNG plots into out_dir (created if missing); a plot whose data is absent is skipped."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for filename, plot in (("accuracy_per_round.png", plot_curves), ("per_client_accuracy.png", plot_per_client)):
-        if plot(metrics, out_dir / filename):
-            written.append(out_dir / filename)
     methods = metrics["methods"]
-    for gate in ("fedgate", "fedavggate", "localgate"):
-        name = best(methods, "personalized_accuracy", [n for n in methods if n.endswith(f"_{gate}") and "routing" in methods[n]])
-        if name:
-            plot_routing(name, methods[name]["routing"], out_dir / f"routing_{name}.png")
-            written.append(out_dir / f"routing_{name}.png")
-    if methods:
-        plot_summary(metrics, out_dir / "summary.png")
+    plots: list[tuple[str, Callable[[dict, Path], bool]]] = [
+        ("accuracy_per_round.png", plot_curves), ("per_client_accuracy.png", plot_per_client)]
+    written = [out_dir / f for f, plot in plots if plot(metrics, out_dir / f)]
+    for name in routing_picks(methods):
+        plot_routing(name, methods[name]["routing"], out_dir / f"routing_{name}.png")
+        written.append(out_dir / f"routing_{name}.png")
+    if plot_summary(metrics, out_dir / "summary.png"):
         written.append(out_dir / "summary.png")
     return written
 
 
-def setting(cfg: dict) -> str:
-    """E.g. 'fashion_mnist, 10 clients, Dirichlet(alpha=0.5)'."""
-    d = cfg["data"]
-    split = {"iid": "IID", "dirichlet": f"Dirichlet(alpha={d['alpha']})",
-             "shards": f"shards, {d['classes_per_client']} classes per client"}[d["partition"]]
-    return f"{d['dataset']}, {d['num_clients']} clients, {split}"
+def setting(metrics: dict) -> str:
+    """E.g. 'Fashion-MNIST, 10 clients, Dirichlet(alpha=0.5)'."""
+    data = metrics.get("config", {}).get("data", {})
+    dataset = metrics.get("dataset") or data.get("dataset", "unknown dataset")
+    partition = data.get("partition", "")
+    split = {"iid": "IID", "dirichlet": f"Dirichlet(alpha={data.get('alpha')})",
+             "shards": f"shards, {data.get('classes_per_client', '?')} classes per client"}
+    parts = [DATASET_NAMES.get(dataset, dataset), f"{data.get('num_clients', '?')} clients",
+             split.get(partition, partition)]
+    return ", ".join(p for p in parts if p)
 
 
-def compute_table(compute: dict) -> list[str]:
-    lines = ["| deployment | MACs per sample | parameters | fp32 memory KB | what |", "|---|---:|---:|---:|---|"]
-    for name, r in compute["per_device"].items():
-        lines.append(f"| {name} | {r['macs']:,} | {r['params']:,} | {r['params'] * 4 / 1000:.1f} | {r['note']} |")
+def duration(seconds: float) -> str:
+    """'42 s', '3 min 05 s' or '2 h 07 min'."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def about(metrics: dict) -> str:
+    """One line on the machine, elapsed time and config hash."""
+    m = metrics.get("machine", {})
+    return (f"Machine: {m.get('processor') or '?'}, {m.get('cpus', '?')} CPUs, "
+            f"{m.get('platform', '?')}; Python {m.get('python', '?')}, torch {m.get('torch', '?')}. "
+            f"Elapsed: {duration(metrics.get('elapsed_seconds', 0.0))}. "
+            f"Config hash `{metrics.get('config_hash', '')[:12]}`.")
+
+
+def markdown_table(metrics: dict) -> list[str]:
+    """The results table as Markdown, same rows and formatting as results_table."""
+    return ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1),
+            *("| " + " | ".join(r) + " |" for r in rows(metrics))]
+
+
+def best_section(methods: dict) -> list[str]:
+    """The best method by personalized and by global accuracy, overall and among NMoE methods."""
+    nmoe = [n for n in methods if n.startswith("nmoe_")]
+    lines = ["## Best", ""]
+    for label, pool in (("", None), ("NMoE ", nmoe)):
+        for kind in ("personalized", "global"):
+            name = best(methods, f"{kind}_accuracy", pool)
+            if name:
+                lines.append(f"- {label}{kind} accuracy: **{name}** "
+                             f"({100 * methods[name][f'{kind}_accuracy']:.2f}%)")
+    return lines
+
+
+def compute_section(compute: dict) -> list[str]:
+    """Per-device MACs per sample and fp32 parameter memory."""
+    lines = ["## Compute and memory per device", "",
+             "| deployment | MACs per sample | parameters | fp32 memory KB | what |",
+             "|---|---:|---:|---:|---|"]
+    for name, r in compute.get("per_device", {}).items():
+        lines.append(f"| {name} | {r['macs']:,} | {r['params']:,} | {r['params'] * 4 / 1000:.1f} "
+                     f"| {r.get('note', '')} |")
     return lines
 
 
 def write_report(metrics: dict, run_dir: Path) -> Path:
-    """plots/ and report.md in run_dir; returns the report's path."""
+    """Plots into run_dir/plots and run_dir/report.md; returns the report's path."""
     plots = write_plots(metrics, run_dir / "plots")
     methods = metrics["methods"]
-    mach = metrics.get("machine", {})
-    about = (f"Machine: {mach.get('processor', '?')}, {mach.get('cpus', '?')} cores, "
-             f"Python {mach.get('python', '?')}, torch {mach.get('torch', '?')}. "
-             f"Elapsed: {metrics.get('elapsed_seconds', 0):.0f} s. Config hash `{metrics.get('config_hash', '')[:12]}`.")
-    lines = [f"# NMoE run: {setting(metrics['config'])}", "", about, "",
-             "| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows(metrics)]
+    lines = [f"# NMoE run: {setting(metrics)}", "", about(metrics), "", "## Results", "",
+             *markdown_table(metrics)]
     if methods:
-        bp, bg = best(methods, "personalized_accuracy"), best(methods, "global_accuracy")
-        lines += ["", "## Best", "",
-                  f"- personalized accuracy: **{bp}** ({100 * methods[bp]['personalized_accuracy']:.2f}%)",
-                  f"- global accuracy: **{bg}** ({100 * methods[bg]['global_accuracy']:.2f}%)"]
-    if metrics.get("compute"):
-        lines += ["", "## Compute and memory per device", "", *compute_table(metrics["compute"])]
+        lines += ["", *best_section(methods)]
+    if metrics.get("compute", {}).get("per_device"):
+        lines += ["", *compute_section(metrics["compute"])]
     if plots:
-        lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+        lines += ["", "## Plots"]
+        for plot in plots:
+            lines += ["", f"![{plot.stem}](plots/{plot.name})"]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -1,0 +1,211 @@
+"""Bundle loading: every broken bundle is one BundleError naming the file, and nothing gets loaded.
+
+Bundles here are written by the real writer with a stand-in format (tiny hand-made ONNX graphs),
+so these tests take milliseconds.
+"""
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper
+
+from device_agent.bundle import (
+    SCHEMA_VERSION,
+    BundleError,
+    InputSpec,
+    Manifest,
+    Quantization,
+    TensorSpec,
+    load_bundle,
+)
+from device_agent.runtime import (
+    UnsupportedFormat,
+    dequantize,
+    from_model_output,
+    open_runtime,
+    to_model_input,
+)
+from export.bundle_writer import ExportError, ModelSource, WrittenModel, write_bundle
+
+SHAPES = {"extractor": ["batch", 1, 2, 2], "gate": ["batch", 4], "expert": ["batch", 4]}
+IO = {"extractor": ("x", "latent"), "gate": ("z", "gate_logits"), "expert": ("z", "logits")}
+
+
+class TinyOnnx:
+    """Stand-in format: a Flatten (extractor) or Identity graph per role."""
+
+    name = "onnx"
+
+    def write(self, source: ModelSource, precisions: Sequence[str], out_dir: Path) -> list[WrittenModel]:
+        shape = SHAPES[source.role]
+        x = helper.make_tensor_value_info(source.input_name, TensorProto.FLOAT, shape)
+        y = helper.make_tensor_value_info(source.output_name, TensorProto.FLOAT, ["batch", 4])
+        op = "Flatten" if source.role == "extractor" else "Identity"
+        graph = helper.make_graph([helper.make_node(op, [x.name], [y.name])], source.role, [x], [y])
+        written = []
+        for p in precisions:
+            path = out_dir / f"{source.role}.{p}.onnx"
+            onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+            written.append(WrittenModel(p, path, [TensorSpec(x.name, shape, "float32")],
+                                        [TensorSpec(y.name, ["batch", 4], "float32")]))
+        return written
+
+
+def sources() -> list[ModelSource]:
+    """Every role; TinyOnnx needs no torch module."""
+    return [ModelSource(role, None, *IO[role], np.zeros((1, *SHAPES[role][1:]), np.float32))  # type: ignore[arg-type]
+            for role in ("extractor", "gate", "expert")]
+
+
+@pytest.fixture
+def bundle_dir(tmp_path: Path) -> Path:
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, device_id="device-1", expert_id=1, num_experts=4, top_k=2, latent_dim=4,
+        num_classes=4, class_names=["a", "b", "c", "d"], routing="gate",
+        input=InputSpec([1, 2, 2], "uint8", 1 / 255, [0.5], [0.25], "NCHW"), models=[],
+        provenance={"method": "test"}, samples=None)
+    samples = {"images": np.arange(8, dtype=np.uint8).reshape(2, 1, 2, 2), "labels": np.array([0, 3])}
+    dest = tmp_path / "device-1"
+    write_bundle(dest, manifest, sources(), [TinyOnnx()], ["fp32", "int8"], samples)
+    return dest
+
+
+@pytest.fixture
+def no_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if any model gets loaded into ONNX Runtime."""
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+
+
+def edit_manifest(bundle: Path, change: dict) -> None:
+    path = bundle / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+
+
+def test_valid_bundle_loads_and_runs(bundle_dir: Path) -> None:
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    assert (m.device_id, m.expert_id, m.routing, len(m.models)) == ("device-1", 1, "gate", 6)
+    entry = bundle.model("extractor", "int8")
+    assert entry.file == "extractor.int8.onnx" and entry.inputs[0].shape == ["batch", 1, 2, 2]
+    x = np.random.default_rng(0).random((3, 1, 2, 2), dtype=np.float32)
+    assert np.array_equal(open_runtime(bundle, entry).run(x), x.reshape(3, 4))
+    assert np.array_equal(bundle.samples()["labels"], [0, 3])
+    assert m.to_dict() == json.loads((bundle_dir / "manifest.json").read_text())
+
+
+def test_rewriting_replaces_the_old_bundle(bundle_dir: Path) -> None:
+    (bundle_dir / "stale.onnx").write_bytes(b"old")
+    manifest = load_bundle(bundle_dir).manifest
+    write_bundle(bundle_dir, manifest, sources(), [TinyOnnx()], ["fp32"], {"labels": np.array([1])})
+    assert not (bundle_dir / "stale.onnx").exists() and len(load_bundle(bundle_dir).manifest.models) == 3
+    assert sorted(p.name for p in bundle_dir.parent.iterdir()) == ["device-1"]
+
+
+def test_a_folder_that_is_not_a_bundle_is_not_replaced(tmp_path: Path) -> None:
+    (tmp_path / "device-1").mkdir()
+    (tmp_path / "device-1" / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match=r"device-1 exists and is not a bundle"):
+        write_bundle(tmp_path / "device-1", None, sources(), [TinyOnnx()], ["fp32"], {})  # type: ignore[arg-type]
+    assert (tmp_path / "device-1" / "notes.txt").read_text() == "mine"
+
+
+def test_missing_model_lookup_names_what_exists(bundle_dir: Path) -> None:
+    with pytest.raises(BundleError, match=r"no gate fp32 litert model \(has: extractor fp32 onnx"):
+        load_bundle(bundle_dir).model("gate", "fp32", "litert")
+
+
+def test_tampered_byte(bundle_dir: Path, no_sessions: None) -> None:
+    path = bundle_dir / "gate.int8.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"gate\.int8\.onnx: sha256 .* does not match manifest\.json"):
+        load_bundle(bundle_dir)
+
+
+def test_truncated_file(bundle_dir: Path, no_sessions: None) -> None:
+    path = bundle_dir / "extractor.fp32.onnx"
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(BundleError, match=rf"extractor\.fp32\.onnx: {size - 10} bytes, manifest\.json says {size}"):
+        load_bundle(bundle_dir)
+
+
+def test_missing_file(bundle_dir: Path, no_sessions: None) -> None:
+    (bundle_dir / "samples.npz").unlink()
+    with pytest.raises(BundleError, match=r"samples\.npz: listed in manifest\.json but missing"):
+        load_bundle(bundle_dir)
+
+
+def test_unknown_schema_version(bundle_dir: Path, no_sessions: None) -> None:
+    edit_manifest(bundle_dir, {"schema_version": 2})
+    with pytest.raises(BundleError, match=r"manifest\.json: schema_version 2 is not supported .*schema_version 1"):
+        load_bundle(bundle_dir)
+
+
+def test_malformed_json(bundle_dir: Path, no_sessions: None) -> None:
+    path = bundle_dir / "manifest.json"
+    path.write_text(path.read_text()[:-20])
+    with pytest.raises(BundleError, match=r"manifest\.json: not valid JSON"):
+        load_bundle(bundle_dir)
+
+
+def test_missing_manifest(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match=r"manifest\.json: cannot read"):
+        load_bundle(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"top_k": 9}, r"top_k: 9 is more than num_experts=4"),
+    ({"expert_id": True}, r"expert_id: expected an integer"),
+    ({"class_names": ["a"]}, r"class_names: 1 names for num_classes=4"),
+    ({"routing": "random"}, r"models: onnx (fp32|int8) has roles .*routing 'random' needs \['expert', 'extractor'\]"),
+    ({"input": {"shape": [1, 2, 2], "dtype": "uint8", "scale": 1, "mean": [0], "std": [0], "layout": "NCHW"}},
+     r"input: mean and std need 1 values each"),
+    ({"models": [{"role": "extractor"}]}, r"models\[0\]\.format: missing"),
+    ({"samples": {"file": "../secret.npz", "sha256": "0" * 64, "bytes": 1}}, r"samples\.file: '\.\./secret\.npz' is not a plain"),
+])
+def test_invalid_fields_name_the_key(bundle_dir: Path, change: dict, message: str, no_sessions: None) -> None:
+    edit_manifest(bundle_dir, change)
+    with pytest.raises(BundleError, match=rf"manifest\.json: {message}"):
+        load_bundle(bundle_dir)
+
+
+def test_duplicate_json_key_is_refused(bundle_dir: Path) -> None:
+    path = bundle_dir / "manifest.json"
+    path.write_text(path.read_text().replace('"top_k": 2,', '"top_k": 2, "top_k": 1,'))
+    with pytest.raises(BundleError, match="duplicate key"):
+        load_bundle(bundle_dir)
+
+
+def test_file_changed_after_loading_is_not_run(bundle_dir: Path, no_sessions: None) -> None:
+    bundle = load_bundle(bundle_dir)
+    (bundle_dir / "expert.fp32.onnx").write_bytes(b"evil")
+    with pytest.raises(BundleError, match=r"expert\.fp32\.onnx: changed since the bundle was loaded"):
+        open_runtime(bundle, bundle.model("expert", "fp32"))
+
+
+def test_unknown_format_names_supported_ones(bundle_dir: Path) -> None:
+    bundle = load_bundle(bundle_dir)
+    entry = bundle.model("gate", "fp32")
+    with pytest.raises(UnsupportedFormat, match=r"format 'litert' is not supported by this agent \(supported: onnx\)"):
+        open_runtime(bundle, dataclasses.replace(entry, format="litert"))
+
+
+def test_int8_io_quantization_round_trip() -> None:
+    q = Quantization(scale=0.05, zero_point=-3)
+    spec = TensorSpec("z", ["batch", 3], "int8", q)
+    x = np.array([[0.0, 1.0, -200.0]], dtype=np.float32)
+    qx = to_model_input(x, spec)
+    assert qx.dtype == np.int8 and qx.tolist() == [[-3, 17, -128]]  # saturates
+    assert np.allclose(from_model_output(qx, spec), [[0.0, 1.0, -6.25]])
+    assert dequantize(np.array([127], np.int8), q).dtype == np.float32
+    assert from_model_output(qx, TensorSpec("z", [3], "float32")).dtype == np.float32

@@ -1,0 +1,238 @@
+"""Per-device bundles from a trained NMoE: model files per format and precision, samples, manifest.
+
+A format (ONNX today; ExecuTorch and LiteRT later) is a `ModelFormat`: it writes one role's model
+in the requested precisions and reports the files' I/O. int8 calibration data is always the
+device's own training images (and their latents), never another client's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from device_agent.bundle import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    Bundle,
+    InputSpec,
+    Manifest,
+    ModelEntry,
+    SamplesRef,
+    TensorSpec,
+    file_sha256,
+    load_bundle,
+)
+from toolkit.artifacts import TrainedNMoE
+from toolkit.evaluate import predict
+from toolkit.federated_data import FederatedData
+from toolkit.models import Expert, Extractor, Gate
+from toolkit.progress import progress_bar
+from toolkit.seeding import derive_seed
+from toolkit.torch_params import set_params
+
+SAMPLES = "samples.npz"
+SELF_CHECK_SAMPLES = 8
+
+
+class ExportError(ValueError):
+    """The export cannot proceed (printed as one line by `nmoe export`)."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One role's torch module and its int8 calibration inputs (this device's own data)."""
+
+    role: str
+    module: nn.Module
+    input_name: str  # the forward() argument name
+    output_name: str
+    calibration: np.ndarray  # float32 [N, ...]; row 0 is also the export example
+
+
+@dataclass(frozen=True)
+class WrittenModel:
+    """A model file a format wrote, with its I/O as the file declares it."""
+
+    precision: str
+    path: Path
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class ModelFormat(Protocol):
+    """An export format: writes `<role>.<precision>.<suffix>` files into a bundle folder."""
+
+    name: str
+
+    def write(self, source: ModelSource, precisions: Sequence[str], out_dir: Path) -> list[WrittenModel]:
+        """Write the model in every precision; int8 calibrates on `source.calibration`."""
+        ...
+
+
+@dataclass(frozen=True)
+class DeviceModules:
+    """A device's torch models (fp32, eval mode): the reference for every exported file."""
+
+    extractor: Extractor
+    gate: Gate | None
+    expert: Expert
+
+    def sources(self, images: torch.Tensor) -> list[ModelSource]:
+        """Export sources; gate and expert calibrate on the latents of the same images."""
+        z = predict(self.extractor, images)
+        sources = [ModelSource("extractor", self.extractor, "x", "latent", images.numpy())]
+        if self.gate is not None:
+            sources.append(ModelSource("gate", self.gate, "z", "gate_logits", z.numpy()))
+        return sources + [ModelSource("expert", self.expert, "z", "logits", z.numpy())]
+
+
+def device_modules(trained: TrainedNMoE) -> list[DeviceModules]:
+    """Every device's models as torch modules."""
+    m, ds = trained.config.model, trained.dataset
+    shape = tuple(ds["input_shape"])
+    n = len(trained.devices)
+
+    def build(module: nn.Module, params: dict) -> nn.Module:
+        return set_params(module, params).eval()
+
+    return [DeviceModules(
+        build(Extractor(shape, m.width, m.latent_dim), d.extractor),
+        None if d.gate is None else build(Gate(m.latent_dim, m.gate_hidden, n), d.gate),
+        build(Expert(m.latent_dim, m.expert_hidden, ds["num_classes"]), d.expert))
+        for d in trained.devices]
+
+
+def input_spec(dataset: dict) -> InputSpec:
+    """The manifest's input section from the run dir's dataset.json."""
+    return InputSpec(shape=list(dataset["input_shape"]), dtype="uint8", scale=dataset["scale"],
+                     mean=list(dataset["mean"]), std=list(dataset["std"]), layout="NCHW")
+
+
+def raw_images(x: torch.Tensor, spec: InputSpec) -> np.ndarray:
+    """Normalized float images back to the uint8 pixels they came from."""
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    return torch.round((x * std + mean) / spec.scale).clamp(0, 255).to(torch.uint8).numpy()
+
+
+def calibration_images(train_x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """A seeded subset of n of this client's own training images (all when it has fewer)."""
+    if n >= len(train_x):
+        return train_x
+    idx = np.sort(np.random.default_rng(seed).choice(len(train_x), n, replace=False))
+    return train_x[torch.from_numpy(idx)]
+
+
+def self_check_samples(mods: DeviceModules, x: torch.Tensor, y: torch.Tensor, spec: InputSpec) -> dict[str, np.ndarray]:
+    """Raw images, labels and the fp32 torch outputs a device can compare its own runs against."""
+    z = predict(mods.extractor, x)
+    samples = {"images": raw_images(x, spec), "labels": y.numpy(), "latent": z.numpy(),
+               "expert_probs": torch.softmax(predict(mods.expert, z), dim=-1).numpy()}
+    if mods.gate is not None:
+        samples["gate_logits"] = predict(mods.gate, z).numpy()
+    return samples
+
+
+def provenance(run_dir: Path, trained: TrainedNMoE) -> dict:
+    """Where the bundle came from and the package versions that made it."""
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {"run_dir": str(run_dir.resolve()), "method": trained.method, "config_hash": trained.config.hash(),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "packages": {p: version(p) for p in ("torch", "onnx", "onnxruntime", "nmoe-edge")}}
+
+
+def best_method(run_dir: Path) -> str:
+    """The run's `nmoe_*_fedgate` method with the best personalized accuracy."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise ExportError(f"{run_dir} is not a finished run dir ({path.name} is missing); "
+                          f"run `nmoe train CONFIG --out {run_dir}` first")
+    methods = json.loads(path.read_text()).get("methods", {})
+    fedgate = {name: m["personalized_accuracy"] for name, m in methods.items()
+               if name.startswith("nmoe_") and name.endswith("_fedgate")}
+    if not fedgate:
+        raise ExportError(f"{path} has no nmoe_*_fedgate method; pick one with --method "
+                          f"(it has: {', '.join(methods) or 'none'})")
+    return max(fedgate, key=fedgate.__getitem__)
+
+
+def write_bundles(trained: TrainedNMoE, modules: list[DeviceModules], data: FederatedData, run_dir: Path,
+                  out: Path, formats: Sequence[ModelFormat], precisions: Sequence[str], calibration_samples: int,
+                  show_progress: bool = True) -> dict[int, Bundle]:
+    """One verified bundle folder `out/device-<c>` per client (replacing any earlier export's); by expert id."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec = input_spec(trained.dataset)
+    origin = provenance(run_dir, trained)
+    bundles = {}
+    with progress_bar(len(modules), "export", "device", show_progress) as bar:
+        for c, mods in enumerate(modules):
+            images = calibration_images(data.train[c].x, calibration_samples,
+                                        derive_seed(trained.config.seed, "calibration", c))
+            test = data.personal_test[c]
+            manifest = partial_manifest(trained, c, spec, origin)
+            bundles[c] = write_bundle(
+                out / manifest.device_id, manifest, mods.sources(images), formats, precisions,
+                self_check_samples(mods, test.x[:SELF_CHECK_SAMPLES], test.y[:SELF_CHECK_SAMPLES], spec))
+            bar.update(1)
+    written = {b.path.name for b in bundles.values()}
+    for stale in out.glob("device-*"):  # bundles of an earlier export of a larger fleet
+        if stale.name not in written and (stale / MANIFEST).is_file():
+            shutil.rmtree(stale)
+    return bundles
+
+
+def partial_manifest(trained: TrainedNMoE, c: int, spec: InputSpec, origin: dict) -> Manifest:
+    """Device c's manifest without models and samples (write_bundle fills them in)."""
+    ds = trained.dataset
+    return Manifest(
+        schema_version=SCHEMA_VERSION, device_id=f"device-{c}", expert_id=c, num_experts=len(trained.devices),
+        top_k=trained.config.model.top_k, latent_dim=trained.config.model.latent_dim,
+        num_classes=ds["num_classes"], class_names=list(ds["class_names"]),
+        routing="random" if trained.devices[c].gate is None else "gate", input=spec, models=[],
+        provenance=origin, samples=None)
+
+
+def write_bundle(dest: Path, manifest: Manifest, sources: list[ModelSource], formats: Sequence[ModelFormat],
+                 precisions: Sequence[str], samples: dict[str, np.ndarray]) -> Bundle:
+    """Write into a scratch folder, verify it with the agent's loader, then replace `dest` by it."""
+    if dest.exists() and not (dest / MANIFEST).is_file():
+        raise ExportError(f"{dest} exists and is not a bundle (no {MANIFEST}); refusing to replace it")
+    scratch = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        entries = [ModelEntry(role=s.role, format=fmt.name, precision=w.precision, file=w.path.name,
+                              sha256=file_sha256(w.path), bytes=w.path.stat().st_size, inputs=w.inputs,
+                              outputs=w.outputs)
+                   for fmt in formats for s in sources for w in fmt.write(s, precisions, scratch)]
+        np.savez(scratch / SAMPLES, **samples)
+        ref = SamplesRef(SAMPLES, file_sha256(scratch / SAMPLES), (scratch / SAMPLES).stat().st_size)
+        full = dataclasses.replace(manifest, models=entries, samples=ref)
+        (scratch / MANIFEST).write_text(json.dumps(full.to_dict(), indent=2) + "\n")
+        verified = load_bundle(scratch).manifest
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    scratch.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return Bundle(dest, verified)

@@ -1,0 +1,78 @@
+"""ONNX format: dynamo export with a dynamic batch dimension, checked, plus static int8 QDQ."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from device_agent.bundle import TensorSpec
+from export.bundle_writer import ModelSource, WrittenModel
+from export.quantize import quantize_int8
+
+OPSET = 18  # the dynamo exporter's minimum; ORT >= 1.14 runs it, incl. ORT Mobile on Android
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's progress lines and its torchvision/deprecation notices."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_fp32(source: ModelSource, path: Path) -> None:
+    """torch.onnx.export(dynamo=True) with input/output names and a dynamic batch, then onnx.checker."""
+    example = torch.from_numpy(source.calibration[:1])
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            source.module.eval(), (example,), dynamo=True, opset_version=OPSET, verbose=False,
+            input_names=[source.input_name], output_names=[source.output_name],
+            dynamic_shapes={source.input_name: {0: torch.export.Dim("batch")}})
+    program.save(str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The graph's inputs and outputs (a symbolic dimension stays a string, e.g. "batch")."""
+    graph = onnx.load(str(path)).graph
+    weights = {t.name for t in graph.initializer}
+
+    def spec(v: onnx.ValueInfoProto) -> TensorSpec:
+        t = v.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+        return TensorSpec(v.name, [d.dim_param or d.dim_value for d in t.shape.dim], dtype)
+
+    return [spec(v) for v in graph.input if v.name not in weights], [spec(v) for v in graph.output]
+
+
+class OnnxFormat:
+    """`<role>.fp32.onnx` and `<role>.int8.onnx` (float I/O; the int8 one is quantized from fp32)."""
+
+    name = "onnx"
+
+    def write(self, source: ModelSource, precisions: Sequence[str], out_dir: Path) -> list[WrittenModel]:
+        paths = {p: out_dir / f"{source.role}.{p}.onnx" for p in precisions}
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = paths.get("fp32", Path(tmp) / "fp32.onnx")
+            export_fp32(source, fp32)
+            if "int8" in paths:
+                quantize_int8(fp32, paths["int8"], source.input_name, source.calibration)
+        return [WrittenModel(p, path, *tensor_specs(path)) for p, path in paths.items()]
+
+
+FORMAT = OnnxFormat()

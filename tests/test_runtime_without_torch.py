@@ -1,0 +1,86 @@
+"""The device side runs exported bundles in a process where torch (and toolkit, export) cannot import."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from toolkit.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--set", 'stage1.methods=["fedce"]', "--set", 'gate.methods=["fedgate"]', "--set", "baselines.methods=[]",
+        "--set", "data.num_clients=3"]
+
+DEVICE_SCRIPT = r'''
+import importlib.abc
+import sys
+
+class Absent(importlib.abc.MetaPathFinder):
+    """As on a Raspberry Pi with only the agent's extra: these packages are not installed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "toolkit", "export"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Absent())
+try:
+    import torch  # noqa: F401
+    raise SystemExit("the import block does not work")
+except ModuleNotFoundError:
+    pass
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from device_agent.bundle import load_bundle
+from device_agent.nmoe_local import LocalNMoE
+
+bundles = {b.manifest.expert_id: b for b in map(load_bundle, sorted(Path(sys.argv[1]).glob("device-*")))}
+result = {}
+for precision in ("fp32", "int8"):
+    fleet = LocalNMoE(bundles, precision)
+    for c, bundle in bundles.items():
+        s = bundle.samples()
+        z = fleet.latents(c, s["images"])
+        prediction = fleet.predict(c, s["images"])
+        result[f"{precision}/{c}"] = {
+            "latent": float(np.abs(z - s["latent"]).max()),
+            "gate": float(np.abs(fleet.gates[c].run(s["latent"]) - s["gate_logits"]).max()),
+            "expert": float(np.abs(fleet.experts[c](s["latent"]) - s["expert_probs"]).max()),
+            "labels": prediction.labels.tolist(),
+            "weights_sum": prediction.weights.sum(axis=1).tolist(),
+        }
+result["modules"] = sorted(m for m in sys.modules if m.partition(".")[0] in ("torch", "toolkit", "export"))
+print(json.dumps(result))
+'''
+
+
+@pytest.fixture(scope="module")
+def bundles_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run, out = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("bundles")
+    assert main(["train", str(ROOT / "configs" / "tiny.toml"), "--out", str(run), "--quiet", *TINY]) == 0
+    assert main(["export", str(run), "--out", str(out), "--quiet", "--calibration-samples", "32",
+                 "--max-accuracy-drop", "100"]) == 0
+    return out
+
+
+def test_bundles_run_without_torch(bundles_dir: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT, str(bundles_dir)], check=False, cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result.pop("modules") == []
+    for c in range(3):
+        fp32, int8 = result[f"fp32/{c}"], result[f"int8/{c}"]
+        assert fp32["latent"] < 1e-4 and fp32["gate"] < 1e-4 and fp32["expert"] < 1e-5
+        assert int8["expert"] < 0.2 and len(int8["labels"]) == 8
+        assert all(abs(w - 1) < 1e-6 for w in fp32["weights_sum"] + int8["weights_sum"])
+        agree = sum(a == b for a, b in zip(fp32["labels"], int8["labels"]))
+        assert agree >= 6, (c, fp32["labels"], int8["labels"])

@@ -4,8 +4,9 @@ PY     := $(VENV)/bin/python
 NMOE   := $(VENV)/bin/nmoe
 STAMP  := $(VENV)/.setup-done
 RUN    ?= runs/quick
+BUNDLES ?= runs/quick-bundles
 
-.PHONY: setup test lint demo bench-accuracy clean
+.PHONY: setup test lint demo bench-accuracy clean arm64-env arm64-check
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	scripts/setup.sh
@@ -25,6 +26,17 @@ demo: $(STAMP)
 
 bench-accuracy: $(STAMP)
 	$(PY) bench/accuracy
+
+# Emulated aarch64 Python (qemu-user + Debian arm64 sysroot + aarch64 wheels), cached in ~/.cache/nmoe-edge/arm64.
+arm64-env:
+	scripts/arm64_env.sh
+
+# ARM64 parity of $(BUNDLES) (x86 vs emulated Cortex-A72/A76); makes a tiny fleet first when there is none.
+arm64-check: $(STAMP) arm64-env
+	@ls $(BUNDLES)/device-*/manifest.json >/dev/null 2>&1 || { \
+	  echo "arm64-check: no bundles in $(BUNDLES): exporting a tiny run"; \
+	  $(NMOE) train configs/tiny.toml --out runs/tiny && $(NMOE) export runs/tiny --out $(BUNDLES) --quiet; }
+	$(PY) -m export.arm64_check $(BUNDLES)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

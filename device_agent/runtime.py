@@ -1,8 +1,10 @@
 """Inference runtimes for bundle models: float in, float out, whatever the file's own I/O types.
 
 A runtime library is imported only when a model of its format is opened, so a device installs
-just the one it uses. Integer model I/O (LiteRT int8) is quantized/dequantized here with the
-manifest's parameters; ONNX QDQ models keep float I/O.
+just the one it uses: onnxruntime ("onnx"), ai_edge_litert or tflite_runtime ("tflite"),
+executorch ("executorch", whose Python bindings need torch). Integer model I/O (LiteRT int8) is
+quantized/dequantized here with the manifest's parameters; ONNX QDQ and ExecuTorch int8 models keep
+float I/O. A model exported with a static batch size is fed any batch in chunks of that size.
 """
 
 from __future__ import annotations
@@ -73,7 +75,57 @@ class OnnxRuntime:
         return from_model_output(self._session.run([self._output.name], feed)[0], self._output)
 
 
-RUNTIMES: dict[str, Callable[[bytes, ModelEntry, int], Runtime]] = {"onnx": OnnxRuntime}  # by manifest format
+class TFLiteRuntime:
+    """LiteRT interpreter: ai_edge_litert, or the older tflite_runtime where that is what a device has."""
+
+    def __init__(self, model: bytes, entry: ModelEntry, intra_op_threads: int = 1) -> None:
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+            library = "ai-edge-litert"
+        except ModuleNotFoundError:
+            try:
+                from tflite_runtime.interpreter import Interpreter
+                library = "tflite-runtime"
+            except ModuleNotFoundError:
+                raise UnsupportedFormat("format 'tflite' needs ai-edge-litert (pip install ai-edge-litert, or "
+                                        "nmoe-edge[agent,tflite]) or tflite-runtime") from None
+        self._interpreter = Interpreter(model_content=model, num_threads=intra_op_threads)
+        self._interpreter.allocate_tensors()
+        self._input_index = self._interpreter.get_input_details()[0]["index"]
+        self._output_index = self._interpreter.get_output_details()[0]["index"]
+        self._input, self._output = entry.inputs[0], entry.outputs[0]
+        self.name = f"{library} CPU, {intra_op_threads} thread(s): {entry.file}"
+
+    def run(self, inputs: np.ndarray) -> np.ndarray:
+        self._interpreter.set_tensor(self._input_index, to_model_input(inputs, self._input))
+        self._interpreter.invoke()
+        return from_model_output(self._interpreter.get_tensor(self._output_index), self._output)
+
+
+def _executorch(model: bytes, entry: ModelEntry, intra_op_threads: int) -> Runtime:
+    from device_agent.executorch_runtime import ExecuTorchRuntime
+
+    return ExecuTorchRuntime(model, entry, intra_op_threads)
+
+
+class StaticBatch:
+    """Runs a model exported for a fixed batch size B on any batch: chunks of B, the last one padded."""
+
+    def __init__(self, runtime: Runtime, batch: int) -> None:
+        self._runtime, self._batch = runtime, batch
+        self.name = f"{runtime.name} (static batch {batch})"
+
+    def run(self, inputs: np.ndarray) -> np.ndarray:
+        n, b = len(inputs), self._batch
+        if n == b:
+            return self._runtime.run(inputs)
+        padded = np.concatenate([inputs, np.zeros((-n % b, *inputs.shape[1:]), inputs.dtype)])
+        outputs = [self._runtime.run(padded[i:i + b]) for i in range(0, len(padded), b)]
+        return np.concatenate(outputs)[:n]
+
+
+RUNTIMES: dict[str, Callable[[bytes, ModelEntry, int], Runtime]] = {  # by manifest format
+    "onnx": OnnxRuntime, "tflite": TFLiteRuntime, "executorch": _executorch}
 
 
 def open_runtime(bundle: Bundle, entry: ModelEntry, intra_op_threads: int = 1) -> Runtime:
@@ -85,4 +137,6 @@ def open_runtime(bundle: Bundle, entry: ModelEntry, intra_op_threads: int = 1) -
     if len(entry.inputs) != 1 or len(entry.outputs) != 1:
         raise UnsupportedFormat(f"{bundle.path / entry.file}: expected one input and one output, manifest "
                                 f"lists {len(entry.inputs)} and {len(entry.outputs)}")
-    return runtime(bundle.model_bytes(entry), entry, intra_op_threads)
+    loaded = runtime(bundle.model_bytes(entry), entry, intra_op_threads)
+    batch = entry.inputs[0].shape[0] if entry.inputs[0].shape else None
+    return StaticBatch(loaded, batch) if isinstance(batch, int) else loaded

@@ -1,6 +1,6 @@
 """Per-device bundles from a trained NMoE: model files per format and precision, samples, manifest.
 
-A format (ONNX today; ExecuTorch and LiteRT later) is a `ModelFormat`: it writes one role's model
+A format (ONNX, ExecuTorch, LiteRT) is a `ModelFormat`: it writes one role's model
 in the requested precisions and reports the files' I/O. int8 calibration data is always the
 device's own training images (and their latents), never another client's.
 """
@@ -43,6 +43,7 @@ from toolkit.torch_params import set_params
 
 SAMPLES = "samples.npz"
 SELF_CHECK_SAMPLES = 8
+PROVENANCE_PACKAGES = ("nmoe-edge", "torch", "onnx", "onnxruntime", "executorch", "litert-torch", "ai-edge-litert")
 
 
 class ExportError(ValueError):
@@ -154,7 +155,7 @@ def provenance(run_dir: Path, trained: TrainedNMoE) -> dict:
 
     return {"run_dir": str(run_dir.resolve()), "method": trained.method, "config_hash": trained.config.hash(),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "packages": {p: version(p) for p in ("torch", "onnx", "onnxruntime", "nmoe-edge")}}
+            "packages": {p: version(p) for p in PROVENANCE_PACKAGES}}
 
 
 def best_method(run_dir: Path) -> str:

@@ -12,8 +12,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-FORMATS = {"onnx": "export.onnx_export"}  # format name -> module exposing FORMAT (a ModelFormat)
-PLANNED_FORMATS = ("executorch", "litert")
+FORMATS = {"onnx": "export.onnx_export", "executorch": "export.executorch_export",
+           "tflite": "export.tflite_export"}  # format name -> module exposing FORMAT (a ModelFormat)
 PRECISIONS = ("fp32", "int8")
 
 HELP = """\
@@ -27,10 +27,15 @@ provenance; see docs/bundle.md) and samples.npz (a few raw uint8 test images wit
 fp32 outputs, for on-device self-checks). The device agent refuses a bundle whose hashes or
 schema do not match.
 
-Precisions: fp32 is the exported graph; int8 is static QDQ quantization (int8 weights per
-channel, int8 activations, float inputs/outputs) calibrated on each client's OWN training
-images (and their latents), never on another client's. The export therefore reads the run's
-dataset again (the same data.* settings as training).
+Formats: onnx (ONNX Runtime; dynamic batch), executorch (.pte lowered to XNNPACK) and tflite
+(LiteRT, via litert-torch); the last two are exported for a static batch of 1 and the agent feeds
+larger batches in chunks.
+
+Precisions: fp32 is the exported graph; int8 is static quantization (int8 weights per channel,
+int8 activations: ONNX QDQ, ExecuTorch/LiteRT PT2E) calibrated on each client's OWN training
+images (and their latents), never on another client's. ONNX and ExecuTorch int8 models keep
+float inputs/outputs; LiteRT int8 models have int8 inputs/outputs whose scale and zero point are
+in the manifest. The export reads the run's dataset again (the same data.* settings as training).
 
 Then every model runs through the device agent's runtime on the client's personalized test
 set: BUNDLES/report.json and report.md give, per device x role x format x precision, the file
@@ -38,27 +43,29 @@ size, max abs diff vs torch fp32, agreement (extractor: cosine, gate: top-k set,
 argmax), batch-1 latency median/p99, and each device's NMoE accuracy with all bundles in one
 process vs the torch fp32 NMoE.
 
+With --check-arm64, every ONNX and LiteRT model also runs under emulated aarch64 (qemu-user,
+Cortex-A72 and Cortex-A76; the first use builds a cached sysroot, see `make arm64-env`) and is
+compared with the x86 outputs: BUNDLES/arm64.json and arm64.md.
+
 Exit status: 0 when done; 1 when some device/format/precision loses more than
---max-accuracy-drop points of NMoE accuracy (bundles and report are still written); 2 when the
-run dir, method or options are unusable.
+--max-accuracy-drop points of NMoE accuracy, or an ARM64 check fails (bundles and reports are
+still written); 2 when the run dir, method or options are unusable.
 """
 
 EPILOG = """\
 examples:
-  nmoe export runs/quick --out bundles/quick                        # best nmoe_*_fedgate, fp32 + int8
+  nmoe export runs/quick --out bundles/quick                        # best nmoe_*_fedgate, all formats
+  nmoe export runs/quick --out bundles/pi --formats onnx,tflite --check-arm64
   nmoe export runs/quick --out bundles/rg --method nmoe_fedce_rangate --precision fp32
   nmoe export runs/quick --out bundles/q --calibration-samples 512 --max-accuracy-drop 0.5
 """
 
 
-def _names(allowed: tuple[str, ...], planned: tuple[str, ...] = ()) -> Callable[[str], list[str]]:
-    """argparse type: a comma-separated subset of `allowed` (names in `planned` are not implemented yet)."""
+def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """argparse type: a comma-separated subset of `allowed`."""
     def parse(text: str) -> list[str]:
         names = [n.strip() for n in text.split(",") if n.strip()]
         for name in names:
-            if name in planned:
-                raise argparse.ArgumentTypeError(
-                    f"{name} is not implemented yet (available: {', '.join(allowed)})")
             if name not in allowed:
                 raise argparse.ArgumentTypeError(f"unknown {name!r} (choose from {', '.join(allowed)})")
         if not names or len(set(names)) != len(names):
@@ -87,9 +94,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", metavar="NAME",
                    help="NMoE method nmoe_<stage1>_<gate> (default: the best nmoe_*_fedgate by personalized "
                         "accuracy in RUN_DIR/metrics.json)")
-    p.add_argument("--formats", type=_names(tuple(FORMATS), PLANNED_FORMATS), default=["onnx"], metavar="LIST",
-                   help=f"comma-separated model formats (available: {', '.join(FORMATS)}; planned: "
-                        f"{', '.join(PLANNED_FORMATS)}; default: onnx)")
+    p.add_argument("--formats", type=_names(tuple(FORMATS)), default=list(FORMATS), metavar="LIST",
+                   help=f"comma-separated model formats: onnx (ONNX Runtime), executorch (.pte, XNNPACK), "
+                        f"tflite (LiteRT) (default: {','.join(FORMATS)})")
     p.add_argument("--precision", type=_names(PRECISIONS), default=list(PRECISIONS), metavar="LIST",
                    help="comma-separated precisions: fp32, int8 (default: fp32,int8)")
     p.add_argument("--calibration-samples", type=_positive_int, default=256, metavar="N",
@@ -97,6 +104,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
                    help="fail (exit 1) when a device's NMoE accuracy with a bundle variant is more than this many "
                         "percentage points below torch fp32 (default: 1.0)")
+    p.add_argument("--check-arm64", action="store_true",
+                   help="also run the ONNX and LiteRT models under emulated aarch64 and compare with x86")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_export)
 
@@ -130,6 +139,14 @@ def _run(args: argparse.Namespace) -> int:
     report = parity.build_report(run_dir, method, args.max_accuracy_drop, models, nmoe)
     parity.write_report(report, out)
     print(f"{method}: {len(bundles)} bundles in {out}\n\n{parity.nmoe_table(report)}\n\nreport: {out / 'report.md'}")
-    for failure in report.failures:
+    failures = list(report.failures)
+    if args.check_arm64:
+        from export.arm64_check import check_arm64, write_arm64_report
+
+        arm64 = check_arm64(out)
+        write_arm64_report(arm64, out)
+        failures += arm64.failures
+        print(f"ARM64 check: {len(arm64.failures)} failure(s); report: {out / 'arm64.md'}")
+    for failure in failures:
         print(f"nmoe: error: {failure}", file=sys.stderr)
-    return 1 if report.failures else 0
+    return 1 if failures else 0

@@ -196,8 +196,9 @@ def test_file_changed_after_loading_is_not_run(bundle_dir: Path, no_sessions: No
 def test_unknown_format_names_supported_ones(bundle_dir: Path) -> None:
     bundle = load_bundle(bundle_dir)
     entry = bundle.model("gate", "fp32")
-    with pytest.raises(UnsupportedFormat, match=r"format 'litert' is not supported by this agent \(supported: onnx\)"):
-        open_runtime(bundle, dataclasses.replace(entry, format="litert"))
+    with pytest.raises(UnsupportedFormat, match=r"format 'coreml' is not supported by this agent "
+                                                r"\(supported: onnx, tflite, executorch\)"):
+        open_runtime(bundle, dataclasses.replace(entry, format="coreml"))
 
 
 def test_int8_io_quantization_round_trip() -> None:

@@ -15,15 +15,12 @@ from device_agent.bundle import Bundle, load_bundle
 from device_agent.nmoe_local import LocalNMoE
 from device_agent.runtime import open_runtime
 from export import onnx_export
-from export.bundle_writer import DeviceModules, device_modules, raw_images
+from export.bundle_writer import PROVENANCE_PACKAGES, DeviceModules, device_modules, raw_images
 from toolkit.artifacts import TrainedNMoE, load_nmoe
 from toolkit.cli import main
 from toolkit.evaluate import ExpertOutputs, gate_router, nmoe_predict, predict
 from toolkit.federated_data import FederatedData, prepare
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--set", 'stage1.methods=["fedce"]', "--set", 'gate.methods=["fedgate","rangate"]',
-        "--set", 'baselines.methods=["fedavg"]', "--set", "data.num_clients=3"]
 METHOD = "nmoe_fedce_fedgate"
 CLIENTS = 3
 CALIBRATION = 48
@@ -45,13 +42,6 @@ def run_cli(args: list[str]) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    assert main(["train", str(ROOT / "configs" / "tiny.toml"), "--out", str(out), "--quiet", *TINY]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def exported(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Export:
     """fp32 + int8 through the CLI, recording every int8 calibration set."""
     out = tmp_path_factory.mktemp("bundles")
@@ -65,7 +55,7 @@ def exported(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Export:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(onnx_export, "quantize_int8", spy)
-        code, stdout, _ = run_cli(["export", str(run_dir), "--out", str(out), "--quiet",
+        code, stdout, _ = run_cli(["export", str(run_dir), "--out", str(out), "--quiet", "--formats", "onnx",
                                    "--calibration-samples", str(CALIBRATION), "--max-accuracy-drop", "10"])
     return Export(out, code, stdout, calls)
 
@@ -122,7 +112,7 @@ def test_manifest_fields(exported: Export, run_dir: Path, trained: TrainedNMoE) 
     assert ext["bytes"] == (exported.out / "device-1" / ext["file"]).stat().st_size
     p = m["provenance"]
     assert p["method"] == METHOD and p["config_hash"] == trained.config.hash()
-    assert p["run_dir"] == str(run_dir.resolve()) and set(p["packages"]) == {"torch", "onnx", "onnxruntime", "nmoe-edge"}
+    assert p["run_dir"] == str(run_dir.resolve()) and set(p["packages"]) == set(PROVENANCE_PACKAGES)
     assert m["samples"]["file"] == "samples.npz"
 
 
@@ -194,7 +184,7 @@ def test_cli_accuracy_drop_fails_but_writes_everything(run_dir: Path, tmp_path: 
     (out / "device-7").mkdir(parents=True)  # a bundle of an earlier export of a larger fleet
     (out / "device-7" / "manifest.json").write_text("{}")
     code, _, err = run_cli(["export", str(run_dir), "--out", str(out), "--method", "nmoe_fedce_rangate",
-                            "--precision", "fp32", "--max-accuracy-drop", "-1", "--quiet"])
+                            "--formats", "onnx", "--precision", "fp32", "--max-accuracy-drop", "-1", "--quiet"])
     assert code == 1
     assert "nmoe: error: device-0 onnx fp32: NMoE accuracy" in err and "--max-accuracy-drop -1" in err
     report = json.loads((out / "report.json").read_text())
@@ -219,9 +209,9 @@ def test_cli_unusable_input_is_one_line_exit_2(args: list[str], message: str, ru
     assert not (tmp_path / "b").exists()
 
 
-def test_cli_planned_format_is_not_implemented_yet(run_dir: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_unknown_format_is_a_usage_error(run_dir: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["export", str(run_dir), "--out", str(tmp_path), "--formats", "onnx,litert"])
+        main(["export", str(run_dir), "--out", str(tmp_path), "--formats", "onnx,coreml"])
     assert exit_info.value.code == 2
-    assert "litert is not implemented yet (available: onnx)" in capsys.readouterr().err
+    assert "unknown 'coreml' (choose from onnx, executorch, tflite)" in capsys.readouterr().err

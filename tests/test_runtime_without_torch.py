@@ -11,8 +11,6 @@ import pytest
 from toolkit.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--set", 'stage1.methods=["fedce"]', "--set", 'gate.methods=["fedgate"]', "--set", "baselines.methods=[]",
-        "--set", "data.num_clients=3"]
 
 DEVICE_SCRIPT = r'''
 import importlib.abc
@@ -43,29 +41,29 @@ from device_agent.nmoe_local import LocalNMoE
 
 bundles = {b.manifest.expert_id: b for b in map(load_bundle, sorted(Path(sys.argv[1]).glob("device-*")))}
 result = {}
-for precision in ("fp32", "int8"):
-    fleet = LocalNMoE(bundles, precision)
+for fmt, precision in [(f, p) for f in ("onnx", "tflite") for p in ("fp32", "int8")]:
+    fleet = LocalNMoE(bundles, precision, fmt)
     for c, bundle in bundles.items():
         s = bundle.samples()
         z = fleet.latents(c, s["images"])
         prediction = fleet.predict(c, s["images"])
-        result[f"{precision}/{c}"] = {
+        result[f"{fmt}/{precision}/{c}"] = {
             "latent": float(np.abs(z - s["latent"]).max()),
             "gate": float(np.abs(fleet.gates[c].run(s["latent"]) - s["gate_logits"]).max()),
             "expert": float(np.abs(fleet.experts[c](s["latent"]) - s["expert_probs"]).max()),
             "labels": prediction.labels.tolist(),
             "weights_sum": prediction.weights.sum(axis=1).tolist(),
         }
-result["modules"] = sorted(m for m in sys.modules if m.partition(".")[0] in ("torch", "toolkit", "export"))
+result["modules"] = sorted(m for m in sys.modules
+                           if m.partition(".")[0] in ("torch", "toolkit", "export", "executorch"))
 print(json.dumps(result))
 '''
 
 
 @pytest.fixture(scope="module")
-def bundles_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run, out = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("bundles")
-    assert main(["train", str(ROOT / "configs" / "tiny.toml"), "--out", str(run), "--quiet", *TINY]) == 0
-    assert main(["export", str(run), "--out", str(out), "--quiet", "--calibration-samples", "32",
+def bundles_dir(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundles")
+    assert main(["export", str(run_dir), "--out", str(out), "--quiet", "--formats", "onnx,tflite", "--calibration-samples", "32",
                  "--max-accuracy-drop", "100"]) == 0
     return out
 
@@ -77,8 +75,8 @@ def test_bundles_run_without_torch(bundles_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result.pop("modules") == []
-    for c in range(3):
-        fp32, int8 = result[f"fp32/{c}"], result[f"int8/{c}"]
+    for fmt, c in [(f, c) for f in ("onnx", "tflite") for c in range(3)]:
+        fp32, int8 = result[f"{fmt}/fp32/{c}"], result[f"{fmt}/int8/{c}"]
         assert fp32["latent"] < 1e-4 and fp32["gate"] < 1e-4 and fp32["expert"] < 1e-5
         assert int8["expert"] < 0.2 and len(int8["labels"]) == 8
         assert all(abs(w - 1) < 1e-6 for w in fp32["weights_sum"] + int8["weights_sum"])

@@ -111,10 +111,14 @@ class TopicKind(StrEnum):
 
 
 class ParsedTopic(NamedTuple):
-    """A parsed topic: its kind and id (expert id for EXPERT_REQUEST, else a device id)."""
+    """A parsed topic: its kind and id (expert id for EXPERT_REQUEST, else a device id).
+
+    For REPLY, `id` is the requester the reply is addressed to and `sender` the server that sent it.
+    """
 
     kind: TopicKind
     id: int | str
+    sender: str | None = None
 
 
 class Topics:
@@ -140,8 +144,25 @@ class Topics:
         return self._topic("expert", str(_check_uint(expert_id, _MAX_U16, "expert_id")), "req")
 
     def reply(self, device: str) -> str:
-        """Replies addressed to `device`."""
+        """The reply inbox of `device`: what it puts in a request's reply topic (never published to)."""
         return self._topic("reply", _check_id(device, "device"))
+
+    def reply_from(self, requester: str, server: str) -> str:
+        """Where `server` publishes its replies to `requester`: `{inbox}/{server}`."""
+        return self._topic("reply", _check_id(requester, "device"), _check_id(server, "device"))
+
+    def reply_filter(self, device: str) -> str:
+        """Subscription filter for every reply addressed to `device`."""
+        return self._topic("reply", _check_id(device, "device"), "+")
+
+    def inbox_owner(self, reply_topic: str) -> str:
+        """The requester whose inbox `reply_topic` is; ProtocolError unless it is `reply/{id}` of this fleet."""
+        if not isinstance(reply_topic, str) or not reply_topic.startswith(self.base + "/"):
+            raise ProtocolError(f"reply topic outside {self.base}/: {str(reply_topic)[:80]!r}")
+        match reply_topic[len(self.base) + 1 :].split("/"):
+            case ["reply", device]:
+                return _check_id(device, "device")
+        raise ProtocolError(f"not a reply inbox: {reply_topic[:80]!r}")
 
     def infer_request(self, device: str) -> str:
         """Local inference requests from apps on `device`."""
@@ -160,8 +181,10 @@ class Topics:
                 return ParsedTopic(
                     TopicKind.EXPERT_REQUEST, _check_uint(int(expert), _MAX_U16, "expert_id")
                 )
-            case ["reply", device]:
-                return ParsedTopic(TopicKind.REPLY, _check_id(device, "device"))
+            case ["reply", requester, server]:
+                return ParsedTopic(
+                    TopicKind.REPLY, _check_id(requester, "device"), _check_id(server, "device")
+                )
             case ["infer", device, "req"]:
                 return ParsedTopic(TopicKind.INFER_REQUEST, _check_id(device, "device"))
         raise ProtocolError(f"unknown topic {topic[:80]!r}")

@@ -20,6 +20,7 @@ from device_agent.protocol import (
     ExpertRequest,
     ExpertResponse,
     Message,
+    ParsedTopic,
     Presence,
     ProtocolError,
     RequestRoute,
@@ -478,13 +479,17 @@ def test_topics_build_and_parse() -> None:
     assert t.expert_request(12) == "nmoe/lab/expert/12/req"
     assert t.reply("pi-01") == "nmoe/lab/reply/pi-01"
     assert t.infer_request("pi-01") == "nmoe/lab/infer/pi-01/req"
-    assert t.parse("nmoe/lab/presence/pi-01") == (TopicKind.PRESENCE, "pi-01")
-    assert t.parse("nmoe/lab/expert/0/req") == (TopicKind.EXPERT_REQUEST, 0)
-    assert t.parse("nmoe/lab/expert/65535/req") == (TopicKind.EXPERT_REQUEST, 65535)
-    assert t.parse("nmoe/lab/reply/A_b-9") == (TopicKind.REPLY, "A_b-9")
-    assert t.parse("nmoe/lab/infer/pi-01/req") == (TopicKind.INFER_REQUEST, "pi-01")
+    assert t.parse("nmoe/lab/presence/pi-01") == ParsedTopic(TopicKind.PRESENCE, "pi-01")
+    assert t.parse("nmoe/lab/expert/0/req") == ParsedTopic(TopicKind.EXPERT_REQUEST, 0)
+    assert t.parse("nmoe/lab/expert/65535/req") == ParsedTopic(TopicKind.EXPERT_REQUEST, 65535)
+    assert t.reply_from("pi-01", "pi-02") == "nmoe/lab/reply/pi-01/pi-02"
+    assert t.reply_filter("pi-01") == "nmoe/lab/reply/pi-01/+"
+    assert t.parse("nmoe/lab/reply/A_b-9/pi-2") == (TopicKind.REPLY, "A_b-9", "pi-2")
+    assert t.inbox_owner("nmoe/lab/reply/A_b-9") == "A_b-9"
+    assert t.parse("nmoe/lab/infer/pi-01/req") == ParsedTopic(TopicKind.INFER_REQUEST, "pi-01")
     nested = Topics("site/nmoe", "lab")
-    assert nested.parse(nested.reply("pi")) == (TopicKind.REPLY, "pi")
+    assert nested.parse(nested.reply_from("pi", "pj")) == (TopicKind.REPLY, "pi", "pj")
+    assert nested.inbox_owner(nested.reply("pi")) == "pi"
 
 
 ids = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
@@ -494,10 +499,11 @@ ids = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
 @given(ids, ids, st.integers(0, 65535))
 def test_topics_round_trip(fleet: str, device: str, expert: int) -> None:
     t = Topics("nmoe", fleet)
-    assert t.parse(t.presence(device)) == (TopicKind.PRESENCE, device)
-    assert t.parse(t.reply(device)) == (TopicKind.REPLY, device)
-    assert t.parse(t.infer_request(device)) == (TopicKind.INFER_REQUEST, device)
-    assert t.parse(t.expert_request(expert)) == (TopicKind.EXPERT_REQUEST, expert)
+    assert t.parse(t.presence(device)) == ParsedTopic(TopicKind.PRESENCE, device)
+    assert t.parse(t.reply_from(device, fleet)) == (TopicKind.REPLY, device, fleet)
+    assert t.inbox_owner(t.reply(device)) == device
+    assert t.parse(t.infer_request(device)) == ParsedTopic(TopicKind.INFER_REQUEST, device)
+    assert t.parse(t.expert_request(expert)) == ParsedTopic(TopicKind.EXPERT_REQUEST, expert)
 
 
 @pytest.mark.parametrize(
@@ -523,6 +529,9 @@ def test_topics_round_trip(fleet: str, device: str, expert: int) -> None:
         "nmoe/lab/infer/pi-01",
         "nmoe/lab/status/pi-01",
         "nmoe/lab/reply/pi-01/",
+        "nmoe/lab/reply/pi-01",
+        "nmoe/lab/reply/pi-01/pi-02/x",
+        "nmoe/lab/reply/pi-01/+",
         "/nmoe/lab/reply/pi-01",
         "nmoe/lab/reply/" + "d" * MAX_TOPIC,
         "",
@@ -551,6 +560,13 @@ def test_topics_parse_rejects(topic: str) -> None:
 def test_topics_reject_bad_prefix_or_fleet(prefix: str, fleet: str) -> None:
     with pytest.raises(ProtocolError):
         Topics(prefix, fleet)
+
+
+@pytest.mark.parametrize("topic", ["nmoe/lab/reply/pi-01/pi-02", "nmoe/lab/reply/+", "nmoe/other/reply/pi-01",
+                                   "nmoe/lab/presence/pi-01", "nmoe/lab/reply/", 7])
+def test_inbox_owner_rejects_anything_but_an_inbox(topic: object) -> None:
+    with pytest.raises(ProtocolError):
+        Topics("nmoe", "lab").inbox_owner(topic)
 
 
 def test_topics_reject_bad_ids_when_building() -> None:

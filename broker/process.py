@@ -35,7 +35,8 @@ from broker.layout import FleetLayout, write_private
 from broker.tls import ensure_tls
 from device_agent.protocol import ProtocolError, Topics
 
-__all__ = ["BrokerError", "BrokerOptions", "RunningBroker", "free_port", "render_config", "start_broker"]
+__all__ = ["BrokerError", "BrokerOptions", "RunningBroker", "free_port", "render_config", "start_broker",
+           "write_credentials"]
 
 MOSQUITTO = "mosquitto"
 MAX_PAYLOAD_BYTES = 1 << 20  # a latent batch is a few KB; nothing legitimate comes near this

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-done
 RUN    ?= runs/quick
 BUNDLES ?= runs/quick-bundles
 
-.PHONY: setup test lint demo bench-accuracy clean arm64-env arm64-check
+.PHONY: setup test lint demo bench-accuracy bench-export clean arm64-env arm64-check
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	scripts/setup.sh
@@ -18,14 +18,18 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check toolkit export device_agent broker tests bench
 
-test: lint
+test: lint arm64-env
 	$(PY) -m pytest
 
 demo: $(STAMP)
 	$(NMOE) train configs/quick.toml --out $(RUN)
+	$(NMOE) export $(RUN) --out $(BUNDLES) --formats onnx,tflite --precision int8
 
 bench-accuracy: $(STAMP)
 	$(PY) bench/accuracy
+
+bench-export: $(STAMP) arm64-env
+	$(PY) bench/export
 
 # Emulated aarch64 Python (qemu-user + Debian arm64 sysroot + aarch64 wheels), cached in ~/.cache/nmoe-edge/arm64.
 arm64-env:

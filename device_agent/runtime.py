@@ -133,7 +133,7 @@ def open_runtime(bundle: Bundle, entry: ModelEntry, intra_op_threads: int = 1) -
     runtime = RUNTIMES.get(entry.format)
     if runtime is None:
         raise UnsupportedFormat(f"{bundle.path / entry.file}: format {entry.format!r} is not supported by "
-                                f"this agent (supported: {', '.join(RUNTIMES)})")
+                                f"this agent (supported: {', '.join(sorted(RUNTIMES))})")
     if len(entry.inputs) != 1 or len(entry.outputs) != 1:
         raise UnsupportedFormat(f"{bundle.path / entry.file}: expected one input and one output, manifest "
                                 f"lists {len(entry.inputs)} and {len(entry.outputs)}")

@@ -44,7 +44,20 @@ def export_fp32(source: ModelSource, path: Path) -> None:
             input_names=[source.input_name], output_names=[source.output_name],
             dynamic_shapes={source.input_name: {0: torch.export.Dim("batch")}})
     program.save(str(path))
+    strip_debug_info(path)
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def strip_debug_info(path: Path) -> None:
+    """Drop the exporter's per-node metadata (source paths, stack traces, FX names) and doc strings.
+
+    They tell a device nothing, leak the build machine's paths into bundles and weigh ~7 KB.
+    """
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(model, str(path))
 
 
 def tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -72,6 +85,7 @@ class OnnxFormat:
             export_fp32(source, fp32)
             if "int8" in paths:
                 quantize_int8(fp32, paths["int8"], source.input_name, source.calibration)
+                strip_debug_info(paths["int8"])
         return [WrittenModel(p, path, *tensor_specs(path)) for p, path in paths.items()]
 
 

@@ -9,6 +9,8 @@ the comparison measures the export, not the dice.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -198,14 +200,21 @@ def accuracy_failures(nmoe: list[NMoEParity], max_drop: float) -> list[str]:
             for r in nmoe if r.drop > max_drop]
 
 
+def runtime_versions() -> dict[str, str]:
+    """Installed versions of the runtimes the parity runs use."""
+    versions = {}
+    for package in ("onnxruntime", "executorch", "ai-edge-litert"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[package] = importlib.metadata.version(package)
+    return versions
+
+
 def build_report(run_dir: Path, method: str, max_drop: float, models: list[ModelParity],
                  nmoe: list[NMoEParity]) -> ParityReport:
-    """The report with its settings, machine and accuracy failures."""
-    import onnxruntime
-
+    """The report with its settings, machine (with runtime versions) and accuracy failures."""
     settings = {"parity_samples": PARITY_SAMPLES, "latency_warmup": LATENCY_WARMUP, "latency_runs": LATENCY_RUNS,
                 "intra_op_threads": THREADS, "batch": 1}
-    return ParityReport(str(run_dir), method, max_drop, settings, {**machine(), "onnxruntime": onnxruntime.__version__},
+    return ParityReport(str(run_dir), method, max_drop, settings, {**machine(), **runtime_versions()},
                         models, nmoe, accuracy_failures(nmoe, max_drop))
 
 
@@ -241,7 +250,8 @@ def write_report(report: ParityReport, out: Path) -> None:
     failures = "\n".join(f"- {f}" for f in report.failures) or "none"
     (out / "report.md").write_text(
         f"# Export parity: {report.method}\n\nRun dir: `{report.run_dir}`. Machine: {report.machine['processor']}, "
-        f"{report.machine['cpus']} CPUs, onnxruntime {report.machine['onnxruntime']}.\n\n"
+        f"{report.machine['cpus']} CPUs, "
+        f"{', '.join(f'{k} {v}' for k, v in runtime_versions().items())}.\n\n"
         f"## NMoE accuracy per device (personalized test, every expert in-process)\n\n{nmoe_table(report)}\n\n"
         f"Latency: one image through preprocess, extractor, gate, top-k experts and combine "
         f"({s['latency_runs']} runs after {s['latency_warmup']} warm-up, {s['intra_op_threads']} thread).\n\n"

@@ -16,23 +16,15 @@ import pytest
 from device_agent import runtime, selfcheck
 from export import arm64_check
 from export.arm64_check import check_arm64, compare, write_arm64_report
-from toolkit.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--set", 'stage1.methods=["fedce"]', "--set", 'gate.methods=["fedgate"]', "--set", "baselines.methods=[]",
-        "--set", "data.num_clients=2"]
 FORMATS = ("onnx", "tflite")
-OUTPUTS = 2 * 3 * len(FORMATS) * 2  # devices x roles x formats x precisions
+OUTPUTS = 3 * 3 * len(FORMATS) * 2  # devices x roles x formats x precisions
 
 
 @pytest.fixture(scope="module")
-def bundles_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two devices, ONNX and LiteRT, fp32 and int8."""
-    run, out = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("bundles")
-    assert main(["train", str(ROOT / "configs" / "tiny.toml"), "--out", str(run), "--quiet", *TINY]) == 0
-    assert main(["export", str(run), "--out", str(out), "--quiet", "--formats", ",".join(FORMATS),
-                 "--calibration-samples", "32", "--max-accuracy-drop", "100"]) == 0
-    return out
+def bundles_dir(onnx_tflite_bundles: Path) -> Path:
+    """Three devices, ONNX and LiteRT, fp32 and int8 (the shared session export)."""
+    return onnx_tflite_bundles
 
 
 def devices(bundles_dir: Path) -> list[str]:

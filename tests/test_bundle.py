@@ -197,7 +197,7 @@ def test_unknown_format_names_supported_ones(bundle_dir: Path) -> None:
     bundle = load_bundle(bundle_dir)
     entry = bundle.model("gate", "fp32")
     with pytest.raises(UnsupportedFormat, match=r"format 'coreml' is not supported by this agent "
-                                                r"\(supported: onnx, tflite, executorch\)"):
+                                                r"\(supported: executorch, onnx, tflite\)"):
         open_runtime(bundle, dataclasses.replace(entry, format="coreml"))
 
 

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.cli import main
-
 ROOT = Path(__file__).resolve().parent.parent
 
 DEVICE_SCRIPT = r'''
@@ -61,11 +59,8 @@ print(json.dumps(result))
 
 
 @pytest.fixture(scope="module")
-def bundles_dir(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bundles")
-    assert main(["export", str(run_dir), "--out", str(out), "--quiet", "--formats", "onnx,tflite", "--calibration-samples", "32",
-                 "--max-accuracy-drop", "100"]) == 0
-    return out
+def bundles_dir(onnx_tflite_bundles: Path) -> Path:
+    return onnx_tflite_bundles
 
 
 def test_bundles_run_without_torch(bundles_dir: Path) -> None:

@@ -1,0 +1,350 @@
+"""The device agent: serves its expert and local inference, and classifies with the whole fleet.
+
+`Agent.infer(images)`: preprocess -> extractor -> gate (or random routing) -> top-k among the live
+experts -> its own expert in-process while the other chosen experts are asked concurrently over
+the transport (one REQUEST per expert, at most max_batch rows each) -> combine with the gate
+weights, renormalized over the experts that answered before the deadline. A row whose chosen
+experts all failed is answered by the device's own expert, so an inference never fails while
+the device itself works.
+
+Threads: the transport's thread handles every incoming message (presence, requests are only
+checked and queued, replies are matched); one worker per `RequestServer` runs the models;
+`infer` runs on the caller's thread (or the infer server's worker for `infer/{me}/req`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from device_agent.bundle import Bundle
+from device_agent.device_models import RUNTIME_NAMES, DeviceModels, model_version
+from device_agent.events import Counters, EventLog
+from device_agent.fleet import FleetView
+from device_agent.nmoe_local import combine, preprocess, softmax
+from device_agent.protocol import (
+    Caps,
+    ErrorCode,
+    ErrorResponse,
+    ExpertRequest,
+    ExpertResponse,
+    Presence,
+    ProtocolError,
+    TopicKind,
+    Topics,
+    encode,
+    encode_presence,
+    new_correlation_id,
+)
+from device_agent.remote_calls import Call, CallGroup, ReplyRouter
+from device_agent.routing import Route, gate_route, random_live_route
+from device_agent.serving import RequestServer, Served, ServerLimits, now_ms
+from device_agent.tensor_codec import ENCODINGS, Encoding
+from device_agent.transport import ConnectionEvent, Publication, Transport, publish_packet_size
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Fleet namespace and the knobs of serving and requesting."""
+
+    prefix: str = "nmoe"
+    fleet: str = "default"
+    latent_encoding: Encoding = "fp32"  # sent to peers that accept it (fp32 otherwise)
+    deadline_ms: int = 1000  # how long an inference waits for peer experts
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    seed: int = 0  # random routing: the generator is seeded [seed, expert_id], as in LocalNMoE
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """One `Agent.infer`: the prediction and how the fleet produced it."""
+
+    id: str
+    labels: np.ndarray  # [N] int64
+    probs: np.ndarray  # [N, C] float32
+    experts: np.ndarray  # [N, k] chosen after re-routing; fallback rows have the own expert first
+    weights: np.ndarray  # [N, k] float32, as combined (0 for an expert that did not answer)
+    answered: tuple[int, ...]  # experts whose outputs were combined (own included)
+    missing: dict[int, str]  # chosen expert -> why it is not combined (timeout, busy, offline...)
+    rerouted: dict[int, int]  # unavailable expert -> inputs routed elsewhere before sending
+    fallback_rows: int  # inputs that lost every chosen expert and got the own expert alone
+    latency_ms: dict[str, float]  # extract, route, send, own_expert, peers (send to last reply), total
+    remote_ms: dict[int, float]  # round trip per peer expert that answered
+    bytes_sent: int  # MQTT packets of this inference's requests
+    bytes_received: int  # MQTT packets of the replies matched to them
+
+
+class Agent:
+    """One device: its bundle's models, a transport, and the fleet it sees through presence."""
+
+    def __init__(self, bundle: Bundle, transport: Transport, models: DeviceModels,
+                 config: AgentConfig | None = None, events: EventLog | None = None) -> None:
+        m = bundle.manifest
+        self.bundle, self.transport, self.models = bundle, transport, models
+        self.config = config or AgentConfig()
+        self.events = events or EventLog()
+        self.me, self.expert_id = m.device_id, m.expert_id
+        self.model_version = model_version(bundle)
+        self.topics = Topics(self.config.prefix, self.config.fleet)
+        self.inbox = self.topics.reply(self.me)  # ProtocolError for a device id the protocol refuses
+        self.fleet = FleetView(self.me)
+        self.replies = ReplyRouter()
+        self.counters = Counters()
+        self.connected = threading.Event()
+        self._rng = np.random.default_rng([self.config.seed, self.expert_id])
+        self._rng_lock = threading.Lock()
+        self._ids = itertools.count()
+        limits = self.config.limits
+        self.expert_server = RequestServer(
+            Served("expert", self.expert_id, self.model_version, (m.latent_dim,), ENCODINGS,
+                   lambda z: softmax(self.models.expert.run(z))),
+            limits, self.topics, self.me, self._publish, self.events)
+        self.infer_server = RequestServer(
+            Served("infer", self.expert_id, self.model_version, tuple(m.input.shape), ENCODINGS,
+                   lambda images: self.infer(images).probs, to_input=_pixels),
+            limits, self.topics, self.me, self._publish, self.events)
+
+    # lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start serving and connect (in the background; `wait_connected` waits for it)."""
+        self.expert_server.start()
+        self.infer_server.start()
+        self.transport.subscribe(self.topics.presence_filter(), qos=1)
+        self.transport.subscribe(self.topics.expert_request(self.expert_id))
+        self.transport.subscribe(self.topics.infer_request(self.me))
+        self.transport.subscribe(self.topics.reply_filter(self.me))
+        offline = encode_presence(Presence.offline(self.me, self.expert_id))
+        self.transport.connect(Publication(self.topics.presence(self.me), offline, qos=1, retain=True),
+                               self._on_message, self._on_connection)
+
+    def stop(self) -> None:
+        """Publish the offline presence, disconnect, stop the servers, log the counters."""
+        offline = encode_presence(Presence.offline(self.me, self.expert_id))
+        self.transport.close(Publication(self.topics.presence(self.me), offline, qos=1, retain=True))
+        self.connected.clear()
+        self.expert_server.stop()
+        self.infer_server.stop()
+        self.events.emit("counters", device=self.me, counters=self.stats())
+        self.events.emit("stop", device=self.me)
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Wait until the transport is connected; False on timeout."""
+        return self.connected.wait(timeout_s)
+
+    def wait_for_experts(self, experts: set[int], timeout_s: float) -> bool:
+        """Wait until every expert in `experts` other than our own has a usable peer."""
+        return self.fleet.wait_for(experts - {self.expert_id}, self.model_version, timeout_s)
+
+    def stats(self) -> dict[str, dict[str, int | float]]:
+        """Every counter: the agent's, both servers', the reply router's and the presence view's."""
+        return {"agent": dict(self.counters.snapshot()), "expert_server": self.expert_server.stats(),
+                "infer_server": self.infer_server.stats(), "replies": dict(self.replies.counters.snapshot()),
+                "presence": dict(self.fleet.counters.snapshot())}
+
+    def presence(self) -> Presence:
+        """This device's birth presence, stamped now."""
+        caps = Caps((RUNTIME_NAMES.get(self.models.format, self.models.format),), ENCODINGS,
+                    self.config.limits.max_batch)
+        return Presence(self.me, self.expert_id, "online", self.model_version, caps, time.time())
+
+    # inference -------------------------------------------------------------------------------
+
+    def infer(self, images: np.ndarray) -> InferenceResult:
+        """Classify uint8 images [N, C, H, W] with the fleet (see the module docstring)."""
+        start = time.perf_counter()
+        deadline_ms = now_ms() + self.config.deadline_ms
+        until = time.monotonic() + self.config.deadline_ms / 1000
+        z = self.models.extractor.run(preprocess(images, self.bundle.manifest.input))
+        extracted = time.perf_counter()
+        route = self._route(z)
+        idx, weights = route.experts.copy(), route.weights.copy()
+        routed = time.perf_counter()
+        group = CallGroup()
+        missing, bytes_sent = self._send(z, idx, group, deadline_ms)
+        sent = time.perf_counter()
+        outputs = {int(e): np.zeros((len(z), self.bundle.manifest.num_classes), np.float32)
+                   for e in np.unique(idx)}
+        have = {e: np.zeros(len(z), bool) for e in outputs}
+        if self.expert_id in outputs:
+            self._run_own(z, np.nonzero(idx == self.expert_id)[0], outputs, have)
+        own_done = time.perf_counter()
+        group.wait(until)
+        self.replies.forget(group)
+        waited = time.perf_counter()
+        remote_ms, bytes_received = self._collect(group, outputs, have, missing)
+        fallback = self._renormalize(z, idx, weights, outputs, have)
+        experts = {e: (lambda _z, e=e: outputs[e][np.nonzero(idx == e)[0]]) for e in outputs}
+        probs = combine(z, idx, weights, experts, self.bundle.manifest.num_classes)
+        result = InferenceResult(
+            id=f"{self.me}-{next(self._ids)}", labels=probs.argmax(axis=1), probs=probs, experts=idx,
+            weights=weights, answered=tuple(sorted(e for e in outputs if have[e].any())),
+            missing={e: missing[e] for e in sorted(missing)}, rerouted=route.rerouted,
+            fallback_rows=fallback,
+            latency_ms={"extract": _ms(start, extracted), "route": _ms(extracted, routed),
+                        "send": _ms(routed, sent), "own_expert": _ms(sent, own_done),
+                        "peers": _ms(routed, waited),
+                        "total": _ms(start, time.perf_counter())},
+            remote_ms=remote_ms, bytes_sent=bytes_sent, bytes_received=bytes_received)
+        self._record(result)
+        return result
+
+    def _route(self, z: np.ndarray) -> Route:
+        """The chosen experts among those usable right now (only our own while disconnected)."""
+        m = self.bundle.manifest
+        live = {self.expert_id}
+        if self.connected.is_set():
+            live |= {e for e in self.fleet.live_experts(self.model_version) if e < m.num_experts}
+        if self.models.gate is not None:
+            return gate_route(self.models.gate.run(z), m.top_k, live)
+        with self._rng_lock:
+            return random_live_route(len(z), m.num_experts, m.top_k, live, self._rng)
+
+    def _send(self, z: np.ndarray, idx: np.ndarray, group: CallGroup,
+              deadline_ms: int) -> tuple[dict[int, str], int]:
+        """One REQUEST per peer expert (per max_batch rows); returns experts not asked, bytes sent."""
+        missing: dict[int, str] = {}
+        sent = 0
+        for e in (int(e) for e in np.unique(idx) if e != self.expert_id):
+            peer = self.fleet.peer(e, self.model_version)
+            if peer is None:  # went away since routing
+                missing[e] = "offline"
+                continue
+            encoding = self.config.latent_encoding
+            if encoding not in peer.caps.latent_encodings:
+                encoding = "fp32"
+            rows = np.nonzero(idx == e)[0]
+            topic = self.topics.expert_request(e)
+            for chunk in np.array_split(rows, math.ceil(len(rows) / peer.caps.max_batch)):
+                cid = new_correlation_id()
+                payload = self._request(cid, e, deadline_ms, z[chunk], encoding)
+                self.replies.track(group, cid, Call(e, chunk, peer.device, time.perf_counter()))
+                self.transport.publish(topic, payload)
+                sent += publish_packet_size(topic, payload)
+        return missing, sent
+
+    def _request(self, cid: bytes, expert: int, deadline_ms: int, latent: np.ndarray,
+                 encoding: Encoding) -> bytes:
+        """The REQUEST frame; fp32 when the latent does not fit `encoding` (fp16 beyond +-65504)."""
+        try:
+            return encode(ExpertRequest(cid, expert, deadline_ms, self.model_version, self.inbox, latent, encoding))
+        except ProtocolError:
+            return encode(ExpertRequest(cid, expert, deadline_ms, self.model_version, self.inbox, latent, "fp32"))
+
+    def _run_own(self, z: np.ndarray, rows: np.ndarray, outputs: dict[int, np.ndarray],
+                 have: dict[int, np.ndarray]) -> None:
+        outputs[self.expert_id][rows] = softmax(self.models.expert.run(z[rows]))
+        have[self.expert_id][rows] = True
+
+    def _collect(self, group: CallGroup, outputs: dict[int, np.ndarray], have: dict[int, np.ndarray],
+                 missing: dict[int, str]) -> tuple[dict[int, float], int]:
+        """Peer answers into `outputs`/`have`; failures into `missing`. Round trips and bytes."""
+        remote_ms: dict[int, float] = {}
+        received = 0
+        for call in group.calls.values():
+            reply, received = call.reply, received + call.reply_bytes
+            if isinstance(reply, ExpertResponse) and reply.probs.shape == (len(call.rows), outputs[call.expert].shape[1]):
+                outputs[call.expert][call.rows] = reply.probs
+                have[call.expert][call.rows] = True
+                remote_ms[call.expert] = max(remote_ms.get(call.expert, 0.0), 1000 * (call.round_trip_s or 0.0))
+                continue
+            if isinstance(reply, ErrorResponse) and reply.code == ErrorCode.WRONG_MODEL_VERSION:
+                self.fleet.mark_incompatible(call.device)
+            missing[call.expert] = ("timeout" if reply is None else "bad_response" if isinstance(reply, ExpertResponse)
+                                    else reply.code.name.lower())
+        return remote_ms, received
+
+    def _renormalize(self, z: np.ndarray, idx: np.ndarray, weights: np.ndarray,
+                     outputs: dict[int, np.ndarray], have: dict[int, np.ndarray]) -> int:
+        """Weights over the answers each row got (rows with every answer keep theirs bit for bit);
+        a row without any answer gets the own expert alone. Returns how many rows fell back."""
+        answered = np.zeros(idx.shape, bool)
+        for e in outputs:
+            r, s = np.nonzero(idx == e)
+            answered[r, s] = have[e][r]
+        lost = ~answered.all(axis=1)
+        if not lost.any():
+            return 0
+        kept = np.where(answered, weights, 0.0).astype(np.float32)
+        total = kept.sum(axis=1)
+        partial = lost & (total > 0)
+        weights[partial] = kept[partial] / total[partial, None]
+        orphans = np.nonzero(total == 0)[0]
+        if len(orphans):
+            weights[orphans] = 0.0
+            idx[orphans, 0] = self.expert_id
+            weights[orphans, 0] = 1.0
+            outputs.setdefault(self.expert_id, np.zeros_like(next(iter(outputs.values()))))
+            have.setdefault(self.expert_id, np.zeros(len(z), bool))
+            self._run_own(z, orphans, outputs, have)
+        return len(orphans)
+
+    def _record(self, r: InferenceResult) -> None:
+        self.counters.add("inferences")
+        self.counters.add("inputs", len(r.labels))
+        self.counters.add("inputs_rerouted", sum(r.rerouted.values()))
+        self.counters.add("experts_missing", len(r.missing))
+        self.counters.add("fallback_rows", r.fallback_rows)
+        self.events.emit("inference", id=r.id, inputs=len(r.labels),
+                         chosen=sorted({int(e) for e in np.unique(r.experts)}), answered=list(r.answered),
+                         missing={str(e): why for e, why in r.missing.items()},
+                         rerouted={str(e): n for e, n in r.rerouted.items()}, fallback_rows=r.fallback_rows,
+                         latency_ms=r.latency_ms, remote_ms={str(e): ms for e, ms in r.remote_ms.items()},
+                         bytes_sent=r.bytes_sent, bytes_received=r.bytes_received)
+
+    # transport callbacks (the transport's thread) -----------------------------------------------
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        self.transport.publish(topic, payload)
+
+    def _on_connection(self, event: ConnectionEvent, detail: str) -> None:
+        if event in (ConnectionEvent.CONNECTED, ConnectionEvent.RECONNECTED):
+            self.transport.publish(self.topics.presence(self.me), encode_presence(self.presence()),
+                                   qos=1, retain=True)
+            self.connected.set()
+        elif event == ConnectionEvent.DISCONNECTED:
+            self.connected.clear()
+            self.fleet.clear()
+        self.events.emit(event.value, device=self.me, detail=detail)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            self._dispatch(topic, payload)
+        except Exception as e:  # noqa: BLE001 -- a handler must never take the transport's thread down
+            self.counters.add("handler_errors")
+            self.events.emit("error", where="message handler", topic=topic[:100], error=f"{type(e).__name__}: {e}")
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        try:
+            kind, target, _ = self.topics.parse(topic)
+        except ProtocolError:
+            self.counters.add("dropped_topic")
+            return
+        if kind == TopicKind.PRESENCE:
+            status = self.fleet.update(str(target), payload)
+            if status is not None:
+                self.events.emit("presence", device=target, status=status)
+        elif kind == TopicKind.EXPERT_REQUEST and target == self.expert_id:
+            self.expert_server.submit(payload)
+        elif kind == TopicKind.INFER_REQUEST and target == self.me:
+            self.infer_server.submit(payload)
+        elif kind == TopicKind.REPLY and target == self.me:
+            self.replies.deliver(payload, publish_packet_size(topic, payload))
+        else:
+            self.counters.add("dropped_topic")
+
+
+def _pixels(x: np.ndarray) -> np.ndarray:
+    """A decoded raw-input tensor as uint8 pixels; ValueError unless every value is an integer 0..255."""
+    if not (np.all((x >= 0) & (x <= 255)) and np.array_equal(x, np.rint(x))):
+        raise ValueError("raw input values must be integers 0..255 (uint8 pixels)")
+    return x.astype(np.uint8)
+
+
+def _ms(a: float, b: float) -> float:
+    return round(1000 * (b - a), 3)

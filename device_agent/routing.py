@@ -1,0 +1,60 @@
+"""Routing over the live part of the fleet, decided before any request is sent.
+
+With every expert live these are exactly `top_k_route` / `random_route` (so an agent matches
+`LocalNMoE`). Otherwise an unavailable expert is replaced by the next-best live one by gate logit
+(gate routing) or by another random live one (random routing), keeping k experts per input while
+at least k are live.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import numpy as np
+
+from device_agent.nmoe_local import random_route, top_k_route
+
+
+@dataclass(frozen=True)
+class Route:
+    """Chosen experts and weights per input, and what had to be re-routed."""
+
+    experts: np.ndarray  # [N, k] int64
+    weights: np.ndarray  # [N, k] float32, sum to 1 per row
+    rerouted: dict[int, int]  # expert the routing wanted but that was unavailable -> inputs moved
+
+
+def gate_route(gate_logits: np.ndarray, k: int, live: Collection[int]) -> Route:
+    """Top-k by gate logit among the `live` experts; weights are the softmax over the chosen."""
+    ids = np.array(sorted(live), dtype=np.int64)
+    if len(ids) == gate_logits.shape[1]:
+        experts, weights = top_k_route(gate_logits, k)
+        return Route(experts, weights, {})
+    chosen, weights = top_k_route(gate_logits[:, ids], min(k, len(ids)))
+    wanted, _ = top_k_route(gate_logits, k)
+    return Route(ids[chosen], weights, _unavailable(wanted, ids))
+
+
+def random_live_route(n: int, num_experts: int, k: int, live: Collection[int],
+                      rng: np.random.Generator) -> Route:
+    """RanGate (`random_route`), then every unavailable choice replaced by a random live expert
+    that the input does not have yet; weights 1/k over the experts kept."""
+    experts, weights = random_route(n, num_experts, k, rng)
+    ids = np.array(sorted(live), dtype=np.int64)
+    if np.isin(experts, ids).all():
+        return Route(experts, weights, {})
+    k_live = min(k, len(ids))
+    rows = []
+    for row in experts:
+        kept = [e for e in row if e in ids]
+        spare = [e for e in rng.permutation(ids) if e not in kept]
+        rows.append((kept + spare)[:k_live])
+    return Route(np.array(rows, dtype=np.int64), np.full((n, k_live), 1.0 / k_live, np.float32),
+                 _unavailable(experts, ids))
+
+
+def _unavailable(wanted: np.ndarray, live: np.ndarray) -> dict[int, int]:
+    """How many inputs wanted each expert that is not live."""
+    return dict(sorted(Counter(int(e) for e in wanted[~np.isin(wanted, live)]).items()))

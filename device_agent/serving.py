@@ -1,0 +1,228 @@
+"""Answering requests from the wire: admission checks, a bounded queue, one micro-batching worker.
+
+`RequestServer.submit` runs on the transport's thread and never blocks: it decodes and checks a
+request (docs/protocol.md sections 7-10) and either answers an ERROR at once (BUSY when the queue
+is full) or queues it. The worker takes the oldest request plus as many queued ones as fit in
+`max_batch` rows, runs them as ONE model call, and publishes one RESPONSE per request. The same
+server serves the expert (`expert/{id}/req`, latents) and local inference (`infer/{me}/req`, pixels).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from device_agent.events import Counters, EventLog
+from device_agent.protocol import (
+    MAX_TEXT,
+    ErrorCode,
+    ErrorResponse,
+    ExpertRequest,
+    ExpertResponse,
+    ProtocolError,
+    Topics,
+    deadline_error,
+    decode,
+    encode,
+    peek_request_route,
+)
+from device_agent.tensor_codec import Encoding
+
+Publisher = Callable[[str, bytes], None]  # (topic, payload): QoS 0, not retained
+_MAX_U32 = 0xFFFF_FFFF
+
+
+def now_ms() -> int:
+    """Unix time in milliseconds, the clock of `deadline_ms`."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a server computes and which requests it accepts."""
+
+    kind: str  # "expert" or "infer" (thread name, messages)
+    expert_id: int
+    model_version: str
+    row_shape: tuple[int, ...]  # one input without the batch dim
+    encodings: tuple[Encoding, ...]
+    compute: Callable[[np.ndarray], np.ndarray]  # inputs [n, *row_shape] -> float32 probs [n, C]
+    to_input: Callable[[np.ndarray], np.ndarray] = np.asarray  # decoded tensor -> compute's input;
+    # ValueError means BAD_REQUEST
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Bounds of a server: rows per request and per model call, queued requests, batching."""
+
+    max_batch: int = 32
+    queue_size: int = 64
+    microbatch: bool = True  # False: one request per model call (for comparison)
+
+
+@dataclass(frozen=True)
+class _Job:
+    request: ExpertRequest
+    reply_topic: str  # {inbox}/{me}
+    inputs: np.ndarray
+
+
+class RequestServer:
+    """Serves one `Served` model on the wire; see the module docstring."""
+
+    def __init__(self, served: Served, limits: ServerLimits, topics: Topics, me: str,
+                 publish: Publisher, events: EventLog) -> None:
+        self.served, self.limits, self.topics, self.me = served, limits, topics, me
+        self.counters = Counters()
+        self._publish, self._events = publish, events
+        self._cond = threading.Condition()
+        self._queue: deque[_Job] = deque()
+        self._stopping = False
+        self._worker = threading.Thread(target=self._work, name=f"{served.kind}-server", daemon=True)
+
+    def start(self) -> None:
+        """Start the worker."""
+        self._worker.start()
+
+    def stop(self) -> None:
+        """Stop the worker after its current batch; queued requests are dropped (counted)."""
+        with self._cond:
+            self._stopping = True
+            self.counters.add("abandoned", len(self._queue))
+            self._queue.clear()
+            self._cond.notify_all()
+        if self._worker.is_alive():
+            self._worker.join()
+
+    def stats(self) -> dict[str, int | float]:
+        """Counters plus `dropped` (all reasons) and the mean requests and rows per model call."""
+        counts: dict[str, int | float] = dict(self.counters.snapshot())
+        counts["dropped"] = sum(v for k, v in counts.items() if k.startswith("dropped_"))
+        batches = counts.get("batches", 0)
+        counts["mean_batch_size"] = counts.get("batched_requests", 0) / batches if batches else 0.0
+        counts["mean_batch_rows"] = counts.get("batched_rows", 0) / batches if batches else 0.0
+        return counts
+
+    def submit(self, payload: bytes) -> None:
+        """Check one request payload and queue it, or answer an ERROR, or drop it (counted)."""
+        self.counters.add("received")
+        try:
+            msg = decode(payload)
+        except ProtocolError as e:
+            route = peek_request_route(payload)
+            reply_topic = None if route is None else self._reply_topic(route.reply_topic)
+            if route is None or reply_topic is None:
+                self.counters.add("dropped_malformed" if route is None else "dropped_reply_topic")
+                return
+            self._error(reply_topic, route.correlation_id, route.expert_id, ErrorCode.BAD_REQUEST, str(e))
+            return
+        if not isinstance(msg, ExpertRequest):
+            self.counters.add("dropped_not_request")  # never answer a reply: no loops
+            return
+        reply_topic = self._reply_topic(msg.reply_topic)
+        if reply_topic is None:
+            self.counters.add("dropped_reply_topic")
+            return
+        refusal = self._refusal(msg)
+        if refusal is None:
+            try:
+                inputs = self.served.to_input(msg.latent)
+            except ValueError as e:
+                refusal = ErrorCode.BAD_REQUEST, str(e)
+        if refusal is not None:
+            self._error(reply_topic, msg.correlation_id, msg.expert_id, *refusal)
+            return
+        with self._cond:
+            queued = len(self._queue) < self.limits.queue_size and not self._stopping
+            if queued:
+                self._queue.append(_Job(msg, reply_topic, inputs))
+                self._cond.notify()
+        if not queued:
+            self._error(reply_topic, msg.correlation_id, msg.expert_id, ErrorCode.BUSY,
+                        f"queue full ({self.limits.queue_size} requests)")
+
+    def _reply_topic(self, inbox: str) -> str | None:
+        """`{inbox}/{me}` when `inbox` is a reply inbox of this fleet, else None."""
+        try:
+            return self.topics.reply_from(self.topics.inbox_owner(inbox), self.me)
+        except ProtocolError:
+            return None
+
+    def _refusal(self, req: ExpertRequest) -> tuple[ErrorCode, str] | None:
+        """Why a well-formed request cannot be served, or None."""
+        s, n = self.served, len(req.latent)
+        if req.expert_id != s.expert_id:
+            return ErrorCode.UNKNOWN_EXPERT, f"this device holds expert {s.expert_id}"
+        if req.model_version != s.model_version:
+            return ErrorCode.WRONG_MODEL_VERSION, f"this device runs model {s.model_version}"
+        late = deadline_error(req.deadline_ms, now_ms())
+        if late is not None:
+            return late, ("deadline passed" if late == ErrorCode.DEADLINE_EXCEEDED
+                          else "deadline too far in the future")
+        if req.encoding not in s.encodings:
+            return ErrorCode.BAD_REQUEST, f"encoding {req.encoding} not accepted ({', '.join(s.encodings)})"
+        if req.latent.shape[1:] != s.row_shape:
+            want = ", ".join(map(str, ("N", *s.row_shape)))
+            return ErrorCode.BAD_REQUEST, f"expected a tensor [{want}], got {list(req.latent.shape)}"
+        if n > self.limits.max_batch:
+            return ErrorCode.BAD_REQUEST, f"N={n} is more than max_batch={self.limits.max_batch}"
+        return None
+
+    def _error(self, topic: str, cid: bytes, expert_id: int, code: ErrorCode, message: str) -> None:
+        self.counters.add(code.name.lower())
+        text = message.encode("utf-8")[:MAX_TEXT].decode("utf-8", "ignore")
+        self._publish(topic, encode(ErrorResponse(cid, code, expert_id, text)))
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                batch = self._take_batch()
+            now = now_ms()
+            due = [job for job in batch if job.request.deadline_ms >= now]
+            for job in batch:
+                if job.request.deadline_ms < now:
+                    self._error(job.reply_topic, job.request.correlation_id, job.request.expert_id,
+                                ErrorCode.DEADLINE_EXCEEDED, "deadline passed while queued")
+            if due:
+                self._run(due)
+
+    def _take_batch(self) -> list[_Job]:
+        """The oldest job plus, when micro-batching, every next one that fits in max_batch rows."""
+        batch = [self._queue.popleft()]
+        rows = len(batch[0].inputs)
+        while (self.limits.microbatch and self._queue
+               and rows + len(self._queue[0].inputs) <= self.limits.max_batch):
+            batch.append(self._queue.popleft())
+            rows += len(batch[-1].inputs)
+        return batch
+
+    def _run(self, jobs: list[_Job]) -> None:
+        """One model call for `jobs`, then one RESPONSE (or INTERNAL error) each."""
+        sizes = [len(job.inputs) for job in jobs]
+        start = time.perf_counter()
+        try:
+            probs = self.served.compute(np.concatenate([job.inputs for job in jobs]))
+            compute_us = min(round((time.perf_counter() - start) * 1e6), _MAX_U32)
+            frames = [encode(ExpertResponse(job.request.correlation_id, self.served.expert_id, compute_us, p))
+                      for job, p in zip(jobs, np.split(probs, np.cumsum(sizes)[:-1]), strict=True)]
+        except Exception as e:  # noqa: BLE001 -- a runtime can raise anything; requesters must still hear
+            self._events.emit("error", where=f"{self.served.kind} server", error=f"{type(e).__name__}: {e}")
+            for job in jobs:
+                self._error(job.reply_topic, job.request.correlation_id, job.request.expert_id,
+                            ErrorCode.INTERNAL, f"{self.served.kind} computation failed")
+            return
+        self.counters.add("batches")
+        self.counters.add("batched_requests", len(jobs))
+        self.counters.add("batched_rows", sum(sizes))
+        for job, frame in zip(jobs, frames, strict=True):
+            self._publish(job.reply_topic, frame)
+        self.counters.add("answered", len(jobs))

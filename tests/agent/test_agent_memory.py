@@ -1,0 +1,405 @@
+"""Agent logic over the in-memory broker: routing, re-routing, failures, serving, batching, fuzzing."""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fleet_helpers import TOPICS, Client, fake_peer, request_frame, running, start_agents
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from device_agent.agent import Agent, AgentConfig
+from device_agent.bundle import Bundle
+from device_agent.device_models import DeviceModels, model_version
+from device_agent.events import EventLog
+from device_agent.memory_transport import MemoryBroker
+from device_agent.nmoe_local import LocalNMoE, combine
+from device_agent.protocol import (
+    MAX_PAYLOAD,
+    ErrorCode,
+    ErrorResponse,
+    ExpertResponse,
+    Presence,
+    encode,
+    encode_presence,
+    new_correlation_id,
+)
+from device_agent.serving import ServerLimits, now_ms
+
+
+def memory_fleet(bundles: dict[int, Bundle], broker: MemoryBroker, **kwargs: object) -> dict[int, Agent]:
+    return start_agents(bundles, lambda b: broker.transport(b.manifest.device_id), **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("routing", ["gate", "random"])
+def test_fleet_predicts_exactly_like_local_nmoe(routing: str, bundles: dict[int, Bundle],
+                                                random_bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    fleet_bundles = bundles if routing == "gate" else random_bundles
+    local = LocalNMoE(fleet_bundles, "fp32")
+    with running(memory_fleet(fleet_bundles, MemoryBroker())) as agents:
+        for e, agent in agents.items():
+            for batch in (images[:5], images, images[7:8]):  # several calls: the same random draws
+                result, expected = agent.infer(batch), local.predict(e, batch)
+                assert np.array_equal(result.probs, expected.probs)
+                assert np.array_equal(result.experts, expected.experts)
+                assert np.array_equal(result.weights, expected.weights)
+                assert result.missing == {} and result.rerouted == {} and result.fallback_rows == 0
+                assert set(result.answered) == set(np.unique(expected.experts).tolist())
+                assert result.bytes_sent > 0 and result.bytes_received > 0
+
+
+def test_offline_expert_is_rerouted_before_sending(bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    broker = MemoryBroker()
+    local = LocalNMoE(bundles, "fp32")
+    with running(memory_fleet({e: bundles[e] for e in (0, 1)}, broker)) as agents:
+        dead = Agent(bundles[2], broker.transport("device-2"), DeviceModels.open(bundles[2]))
+        dead.start()
+        assert agents[0].wait_for_experts({2}, 5)
+        dead.transport.kill()  # type: ignore[attr-defined]  # the broker publishes its will: offline
+        broker.settle()
+        spy = Client(broker.transport("spy"), (TOPICS.expert_request(2),))
+        result = agents[0].infer(images)
+        z = local.latents(0, images)
+        wanted = local.route(0, z)[0]
+        assert result.rerouted == {2: int((wanted == 2).any(axis=1).sum())} and result.rerouted[2] > 0
+        assert result.missing == {} and set(result.answered) == {0, 1}
+        assert (np.sort(result.experts, axis=1) == [0, 1]).all()  # k = 2 of the 2 live experts
+        assert np.allclose(result.weights.sum(axis=1), 1)
+        expected = combine(z, result.experts, result.weights, local.experts, local.num_classes)
+        assert np.array_equal(result.probs, expected)
+        broker.settle()
+        assert spy.received == []  # nothing was sent to the offline expert
+        spy.close()
+
+
+@pytest.mark.parametrize("routing", ["gate", "random"])
+def test_peer_with_another_model_version_is_not_used(routing: str, bundles: dict[int, Bundle],
+                                                     random_bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    fleet_bundles = bundles if routing == "gate" else random_bundles
+    broker = MemoryBroker()
+    with running(memory_fleet({e: fleet_bundles[e] for e in (0, 1)}, broker)) as agents:
+        stale = fake_peer(broker.transport("device-2"), "device-2", 2, "an-older-model", lambda r: None)
+        broker.settle()
+        result = agents[0].infer(images)
+        assert 2 not in result.experts and result.rerouted.get(2, 0) > 0 and result.missing == {}
+        if routing == "random":
+            assert np.all(result.weights == np.float32(0.5))
+        broker.settle()
+        assert stale.received == []
+        stale.close()
+
+
+def test_silent_peers_time_out_weights_renormalize_and_rows_fall_back(
+        random_bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    """Random routing: a third of the rows choose only the two silent peers (the tiny run's gates
+    always choose their own expert)."""
+    broker = MemoryBroker()
+    model = model_version(random_bundles[0])
+    silent = [fake_peer(broker.transport(f"device-{e}"), f"device-{e}", e, model, lambda r: None) for e in (1, 2)]
+    local = LocalNMoE(random_bundles, "fp32")
+    config = AgentConfig(deadline_ms=200)
+    with running(memory_fleet({0: random_bundles[0]}, broker, config=config)) as agents:
+        assert agents[0].wait_for_experts({1, 2}, 5)
+        start = time.monotonic()
+        result = agents[0].infer(images)
+        assert 0.2 <= time.monotonic() - start < 1.0
+    z = local.latents(0, images)
+    wanted = local.route(0, z)[0]
+    own = local.experts[0](z)
+    with_own = (wanted == 0).any(axis=1)
+    assert result.missing == {1: "timeout", 2: "timeout"} and result.answered == (0,)
+    assert result.fallback_rows == int((~with_own).sum()) > 0
+    assert np.allclose(result.probs, own, atol=1e-6)  # every row: the own expert alone, weight 1
+    assert np.allclose(result.weights.sum(axis=1), 1) and (result.experts[~with_own, 0] == 0).all()
+    assert agents[0].stats()["replies"]["timed_out"] == len(np.unique(wanted[wanted != 0]))
+    for peer in silent:
+        peer.close()
+
+
+@pytest.mark.parametrize("code", [ErrorCode.BUSY, ErrorCode.INTERNAL, ErrorCode.WRONG_MODEL_VERSION])
+def test_error_answers_leave_the_expert_out(code: ErrorCode, bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    broker = MemoryBroker()
+    with running(memory_fleet({e: bundles[e] for e in (0, 1)}, broker)) as agents:
+        erring = fake_peer(broker.transport("device-2"), "device-2", 2, agents[0].model_version,
+                           lambda r: ErrorResponse(r.correlation_id, code, r.expert_id, "no"))
+        assert agents[0].wait_for_experts({2}, 5)
+        first = agents[0].infer(images)
+        assert first.missing == {2: code.name.lower()} and set(first.answered) == {0, 1}
+        rows_with_2 = (first.experts == 2).any(axis=1)
+        assert np.allclose(first.weights.sum(axis=1), 1) and rows_with_2.any()
+        assert (first.weights[first.experts == 2] == 0).all()
+        second = agents[0].infer(images)
+        if code == ErrorCode.WRONG_MODEL_VERSION:  # not asked again until its presence changes
+            assert second.missing == {} and second.rerouted.get(2, 0) > 0
+        else:
+            assert second.missing == {2: code.name.lower()}
+        erring.close()
+
+
+class SlowExpert:
+    """An expert runtime that takes `delay_s` per call and records its batch sizes."""
+
+    def __init__(self, models: DeviceModels, delay_s: float) -> None:
+        self.inner, self.delay_s, self.batches = models.expert, delay_s, []
+        self.name = "slow"
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        self.batches.append(len(x))
+        time.sleep(self.delay_s)
+        return self.inner.run(x)
+
+
+def serve_slowly(bundles: dict[int, Bundle], limits: ServerLimits, requests: int) -> tuple[Agent, SlowExpert, list]:
+    """Send `requests` 2-row requests at once to a device whose expert takes 30 ms per call."""
+    broker = MemoryBroker()
+    models = DeviceModels.open(bundles[1])
+    slow = SlowExpert(models, 0.03)
+    models = DeviceModels(models.extractor, models.gate, slow, models.format)
+    agent = Agent(bundles[1], broker.transport("device-1"), models, AgentConfig(limits=limits))
+    agent.start()
+    app = Client(broker.transport("app"))
+    latents = np.random.default_rng(0).normal(size=(requests, 2, bundles[1].manifest.latent_dim)).astype(np.float32)
+    for z in latents:
+        app.publish(TOPICS.expert_request(1), request_frame(1, z, agent.model_version))
+    replies = [reply for _, reply in app.wait_for(requests)]
+    agent.stop()
+    app.close()
+    for reply in replies:
+        assert isinstance(reply, ErrorResponse) or reply.probs.shape == (2, bundles[1].manifest.num_classes)
+    return agent, slow, replies
+
+
+def test_microbatching_runs_queued_requests_in_one_call(bundles: dict[int, Bundle]) -> None:
+    agent, slow, replies = serve_slowly(bundles, ServerLimits(max_batch=32, queue_size=64), 12)
+    stats = agent.stats()["expert_server"]
+    assert all(isinstance(r, ExpertResponse) for r in replies) and stats["answered"] == 12
+    assert stats["batches"] < 12 and stats["mean_batch_size"] > 1 and max(slow.batches) > 2
+    assert sum(slow.batches) == 24 and stats["batched_rows"] == 24
+    off, slow_off, _ = serve_slowly(bundles, ServerLimits(max_batch=32, queue_size=64, microbatch=False), 12)
+    assert off.stats()["expert_server"]["batches"] == 12 and slow_off.batches == [2] * 12
+
+
+def test_full_queue_answers_busy_at_once(bundles: dict[int, Bundle]) -> None:
+    agent, _, replies = serve_slowly(bundles, ServerLimits(max_batch=2, queue_size=1), 8)
+    busy = [r for r in replies if isinstance(r, ErrorResponse)]
+    assert busy and all(r.code == ErrorCode.BUSY for r in busy)
+    stats = agent.stats()["expert_server"]
+    assert stats["busy"] == len(busy) and stats["answered"] + stats["busy"] == 8 == stats["received"]
+
+
+def test_expert_responses_are_softmax_of_the_expert(bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    broker = MemoryBroker()
+    local = LocalNMoE(bundles, "fp32")
+    z = local.latents(0, images)[:5]
+    with running(memory_fleet({1: bundles[1]}, broker)) as agents:
+        app = Client(broker.transport("app"))
+        app.publish(TOPICS.expert_request(1), request_frame(1, z, agents[1].model_version))
+        (topic, reply), = app.wait_for(1)
+    assert topic == TOPICS.reply_from("app", "device-1") and isinstance(reply, ExpertResponse)
+    assert np.array_equal(reply.probs, local.experts[1](z)) and reply.expert_id == 1 and reply.compute_us > 0
+
+
+def bad_requests(model: str, latent_dim: int) -> dict[str, tuple[str, bytes, ErrorCode | str]]:
+    """name -> (topic, payload, expected error code or dropped-counter)."""
+    z = np.zeros((2, latent_dim), np.float32)
+    valid = request_frame(1, z, model)
+    inbox = TOPICS.reply("app")
+    expert, infer = TOPICS.expert_request(1), TOPICS.infer_request("device-1")
+    return {
+        "unknown expert": (expert, request_frame(7, z, model), ErrorCode.UNKNOWN_EXPERT),
+        "wrong model": (expert, request_frame(1, z, "other"), ErrorCode.WRONG_MODEL_VERSION),
+        "deadline passed": (expert, request_frame(1, z, model, deadline_ms=now_ms() - 1), ErrorCode.DEADLINE_EXCEEDED),
+        "deadline in 2 minutes": (expert, request_frame(1, z, model, deadline_ms=now_ms() + 120_000),
+                                  ErrorCode.BAD_REQUEST),
+        "latent dim": (expert, request_frame(1, np.zeros((2, latent_dim + 1), np.float32), model), ErrorCode.BAD_REQUEST),
+        "latent ndim": (expert, request_frame(1, np.zeros((2, 1, latent_dim), np.float32), model), ErrorCode.BAD_REQUEST),
+        "more than max_batch": (expert, request_frame(1, np.zeros((33, latent_dim), np.float32), model),
+                                ErrorCode.BAD_REQUEST),
+        "truncated tensor": (expert, valid[:-3], ErrorCode.BAD_REQUEST),
+        "trailing byte": (expert, valid + b"\0", ErrorCode.BAD_REQUEST),
+        "reply topic of another fleet": (expert, request_frame(1, z, model, inbox="nmoe/other/reply/app"),
+                                         "dropped_reply_topic"),
+        "reply topic not an inbox": (expert, request_frame(1, z, model, inbox=inbox + "/device-9"),
+                                     "dropped_reply_topic"),
+        "a response": (expert, encode(ExpertResponse(new_correlation_id(), 1, 5, z)), "dropped_not_request"),
+        "version 2": (expert, valid[:2] + b"\x02" + valid[3:], "dropped_malformed"),
+        "random bytes": (expert, b"\x8f" * 40, "dropped_malformed"),
+        "oversized": (expert, valid + bytes(MAX_PAYLOAD), "dropped_malformed"),
+        "non-integer pixels": (infer, request_frame(1, np.full((1, 1, 16, 16), 0.5, np.float32), model),
+                               ErrorCode.BAD_REQUEST),
+        "pixels out of range": (infer, request_frame(1, np.full((1, 1, 16, 16), 256, np.float32), model),
+                                ErrorCode.BAD_REQUEST),
+        "image shape": (infer, request_frame(1, np.zeros((1, 1, 16, 15), np.float32), model), ErrorCode.BAD_REQUEST),
+    }
+
+
+def test_bad_requests_get_errors_or_are_dropped_and_counted(bundles: dict[int, Bundle]) -> None:
+    broker = MemoryBroker()
+    model = model_version(bundles[1])
+    cases = bad_requests(model, bundles[1].manifest.latent_dim)
+    with running(memory_fleet({1: bundles[1]}, broker)) as agents:
+        app = Client(broker.transport("app"))
+        for name, (topic, payload, expected) in cases.items():
+            before = len(app.received)
+            server = agents[1].infer_server if "/infer/" in topic else agents[1].expert_server
+            counts = server.stats()
+            app.publish(topic, payload)
+            broker.settle()
+            after = server.stats()
+            if isinstance(expected, ErrorCode):
+                (_, reply), = app.wait_for(before + 1)[before:]
+                assert isinstance(reply, ErrorResponse) and reply.code == expected, name
+                assert after[expected.name.lower()] == counts.get(expected.name.lower(), 0) + 1, name
+            else:
+                assert len(app.received) == before, name
+                assert after[expected] == counts.get(expected, 0) + 1, name
+        app.close()
+
+
+@pytest.fixture(scope="module")
+def fuzz_target(bundles: dict[int, Bundle]) -> tuple[MemoryBroker, Agent, Client]:
+    broker = MemoryBroker()
+    agent = Agent(bundles[0], broker.transport("device-0"), DeviceModels.open(bundles[0]))
+    agent.start()
+    app = Client(broker.transport("app"))
+    yield broker, agent, app
+    app.close()
+    agent.stop()
+
+
+SERVER_OUTCOMES = {"answered", "dropped_malformed", "dropped_reply_topic", "dropped_not_request",
+                   *(code.name.lower() for code in ErrorCode)}
+
+
+def mutations(valid: bytes) -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        st.binary(max_size=300),
+        st.integers(0, len(valid) - 1).map(lambda n: valid[:n]),
+        st.tuples(st.integers(0, len(valid) - 1), st.integers(0, 255)).map(
+            lambda iv: valid[:iv[0]] + bytes([iv[1]]) + valid[iv[0] + 1:]),
+        st.integers(0, 255).map(lambda v: valid[:2] + bytes([v]) + valid[3:]),
+        st.just(valid + bytes(MAX_PAYLOAD)),
+    )
+
+
+@given(data=st.data())
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_fuzzed_payloads_on_every_topic_are_answered_with_errors_or_dropped(
+        fuzz_target: tuple[MemoryBroker, Agent, Client], data: st.DataObject) -> None:
+    broker, agent, app = fuzz_target
+    model, dim = agent.model_version, agent.bundle.manifest.latent_dim
+    z = np.ones((1, dim), np.float32)
+    valid = {
+        TOPICS.expert_request(0): request_frame(0, z, model),
+        TOPICS.infer_request("device-0"): request_frame(0, np.zeros((1, 1, 16, 16), np.float32), model),
+        TOPICS.reply_from("device-0", "device-1"): encode(ExpertResponse(new_correlation_id(), 1, 3, z)),
+        TOPICS.presence("device-1"): encode_presence(Presence("device-1", 1, "online", model,
+                                                              agent.presence().caps, 1.0)),
+    }
+    topic = data.draw(st.sampled_from(sorted(valid)))
+    payload = data.draw(mutations(valid[topic]))
+    part = {"expert": "expert_server", "infer": "infer_server", "reply": "replies", "presence": "presence"}[
+        topic.split("/")[2]]
+    before, replies = agent.stats()[part], len(app.received)
+    app.publish(topic, payload)
+    broker.settle()
+
+    def changed() -> dict[str, int]:
+        after = agent.stats()[part]
+        return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+    if part.endswith("server"):  # exactly one of: answered, an error code, a drop reason
+        outcomes = {k: v for k, v in changed().items() if k in SERVER_OUTCOMES}
+        for _ in range(200):  # a request that is still valid waits in the queue for the worker
+            outcomes = {k: v for k, v in changed().items() if k in SERVER_OUTCOMES}
+            if outcomes:
+                break
+            time.sleep(0.01)
+        assert changed()["received"] == 1 and sum(outcomes.values()) == 1, outcomes
+        new = app.wait_for(len(app.received))[replies:]
+        assert len(new) <= 1 and (not new or outcomes.get("answered") or isinstance(new[0][1], ErrorResponse))
+    else:
+        assert len(app.received) == replies  # nothing is ever answered to a reply or a presence
+        assert changed()["received"] == 1
+    assert agent.stats()["agent"].get("handler_errors", 0) == 0
+    # and the agent keeps serving
+    app.publish(TOPICS.expert_request(0), request_frame(0, z, model))
+    (_, ok), = app.wait_for(len(app.received) + 1)[-1:]
+    assert isinstance(ok, ExpertResponse)
+
+
+def test_apps_get_the_combined_output_on_their_inbox(bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    local = LocalNMoE(bundles, "fp32")
+    broker = MemoryBroker()
+    with running(memory_fleet(bundles, broker)) as agents:
+        app = Client(broker.transport("app"))
+        for part, encoding in ((images[:5], "fp32"), (images[5:], "fp16")):
+            app.publish(TOPICS.infer_request("device-0"),
+                        request_frame(0, part.astype(np.float32), agents[0].model_version, encoding=encoding))
+        replies = {r.correlation_id: r for _, r in app.wait_for(2)}
+        stats = agents[0].stats()["infer_server"]
+        app.close()
+    assert all(isinstance(r, ExpertResponse) and r.expert_id == 0 for r in replies.values())
+    probs = sorted((r.probs for r in replies.values()), key=len)
+    assert np.array_equal(probs[0], local.predict(0, images[:5]).probs)
+    assert np.array_equal(probs[1], local.predict(0, images[5:]).probs)
+    assert stats["answered"] == 2
+
+
+def test_broker_restart_reconnects_and_republishes_presence(bundles: dict[int, Bundle], images: np.ndarray,
+                                                            tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    events = tmp_path / "events.jsonl"
+    transports = {e: broker.transport(b.manifest.device_id) for e, b in bundles.items()}
+    agents = {e: Agent(b, transports[e], DeviceModels.open(b), events=EventLog(events) if e == 0 else None)
+              for e, b in bundles.items()}
+    for agent in agents.values():
+        agent.start()
+    with running(agents):
+        assert agents[0].wait_for_experts({1, 2}, 5)
+        broker.restart()
+        broker.settle()
+        assert agents[0].wait_connected(5) and agents[0].wait_for_experts({1, 2}, 5)
+        result = agents[0].infer(images)
+        assert result.missing == {} and result.rerouted == {}
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    kinds = [line["event"] for line in lines]
+    assert kinds[0] == "connect" and "disconnect" in kinds and "reconnect" in kinds
+    assert kinds[-2:] == ["counters", "stop"]
+    inference = next(line for line in lines if line["event"] == "inference")
+    assert inference["inputs"] == len(images) and inference["missing"] == {}
+    assert inference["bytes_sent"] > 0 and set(inference["latency_ms"]) >= {"extract", "route", "total"}
+
+
+def test_infer_while_disconnected_uses_the_own_expert(bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    broker = MemoryBroker()
+    local = LocalNMoE(bundles, "fp32")
+    with running(memory_fleet(bundles, broker)) as agents:
+        agents[0].transport.lose_connection()  # type: ignore[attr-defined]
+        broker.settle()
+        result = agents[0].infer(images)
+    z = local.latents(0, images)
+    assert result.answered == (0,) and result.missing == {} and (result.experts[:, 0] == 0).all()
+    assert np.allclose(result.probs, local.experts[0](z), atol=1e-6)
+
+
+def test_concurrent_inferences_from_threads(bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    local = LocalNMoE(bundles, "fp32")
+    expected = {e: local.predict(e, images[:4]).labels for e in bundles}
+    failures: list[str] = []
+    with running(memory_fleet(bundles, MemoryBroker())) as agents:
+        def work(e: int) -> None:
+            for _ in range(10):
+                result = agents[e].infer(images[:4])
+                if result.missing or not np.array_equal(result.labels, expected[e]):
+                    failures.append(f"{e}: {result.missing}")
+        threads = [threading.Thread(target=work, args=(e,)) for e in agents]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert failures == []
+

@@ -72,7 +72,7 @@ def _results(args: argparse.Namespace) -> int:
 # Subcommands of other packages, found by name so that `toolkit` never depends on them (import-linter
 # checks that) and a device without torch can still run `nmoe` for the agent. Each module has
 # `register(subparsers)`, which adds its parser with `func` set, and imports nothing heavy at load.
-PLUGINS = ("export.cli", "broker.cli")
+PLUGINS = ("export.cli", "broker.cli", "device_agent.cli")
 
 
 def register_plugin(sub: argparse._SubParsersAction, module: str) -> None:

@@ -35,7 +35,7 @@ from device_agent.bundle import (
 )
 from toolkit.artifacts import TrainedNMoE
 from toolkit.evaluate import predict
-from toolkit.federated_data import FederatedData
+from toolkit.federated_data import FederatedData, raw_images
 from toolkit.models import Expert, Extractor, Gate
 from toolkit.progress import progress_bar
 from toolkit.seeding import derive_seed
@@ -118,13 +118,6 @@ def input_spec(dataset: dict) -> InputSpec:
     """The manifest's input section from the run dir's dataset.json."""
     return InputSpec(shape=list(dataset["input_shape"]), dtype="uint8", scale=dataset["scale"],
                      mean=list(dataset["mean"]), std=list(dataset["std"]), layout="NCHW")
-
-
-def raw_images(x: torch.Tensor, spec: InputSpec) -> np.ndarray:
-    """Normalized float images back to the uint8 pixels they came from."""
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
-    return torch.round((x * std + mean) / spec.scale).clamp(0, 255).to(torch.uint8).numpy()
 
 
 def calibration_images(train_x: torch.Tensor, n: int, seed: int) -> torch.Tensor:

@@ -22,9 +22,9 @@ import torch
 from device_agent.bundle import Bundle, ModelEntry
 from device_agent.nmoe_local import LocalNMoE, top_k_route
 from device_agent.runtime import open_runtime
-from export.bundle_writer import DeviceModules, raw_images
+from export.bundle_writer import DeviceModules
 from toolkit.evaluate import ExpertOutputs, Router, gate_router, nmoe_predict, predict
-from toolkit.federated_data import FederatedData
+from toolkit.federated_data import FederatedData, raw_images
 from toolkit.progress import progress_bar
 from toolkit.rundir import machine, write_json
 

@@ -15,11 +15,11 @@ from device_agent.bundle import Bundle, load_bundle
 from device_agent.nmoe_local import LocalNMoE
 from device_agent.runtime import open_runtime
 from export import onnx_export
-from export.bundle_writer import PROVENANCE_PACKAGES, DeviceModules, device_modules, raw_images
+from export.bundle_writer import PROVENANCE_PACKAGES, DeviceModules, device_modules
 from toolkit.artifacts import TrainedNMoE, load_nmoe
 from toolkit.cli import main
 from toolkit.evaluate import ExpertOutputs, gate_router, nmoe_predict, predict
-from toolkit.federated_data import FederatedData, prepare
+from toolkit.federated_data import FederatedData, prepare, raw_images
 
 METHOD = "nmoe_fedce_fedgate"
 CLIENTS = 3

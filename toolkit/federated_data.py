@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from device_agent.bundle import InputSpec
 from toolkit.config import ConfigError, DataConfig
 from toolkit.data import (
     ArrayDataset,
@@ -49,6 +50,13 @@ def normalize(ds: ArrayDataset, mean: tuple[float, ...], std: tuple[float, ...])
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return TensorData((x - m) / s, torch.from_numpy(ds.y.astype(np.int64)))
+
+
+def raw_images(x: torch.Tensor, spec: InputSpec) -> np.ndarray:
+    """Normalized float images back to the uint8 pixels they came from (the inverse of `normalize`)."""
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    return torch.round((x * std + mean) / spec.scale).clamp(0, 255).to(torch.uint8).numpy()
 
 
 def stratified_subsample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:

@@ -18,6 +18,7 @@ import itertools
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,11 +103,11 @@ class Agent:
         limits = self.config.limits
         self.expert_server = RequestServer(
             Served("expert", self.expert_id, self.model_version, (m.latent_dim,), ENCODINGS,
-                   lambda z: softmax(self.models.expert.run(z))),
+                   lambda z, _requests: softmax(self.models.expert.run(z))),
             limits, self.topics, self.me, self._publish, self.events)
         self.infer_server = RequestServer(
             Served("infer", self.expert_id, self.model_version, tuple(m.input.shape), ENCODINGS,
-                   lambda images: self.infer(images).probs, to_input=_pixels),
+                   lambda images, requests: self.infer(images, requests).probs, to_input=_pixels),
             limits, self.topics, self.me, self._publish, self.events)
 
     # lifecycle -------------------------------------------------------------------------------
@@ -155,8 +156,12 @@ class Agent:
 
     # inference -------------------------------------------------------------------------------
 
-    def infer(self, images: np.ndarray) -> InferenceResult:
-        """Classify uint8 images [N, C, H, W] with the fleet (see the module docstring)."""
+    def infer(self, images: np.ndarray, requests: Sequence[ExpertRequest] = ()) -> InferenceResult:
+        """Classify uint8 images [N, C, H, W] with the fleet (see the module docstring).
+
+        `requests`: the inference requests from the wire whose rows `images` are, in order; the
+        event log names them by correlation id, with the experts combined for their rows.
+        """
         start = time.perf_counter()
         deadline_ms = now_ms() + self.config.deadline_ms
         until = time.monotonic() + self.config.deadline_ms / 1000
@@ -191,7 +196,7 @@ class Agent:
                         "peers": _ms(routed, waited),
                         "total": _ms(start, time.perf_counter())},
             remote_ms=remote_ms, bytes_sent=bytes_sent, bytes_received=bytes_received)
-        self._record(result)
+        self._record(result, requests)
         return result
 
     def _route(self, z: np.ndarray) -> Route:
@@ -284,7 +289,7 @@ class Agent:
             self._run_own(z, orphans, outputs, have)
         return len(orphans)
 
-    def _record(self, r: InferenceResult) -> None:
+    def _record(self, r: InferenceResult, requests: Sequence[ExpertRequest]) -> None:
         self.counters.add("inferences")
         self.counters.add("inputs", len(r.labels))
         self.counters.add("inputs_rerouted", sum(r.rerouted.values()))
@@ -295,7 +300,8 @@ class Agent:
                          missing={str(e): why for e, why in r.missing.items()},
                          rerouted={str(e): n for e, n in r.rerouted.items()}, fallback_rows=r.fallback_rows,
                          latency_ms=r.latency_ms, remote_ms={str(e): ms for e, ms in r.remote_ms.items()},
-                         bytes_sent=r.bytes_sent, bytes_received=r.bytes_received)
+                         bytes_sent=r.bytes_sent, bytes_received=r.bytes_received,
+                         requests=_answered_per_request(r, requests))
 
     # transport callbacks (the transport's thread) -----------------------------------------------
 
@@ -344,6 +350,13 @@ def _pixels(x: np.ndarray) -> np.ndarray:
     if not (np.all((x >= 0) & (x <= 255)) and np.array_equal(x, np.rint(x))):
         raise ValueError("raw input values must be integers 0..255 (uint8 pixels)")
     return x.astype(np.uint8)
+
+
+def _answered_per_request(r: InferenceResult, requests: Sequence[ExpertRequest]) -> dict[str, list[int]]:
+    """Correlation id (hex) of each wire request -> the experts combined (weight > 0) for its rows."""
+    bounds = np.cumsum([0, *(len(q.latent) for q in requests)])
+    return {q.correlation_id.hex(): sorted({int(e) for e in r.experts[a:b][r.weights[a:b] > 0]})
+            for q, a, b in zip(requests, bounds[:-1], bounds[1:], strict=True)}
 
 
 def _ms(a: float, b: float) -> float:

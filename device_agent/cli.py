@@ -45,8 +45,9 @@ examples:
   nmoe agent --bundle B --broker mqtt://127.0.0.1:1883 --no-microbatch --queue 8   # benchmark baseline
 
 event log (--events): one JSON object per line: connect/reconnect/disconnect, presence changes,
-each inference (experts chosen/answered/re-routed, latency per path, bytes on the wire), errors,
-and the counters at exit.
+each inference (experts chosen/answered/re-routed, latency per path, bytes on the wire, and for
+inference requests from the wire their correlation ids in hex with the experts combined for each),
+errors, and the counters at exit.
 """
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +51,8 @@ class Served:
     model_version: str
     row_shape: tuple[int, ...]  # one input without the batch dim
     encodings: tuple[Encoding, ...]
-    compute: Callable[[np.ndarray], np.ndarray]  # inputs [n, *row_shape] -> float32 probs [n, C]
+    # (inputs [n, *row_shape] of one batch, the requests they came from, in order) -> float32 probs [n, C]
+    compute: Callable[[np.ndarray, Sequence[ExpertRequest]], np.ndarray]
     to_input: Callable[[np.ndarray], np.ndarray] = np.asarray  # decoded tensor -> compute's input;
     # ValueError means BAD_REQUEST
 
@@ -210,7 +211,7 @@ class RequestServer:
         sizes = [len(job.inputs) for job in jobs]
         start = time.perf_counter()
         try:
-            probs = self.served.compute(np.concatenate([job.inputs for job in jobs]))
+            probs = self.served.compute(np.concatenate([job.inputs for job in jobs]), [job.request for job in jobs])
             compute_us = min(round((time.perf_counter() - start) * 1e6), _MAX_U32)
             frames = [encode(ExpertResponse(job.request.correlation_id, self.served.expert_id, compute_us, p))
                       for job, p in zip(jobs, np.split(probs, np.cumsum(sizes)[:-1]), strict=True)]

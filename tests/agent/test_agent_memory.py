@@ -23,6 +23,7 @@ from device_agent.protocol import (
     ErrorResponse,
     ExpertResponse,
     Presence,
+    decode,
     encode,
     encode_presence,
     new_correlation_id,
@@ -347,6 +348,25 @@ def test_apps_get_the_combined_output_on_their_inbox(bundles: dict[int, Bundle],
     assert np.array_equal(probs[0], local.predict(0, images[:5]).probs)
     assert np.array_equal(probs[1], local.predict(0, images[5:]).probs)
     assert stats["answered"] == 2
+
+
+def test_inference_events_name_the_wire_requests_they_served(bundles: dict[int, Bundle], images: np.ndarray,
+                                                             tmp_path: Path) -> None:
+    broker, log = MemoryBroker(), tmp_path / "events.jsonl"
+    with running(memory_fleet(bundles, broker)) as agents:
+        agents[0].events = EventLog(log)
+        app = Client(broker.transport("app"))
+        frames = [request_frame(0, images[i:i + 2].astype(np.float32), agents[0].model_version) for i in (0, 2, 4)]
+        for frame in frames:
+            app.publish(TOPICS.infer_request("device-0"), frame)
+        app.wait_for(len(frames))
+        agents[0].infer(images[:1])  # a direct call serves no wire request
+        app.close()
+    events = [e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "inference"]
+    served = {cid: answered for e in events for cid, answered in e["requests"].items()}
+    assert set(served) == {decode(f).correlation_id.hex() for f in frames} and events[-1]["requests"] == {}
+    for e in events:
+        assert all(0 < len(a) <= 2 and set(a) <= set(e["answered"]) for a in e["requests"].values())
 
 
 def test_broker_restart_reconnects_and_republishes_presence(bundles: dict[int, Bundle], images: np.ndarray,

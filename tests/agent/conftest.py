@@ -1,4 +1,4 @@
-"""Fixtures of the device-agent tests: one ONNX export of the tiny run, a random-routing variant."""
+"""Fixtures of the device-agent tests: the shared export of the tiny run, a random-routing variant."""
 
 import json
 import shutil
@@ -8,16 +8,12 @@ import numpy as np
 import pytest
 
 from device_agent.bundle import MANIFEST, Bundle, load_bundle
-from toolkit.cli import main
 
 
 @pytest.fixture(scope="session")
-def agent_bundles_dir(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`nmoe export` of the tiny run: 3 gate-routed ONNX bundles, fp32 and int8 (read-only)."""
-    out = tmp_path_factory.mktemp("agent-bundles")
-    assert main(["export", str(run_dir), "--out", str(out), "--quiet", "--formats", "onnx",
-                 "--max-accuracy-drop", "100", "--calibration-samples", "32"]) == 0
-    return out
+def agent_bundles_dir(onnx_tflite_bundles: Path) -> Path:
+    """The shared export of the tiny run: 3 gate-routed bundles, ONNX and LiteRT, fp32 and int8."""
+    return onnx_tflite_bundles
 
 
 @pytest.fixture(scope="session")

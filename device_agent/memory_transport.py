@@ -106,7 +106,7 @@ class MemoryTransport:
     def subscribe(self, topic_filter: str, qos: int = 0) -> None:
         self._filters.add(topic_filter)
 
-    def connect(self, will: Publication, on_message: MessageHandler,
+    def connect(self, will: Publication | None, on_message: MessageHandler,
                 on_connection: ConnectionHandler) -> None:
         self._will, self._on_message, self._on_connection = will, on_message, on_connection
         self._thread.start()

@@ -114,10 +114,11 @@ class MqttTransport:
         if connected:
             self._client.subscribe(topic_filter, qos)
 
-    def connect(self, will: Publication, on_message: MessageHandler,
+    def connect(self, will: Publication | None, on_message: MessageHandler,
                 on_connection: ConnectionHandler) -> None:
         self._message_handler, self._connection_handler = on_message, on_connection
-        self._client.will_set(will.topic, will.payload, will.qos, will.retain)
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, will.qos, will.retain)
         url = self.settings.url
         if self.settings.mqtt_version == "5":
             self._client.connect_async(url.host, url.port, self.settings.keepalive_s, clean_start=True)

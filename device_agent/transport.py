@@ -48,9 +48,10 @@ class Transport(Protocol):
         """Subscribe now (if connected) and again on every reconnect."""
         ...
 
-    def connect(self, will: Publication, on_message: MessageHandler,
+    def connect(self, will: Publication | None, on_message: MessageHandler,
                 on_connection: ConnectionHandler) -> None:
-        """Start connecting in the background with `will` registered as the last will."""
+        """Start connecting in the background with `will` registered as the last will (None: no will,
+        for clients that are not devices, such as a trial driver)."""
         ...
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:

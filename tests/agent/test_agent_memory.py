@@ -35,12 +35,15 @@ def memory_fleet(bundles: dict[int, Bundle], broker: MemoryBroker, **kwargs: obj
     return start_agents(bundles, lambda b: broker.transport(b.manifest.device_id), **kwargs)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("routing", ["gate", "random"])
-def test_fleet_predicts_exactly_like_local_nmoe(routing: str, bundles: dict[int, Bundle],
-                                                random_bundles: dict[int, Bundle], images: np.ndarray) -> None:
+@pytest.mark.parametrize(("routing", "precision", "format"),
+                         [("gate", "fp32", "onnx"), ("random", "fp32", "onnx"), ("gate", "int8", "tflite")])
+def test_fleet_predicts_exactly_like_local_nmoe(routing: str, precision: str, format: str,
+                                                bundles: dict[int, Bundle], random_bundles: dict[int, Bundle],
+                                                images: np.ndarray) -> None:
     fleet_bundles = bundles if routing == "gate" else random_bundles
-    local = LocalNMoE(fleet_bundles, "fp32")
-    with running(memory_fleet(fleet_bundles, MemoryBroker())) as agents:
+    local = LocalNMoE(fleet_bundles, precision, format)
+    models = {e: DeviceModels.open(b, precision, format) for e, b in fleet_bundles.items()}
+    with running(memory_fleet(fleet_bundles, MemoryBroker(), models=models)) as agents:
         for e, agent in agents.items():
             for batch in (images[:5], images, images[7:8]):  # several calls: the same random draws
                 result, expected = agent.infer(batch), local.predict(e, batch)

@@ -22,7 +22,7 @@ from device_agent.protocol import (
     new_correlation_id,
 )
 from device_agent.serving import now_ms
-from device_agent.transport import ConnectionEvent, Publication, Transport
+from device_agent.transport import ConnectionEvent, Transport
 
 TOPICS = Topics()  # the agents' default prefix and fleet
 CAPS = Caps(("onnxruntime",), ("fp32", "fp16", "int8"), 32)
@@ -69,7 +69,7 @@ class Client:
         self._connected = threading.Event()
         for f in filters:
             transport.subscribe(f)
-        transport.connect(Publication("test/will", b""), self._on_message, self._on_connection)
+        transport.connect(None, self._on_message, self._on_connection)
         assert self._connected.wait(10)
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:

@@ -1,7 +1,8 @@
 """What the agent tells the outside: thread-safe counters and an optional JSON-lines event log.
 
 Each event-log line is one JSON object with at least `ts` (unix seconds) and `event`
-(connect, reconnect, disconnect, connect_refused, presence, inference, error, counters, stop).
+(connect, reconnect, disconnect, connect_refused, connect_failed, presence, inference, error,
+counters, stop).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Counters:
             return dict(sorted(self._counts.items()))
 
 
-ECHOED = ("connect", "reconnect", "disconnect", "connect_refused", "error")
+ECHOED = ("connect", "reconnect", "disconnect", "connect_refused", "connect_failed", "error")
 
 
 class EventLog:

@@ -99,6 +99,7 @@ class MqttTransport:
         self._client.on_socket_open = _set_nodelay
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_message = self._on_message
         self._lock = threading.Lock()
         self._filters: dict[str, int] = {}
@@ -160,6 +161,10 @@ class MqttTransport:
             was_connected, self._connected = self._connected, False
         if was_connected:
             self._report(ConnectionEvent.DISCONNECTED, str(reason))
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        url = self.settings.url
+        self._report(ConnectionEvent.UNREACHABLE, f"{url.host}:{url.port} (retrying)")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self._message_handler is not None:

@@ -31,6 +31,7 @@ class ConnectionEvent(StrEnum):
     RECONNECTED = "reconnect"  # every later one
     DISCONNECTED = "disconnect"
     REFUSED = "connect_refused"  # the broker answered, but not with success (bad credentials...)
+    UNREACHABLE = "connect_failed"  # no connection at all (broker down, wrong address, TLS failure)
 
 
 MessageHandler = Callable[[str, bytes], None]  # (topic, payload), called on the transport's thread

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-done
 RUN    ?= runs/quick
 BUNDLES ?= runs/quick-bundles
 
-.PHONY: setup test lint demo bench-accuracy bench-export clean arm64-env arm64-check
+.PHONY: setup test lint demo bench-accuracy bench-export bench-agent clean arm64-env arm64-check
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	scripts/setup.sh
@@ -30,6 +30,10 @@ bench-accuracy: $(STAMP)
 
 bench-export: $(STAMP) arm64-env
 	$(PY) bench/export
+
+# Agents over mosquitto on loopback: round trip, micro-batching, fleet scaling, latent encodings (~5 min).
+bench-agent: $(STAMP)
+	$(PY) bench/agent
 
 # Emulated aarch64 Python (qemu-user + Debian arm64 sysroot + aarch64 wheels), cached in ~/.cache/nmoe-edge/arm64.
 arm64-env:

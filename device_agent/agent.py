@@ -236,10 +236,13 @@ class Agent:
     def _request(self, cid: bytes, expert: int, deadline_ms: int, latent: np.ndarray,
                  encoding: Encoding) -> bytes:
         """The REQUEST frame; fp32 when the latent does not fit `encoding` (fp16 beyond +-65504)."""
+        def frame(enc: Encoding) -> bytes:
+            return encode(ExpertRequest(cid, expert, deadline_ms, self.model_version, self.inbox, latent, enc))
+
         try:
-            return encode(ExpertRequest(cid, expert, deadline_ms, self.model_version, self.inbox, latent, encoding))
+            return frame(encoding)
         except ProtocolError:
-            return encode(ExpertRequest(cid, expert, deadline_ms, self.model_version, self.inbox, latent, "fp32"))
+            return frame("fp32")
 
     def _run_own(self, z: np.ndarray, rows: np.ndarray, outputs: dict[int, np.ndarray],
                  have: dict[int, np.ndarray]) -> None:

@@ -3,6 +3,7 @@
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -264,7 +265,7 @@ def test_bad_requests_get_errors_or_are_dropped_and_counted(bundles: dict[int, B
 
 
 @pytest.fixture(scope="module")
-def fuzz_target(bundles: dict[int, Bundle]) -> tuple[MemoryBroker, Agent, Client]:
+def fuzz_target(bundles: dict[int, Bundle]) -> Iterator[tuple[MemoryBroker, Agent, Client]]:
     broker = MemoryBroker()
     agent = Agent(bundles[0], broker.transport("device-0"), DeviceModels.open(bundles[0]))
     agent.start()
@@ -426,3 +427,26 @@ def test_concurrent_inferences_from_threads(bundles: dict[int, Bundle], images: 
             t.join()
     assert failures == []
 
+
+
+class Scaled:
+    """A runtime whose outputs are multiplied by `factor`."""
+
+    def __init__(self, inner: DeviceModels, factor: float) -> None:
+        self.inner, self.factor, self.name = inner.extractor, factor, "scaled"
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.inner.run(x) * np.float32(self.factor)
+
+
+def test_latents_beyond_fp16_range_travel_as_fp32(bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    broker = MemoryBroker()
+    plain = DeviceModels.open(bundles[0])
+    models = {0: DeviceModels(Scaled(plain, 1e6), plain.gate, plain.expert, plain.format)}
+    config = AgentConfig(latent_encoding="fp16")
+    with running(memory_fleet(bundles, broker, config=config, models=models)) as agents:
+        small = agents[1].infer(images)  # fits: fp16, 2 bytes per value
+        huge = agents[0].infer(images)
+    assert small.missing == {} and huge.missing == {} and set(huge.answered) == {0, 1, 2}
+    values_sent = len(images) * bundles[0].manifest.latent_dim  # rows sent to the one other chosen expert
+    assert huge.bytes_sent > 4 * values_sent > small.bytes_sent

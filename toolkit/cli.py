@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from toolkit import trial_cli
 from toolkit.config import (
     BASELINE_METHODS,
     GATE_METHODS,
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     results = sub.add_parser("results", help="print the results table of a run dir")
     results.add_argument("run_dir", help="a run dir written by `nmoe train`")
     results.set_defaults(func=_results)
+    trial_cli.register(sub)
     for module in PLUGINS:
         register_plugin(sub, module)
     return parser

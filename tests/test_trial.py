@@ -1,0 +1,127 @@
+"""`nmoe trial` end to end: real mosquitto, one `nmoe agent` process per bundle of the shared 3-device fleet."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from toolkit.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def trial(bundles: Path, out: Path, *args: str) -> tuple[int, dict]:
+    """Run `nmoe trial` in-process; its exit status and trial.json."""
+    status = main(["trial", "--bundles", str(bundles), "--out", str(out), "--quiet", *args])
+    return status, json.loads((out / "trial.json").read_text())
+
+
+def gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists()
+
+
+def assert_nothing_left(summary: dict) -> None:
+    assert all(gone(pid) for pid in [*summary["fleet"]["pids"].values(), summary["fleet"]["broker_pid"]])
+
+
+def test_trial_over_mqtt_predicts_exactly_like_local_nmoe(onnx_tflite_bundles: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "trial"
+    status, summary = trial(onnx_tflite_bundles, out, "--samples", "10", "--rate", "50")
+    assert status == 0
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    counts, accuracy, exact = summary["counts"], summary["accuracy"]["overall"], summary["exactness"]
+    assert counts["sent"] == counts["answered"] == 30 and counts["failed"] == counts["not_served"] == 0
+    assert accuracy["accuracy"] == accuracy["in_process_accuracy"] == accuracy["in_process_accuracy_all"]
+    assert exact["compared"] == 30 and exact["mismatches"] == 0 and exact["max_abs_prob_diff"] < 1e-6
+    assert all(d["mismatches"] == 0 for d in exact["per_device"].values())
+    rows = summary["requests"]
+    assert all(r["path"] in ("local", "remote") and r["agent_ms"] > 0 and r["rtt_ms"] >= r["agent_ms"] for r in rows)
+    assert summary["latency_ms"]["end_to_end"]["all"]["n"] == 30
+    assert summary["bytes"]["raw_input"] == 16 * 16 and summary["bytes"]["between_agents_per_inference"]["all"] > 0
+    assert sum(map(sum, summary["routing"]["matrix"].values())) == sum(len(r["answered"]) for r in rows)
+    assert all(a["exit_status"] == 0 and a["inferences"] > 0 for a in summary["agents"].values())
+    kinds = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
+    assert kinds[0] == "start" and kinds[-1] == "stop" and "online" in kinds
+    assert kinds.count("request") == kinds.count("answer") == 30
+    assert sorted(p.name for p in (out / "events").iterdir()) == [f"device-{i}.jsonl" for i in range(3)]
+    page = (out / "report.html").read_text()
+    sources = re.findall(r"(?:src|href)=['\"]([^'\"]*)", page)
+    assert len(sources) == 5 and all(s.startswith("data:image/png;base64,") for s in sources)  # self-contained
+    assert_nothing_left(summary)
+
+
+def test_killed_device_is_not_served_and_the_others_reroute(onnx_tflite_bundles: Path, tmp_path: Path) -> None:
+    status, summary = trial(onnx_tflite_bundles, tmp_path / "kill", "--samples", "10", "--rate", "10",
+                            "--kill-device", "device-1", "--kill-after", "0.45", "--deadline-ms", "300")
+    assert status == 0
+    kill, = summary["timing"]["kills"]
+    assert kill["device"] == "device-1" and kill["offline_after_ms"] is not None
+    rows = summary["requests"]
+    assert summary["counts"]["failed"] == 0 and summary["failures"] == []
+    assert {r["device"] for r in rows if r["status"] == "not_served"} == {"device-1"}
+    assert summary["counts"]["not_served"] >= 4
+    assert all(r["status"] == "answered" for r in rows if r["device"] != "device-1")
+    offline_at = kill["at_s"] + kill["offline_after_ms"] / 1000
+    later = [r for r in rows if r["device"] != "device-1" and r["sent_s"] > offline_at + 0.05]
+    assert later and all(1 not in r["answered"] for r in later)  # nobody asks the dead expert
+    assert summary["exactness"]["mismatches_intact"] == 0
+    assert summary["agents"]["device-1"]["exit_status"] == -signal.SIGKILL
+    assert_nothing_left(summary)
+
+
+def test_auth_trial_runs_with_per_device_accounts(onnx_tflite_bundles: Path, tmp_path: Path) -> None:
+    out = tmp_path / "auth"
+    status, summary = trial(onnx_tflite_bundles, out, "--auth", "--samples", "4", "--rate", "50",
+                            "--runtime", "tflite", "--precision", "int8", "--latent-encoding", "int8")
+    assert status == 0 and summary["counts"]["answered"] == 12 and summary["fleet"]["auth"]
+    assert "acl_file" in (out / "fleet" / "mosquitto.conf").read_text()
+    log = (out / "logs" / "device-0.log").read_text()
+    assert "connect device=device-0" in log and "refused" not in log
+    assert_nothing_left(summary)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bundles", "/nonexistent/bundles"], "no device-*/ bundle folders"),
+    (["--kill-device", "device-7", "--kill-after", "1"], "--kill-device device-7: no such device"),
+    (["--kill-device", "device-1"], "--kill-device and --kill-after go together"),
+    (["--kill-device", "device-1", "--kill-after", "60"], "must be within the feeding"),
+    (["--broker", "http://example.com"], "bad broker URL"),
+])
+def test_bad_input_is_one_clear_error(onnx_tflite_bundles: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      args: list[str], message: str) -> None:
+    argv = ["trial", "--bundles", str(onnx_tflite_bundles), "--out", str(tmp_path / "t"), "--quiet", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nmoe: error:") and message in err[0]
+
+
+def test_sigint_stops_everything_and_keeps_partial_results(onnx_tflite_bundles: Path, tmp_path: Path) -> None:
+    out = tmp_path / "interrupted"
+    trial_process = subprocess.Popen(
+        [sys.executable, "-m", "toolkit.cli", "trial", "--bundles", str(onnx_tflite_bundles), "--out", str(out),
+         "--samples", "100", "--rate", "5", "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        events = out / "events.jsonl"
+        deadline = time.monotonic() + 30
+        while '"answer"' not in (events.read_text() if events.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        trial_process.send_signal(signal.SIGINT)
+        stdout, stderr = trial_process.communicate(timeout=30)
+    finally:
+        if trial_process.poll() is None:
+            trial_process.kill()
+    assert trial_process.returncode == 130, stderr
+    summary = json.loads((out / "trial.json").read_text())
+    assert summary["timing"]["interrupted"] and 0 < summary["counts"]["answered"] < 300
+    assert summary["counts"]["not_sent"] > 0 and "report:" in stdout and "interrupted" in stderr
+    assert all(a["exit_status"] == 0 for a in summary["agents"].values())  # SIGTERM: a clean stop
+    assert_nothing_left(summary)
+    assert os.path.exists(out / "report.html")

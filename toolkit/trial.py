@@ -1,0 +1,412 @@
+"""`nmoe trial`: a local field trial of a fleet's bundles over a real MQTT broker.
+
+The trial starts mosquitto (unless given a broker), one `nmoe agent` process per bundle, waits
+until every agent is online, then feeds each device its own personalized test images at a fixed
+rate from the driver's MQTT connection and records every answer. Afterwards it computes the same
+samples in-process with `LocalNMoE` and writes trial.json, events.jsonl and report.html
+(`toolkit.trial_report`). Whatever happens, no agent or broker outlives `run_trial`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from broker.accounts import Device
+from broker.layout import FleetLayout
+from broker.process import BrokerOptions, start_broker
+from device_agent.bundle import Bundle, BundleError, load_bundle
+from device_agent.device_models import model_version
+from device_agent.events import EventLog
+from device_agent.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
+from device_agent.nmoe_local import LocalNMoE, Prediction
+from device_agent.protocol import Topics
+from toolkit.artifacts import ArtifactError, load_nmoe
+from toolkit.federated_data import prepare, raw_images
+from toolkit.progress import progress_bar
+from toolkit.trial_agents import AgentLaunch, AgentProcesses
+from toolkit.trial_driver import INTERRUPTED, NOT_SERVED, OPERATOR, TrialDriver, TrialError
+from toolkit.trial_report import TrialRecord, summarize, write_outputs
+
+ONLINE_TIMEOUT_S = 120.0  # ten agents importing onnxruntime on two cores take ~10 s
+CONNECT_TIMEOUT_S = 10.0
+START_WITHIN = 2  # an agent must start a request within START_WITHIN x --deadline-ms ...
+WAIT_SLACK_S = 0.5  # ... and the driver waits that, plus --deadline-ms for the peers, plus this
+TRIAL_OUTPUTS = ("trial.json", "events.jsonl", "report.html", "events", "logs", "fleet")
+Credential = tuple[str, Path]  # (username, password file)
+
+
+@dataclass(frozen=True)
+class TrialOptions:
+    """Everything `nmoe trial` can be told."""
+
+    bundles: Path
+    out: Path
+    broker: str | None = None  # None: start mosquitto in OUT/fleet
+    fleet_dir: Path | None = None  # --broker with --auth: where `nmoe broker` keeps the credentials
+    samples: int = 50
+    rate: float = 10.0  # requests per second per device
+    auth: bool = False
+    kill_device: str | None = None
+    kill_after: float | None = None
+    latent_encoding: str = "fp32"
+    precision: str | None = None  # None: fp32 when the bundles have it, else int8
+    runtime: str = "onnx"
+    deadline_ms: int = 1000
+    show_progress: bool = True
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """The verified bundles of a trial, by device id in expert order, and where they came from."""
+
+    bundles: dict[str, Bundle]
+    precision: str
+    run_dir: Path
+    method: str
+
+    @property
+    def experts(self) -> dict[str, int]:
+        return {d: b.manifest.expert_id for d, b in self.bundles.items()}
+
+
+@dataclass(frozen=True)
+class Samples:
+    """One device's test images (raw uint8 [N, C, H, W]) and labels."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class Step:
+    """At `at_s` seconds into the feeding: send `device` its sample `index`, or kill it (index None)."""
+
+    at_s: float
+    device: str
+    index: int | None
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """Where the outputs are, the summary, and whether the trial was interrupted."""
+
+    out: Path
+    summary: dict[str, Any]
+    interrupted: bool
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report.html"
+
+
+# setup -------------------------------------------------------------------------------------------
+
+
+def load_fleet(options: TrialOptions) -> Fleet:
+    """Verify every bundle of `options.bundles` (one fleet, one run, every expert present)."""
+    folders = sorted(p for p in options.bundles.glob("device-*") if p.is_dir()) if options.bundles.is_dir() else []
+    if not folders:
+        raise TrialError(f"{options.bundles}: no device-*/ bundle folders here (write them with "
+                         "`nmoe export RUN_DIR --out DIR`)")
+    loaded = sorted((load_bundle(p) for p in folders), key=lambda b: b.manifest.expert_id)
+    bundles = {b.manifest.device_id: b for b in loaded}
+    origins = {(b.manifest.provenance.get("run_dir"), b.manifest.provenance.get("method"), model_version(b))
+               for b in loaded}
+    if len(origins) != 1 or len(bundles) != len(loaded):
+        raise TrialError(f"{options.bundles}: the bundles come from different runs, methods or models, or "
+                         "repeat a device id; export them together")
+    run_dir, method, _ = origins.pop()
+    missing = sorted(set(range(loaded[0].manifest.num_experts)) - {b.manifest.expert_id for b in loaded})
+    if missing:
+        raise TrialError(f"{options.bundles}: no bundle holds expert(s) {missing}; a trial needs the whole fleet")
+    if options.kill_device is not None and options.kill_device not in bundles:
+        raise TrialError(f"--kill-device {options.kill_device}: no such device in {options.bundles} "
+                         f"(devices: {', '.join(bundles)})")
+    return Fleet(bundles, _precision(loaded, options), Path(run_dir), method)
+
+
+def _precision(bundles: list[Bundle], options: TrialOptions) -> str:
+    """The requested precision, or fp32 when every bundle has it in the runtime's format, else int8."""
+    if options.precision is not None:
+        return options.precision
+    try:
+        for b in bundles:
+            b.model("extractor", "fp32", options.runtime)
+    except BundleError:
+        return "int8"
+    return "fp32"
+
+
+def load_samples(fleet: Fleet, n: int) -> dict[str, Samples]:
+    """The first n of each device's personalized test split (client = expert id), as raw pixels."""
+    try:
+        config = load_nmoe(fleet.run_dir, fleet.method).config
+    except ArtifactError as e:
+        raise TrialError(f"{e} (the bundles' manifests name it as provenance.run_dir; the trial reads the "
+                         "test samples with its config)") from None
+    data = prepare(config.data)
+    samples = {}
+    for device, bundle in fleet.bundles.items():
+        test = data.personal_test[bundle.manifest.expert_id]
+        samples[device] = Samples(raw_images(test.x[:n], bundle.manifest.input), test.y[:n].numpy())
+    return samples
+
+
+def feeding_plan(options: TrialOptions, samples: dict[str, Samples]) -> list[Step]:
+    """Each device's samples at `rate` per second (devices staggered within a period), plus the kill."""
+    period, devices = 1 / options.rate, list(samples)
+    steps = [Step(i * period + k * period / len(devices), d, i)
+             for k, d in enumerate(devices) for i in range(len(samples[d].labels))]
+    if options.kill_device is not None:
+        duration = max(s.at_s for s in steps)
+        if not 0 <= (options.kill_after or 0) < duration:
+            raise TrialError(f"--kill-after {options.kill_after:g} must be within the feeding, which lasts "
+                             f"{duration:.2f} s ({options.samples} samples at {options.rate:g}/s)")
+        steps.append(Step(options.kill_after or 0.0, options.kill_device, None))
+    return sorted(steps, key=lambda s: (s.at_s, s.index is not None))
+
+
+def in_process(fleet: Fleet, samples: dict[str, Samples], runtime: str) -> dict[str, Prediction]:
+    """The same samples through `LocalNMoE` (every expert in this process): the exact reference."""
+    local = LocalNMoE({b.manifest.expert_id: b for b in fleet.bundles.values()}, fleet.precision, runtime)
+    return {d: local.predict(b.manifest.expert_id, samples[d].images) for d, b in fleet.bundles.items()}
+
+
+def prepare_out(out: Path) -> None:
+    """Create OUT, removing the outputs of an earlier trial there."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TRIAL_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    (out / "events").mkdir()
+
+
+# the broker and the agents ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BrokerAccess:
+    """How the trial reaches its broker."""
+
+    url: str
+    credential: Callable[[str], Credential | None]  # account -> its login (None without --auth)
+    pid: int | None = None  # the mosquitto the trial started
+
+
+@contextmanager
+def fleet_broker(options: TrialOptions, fleet: Fleet, out: Path) -> Iterator[BrokerAccess]:
+    """A mosquitto started in OUT/fleet (stopped on exit), or the given --broker with the passwords
+    `nmoe broker --auth` keeps in its fleet dir."""
+    if options.broker is not None:
+        layout = FleetLayout.of(options.fleet_dir or Path("fleet"))
+        yield BrokerAccess(options.broker, lambda account: _stored_credential(layout, account) if options.auth else None)
+        return
+    accounts = tuple(Device(d, e) for d, e in fleet.experts.items())
+    with start_broker(BrokerOptions(out / "fleet", port=0, auth=options.auth, accounts=accounts)) as running:
+        def credential(account: str) -> Credential | None:
+            found = running.credentials.get(account)
+            return None if found is None or found.password_file is None else (account, found.password_file)
+
+        yield BrokerAccess(running.url, credential, running.process.pid)
+
+
+def _stored_credential(layout: FleetLayout, account: str) -> Credential:
+    path = layout.password(account)
+    if not path.is_file():
+        raise TrialError(f"{path} does not exist: with --broker and --auth, --fleet-dir must be the fleet dir of "
+                         "`nmoe broker --auth --bundles BUNDLES` (default ./fleet)")
+    return account, path
+
+
+def agent_launches(options: TrialOptions, fleet: Fleet, broker: BrokerAccess, out: Path) -> list[AgentLaunch]:
+    """One `nmoe agent` per bundle, its events in OUT/events/<device>.jsonl, its log in OUT/logs/."""
+    launches = []
+    for device, bundle in fleet.bundles.items():
+        args = ["--bundle", str(bundle.path), "--broker", broker.url, "--runtime", options.runtime,
+                "--precision", fleet.precision, "--latent-encoding", options.latent_encoding,
+                "--deadline-ms", str(options.deadline_ms), "--events", str(out / "events" / f"{device}.jsonl")]
+        login = broker.credential(device)
+        if login is not None:
+            args += ["--username", login[0], "--password-file", str(login[1])]
+        launches.append(AgentLaunch(device, tuple(args), out / "logs" / f"{device}.log"))
+    return launches
+
+
+@contextmanager
+def connected(driver: TrialDriver, url: str, login: Credential | None) -> Iterator[TrialDriver]:
+    """The driver connected to the broker (as `operator` with --auth); disconnected on exit."""
+    username, password = (None, None) if login is None else (login[0], login[1].read_text().strip())
+    driver.connect(MqttTransport(MqttSettings(BrokerUrl.parse(url), f"default-{OPERATOR}-trial", username, password)),
+                   CONNECT_TIMEOUT_S)
+    try:
+        yield driver
+    finally:
+        driver.close()
+
+
+def _check_alive(agents: AgentProcesses) -> None:
+    """TrialError naming an agent that exited, with the last line of its log."""
+    exited = agents.exited()
+    if exited:
+        device, status = next(iter(exited.items()))
+        raise TrialError(f"the agent of {device} exited with status {status} before the trial started: "
+                         f"{_last_line(agents.logs[device])}")
+
+
+def _last_line(path: Path) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return lines[-1] if lines else f"(no output; see {path})"
+
+
+# feeding -----------------------------------------------------------------------------------------
+
+
+class Feeder:
+    """Runs the feeding plan on the driver: sends on time, kills on time, expires late requests."""
+
+    def __init__(self, driver: TrialDriver, agents: AgentProcesses, fleet: Fleet, samples: dict[str, Samples],
+                 options: TrialOptions, bar: Any) -> None:
+        self.driver, self.agents, self.fleet, self.samples = driver, agents, fleet, samples
+        self.options, self.bar = options, bar
+        self.killed: dict[str, float] = {}  # device -> seconds into the feeding
+
+    def run(self, plan: list[Step]) -> float:
+        """Feed every step, then wait for the last answers; the feeding's duration in seconds."""
+        self.driver.start_clock()
+        for step in plan:
+            self._wait(step.at_s)
+            self._do(step)
+        self._wait(None)
+        return round(self.driver.elapsed(), 3)
+
+    def _do(self, step: Step) -> None:
+        if step.index is None:
+            self._kill(step.device)
+            return
+        s = self.samples[step.device]
+        label = int(s.labels[step.index])
+        if step.device in self.killed:
+            self.driver.skip(step.device, label, step.index, round(self.driver.elapsed(), 6))
+            return
+        ms = self.options.deadline_ms
+        self.driver.send(step.device, self.fleet.experts[step.device], s.images[step.index], label, step.index,
+                         START_WITHIN * ms, (START_WITHIN + 1) * ms / 1000 + WAIT_SLACK_S)
+
+    def _kill(self, device: str) -> None:
+        pid, self.killed[device] = self.agents.pid(device), round(self.driver.elapsed(), 6)
+        self.agents.kill(device)
+        self.driver.events.emit("kill", device=device, pid=pid, at_s=self.killed[device])
+        self.driver.abandon(NOT_SERVED, device)
+
+    def _wait(self, at_s: float | None) -> None:
+        """Until `at_s` seconds into the feeding (None: until every request is settled), expiring late
+        requests and moving the progress bar."""
+        while True:
+            self.driver.expire()
+            self.bar.update(self.driver.done() - self.bar.n)
+            if (self.driver.pending() == 0) if at_s is None else (self.driver.elapsed() >= at_s):
+                return
+            time.sleep(0.002)
+
+
+# the whole trial ---------------------------------------------------------------------------------
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While the trial runs in the main thread, SIGTERM interrupts it like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_trial(options: TrialOptions) -> TrialResult:
+    """Run the trial and write its outputs (also, partially, after Ctrl-C or SIGTERM)."""
+    if options.broker is not None:
+        BrokerUrl.parse(options.broker)  # BrokerUrlError before anything starts
+    fleet = load_fleet(options)
+    samples = load_samples(fleet, options.samples)
+    plan = feeding_plan(options, samples)
+    expected = in_process(fleet, samples, options.runtime)
+    prepare_out(options.out)
+    events = EventLog(options.out / "events.jsonl")
+    events.emit("start", options=options_dict(options), devices=fleet.experts, precision=fleet.precision)
+    driver = TrialDriver(Topics(), model_version(next(iter(fleet.bundles.values()))), events)
+    facts: dict[str, Any] = {"planned": sum(s.index is not None for s in plan), "interrupted": False}
+    try:
+        with sigterm_interrupts():
+            _run(options, fleet, samples, plan, driver, facts)
+    except KeyboardInterrupt:
+        facts["interrupted"] = True
+    finally:
+        events.emit("stop", interrupted=facts["interrupted"])
+        events.close()
+    first = next(iter(fleet.bundles.values())).manifest
+    record = TrialRecord(
+        options_dict(options), fleet.experts, first.num_experts, int(np.prod(first.input.shape)),
+        {d: s.labels for d, s in samples.items()}, expected, driver.requests, driver.presence_changes(),
+        {**facts, "precision": fleet.precision, "run_dir": str(fleet.run_dir), "method": fleet.method,
+         "model_version": driver.model_version, "driver": driver.counters.snapshot()},
+        options.out / "events")
+    summary = summarize(record)
+    write_outputs(summary, options.out)
+    return TrialResult(options.out, summary, facts["interrupted"])
+
+
+def _run(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan: list[Step], driver: TrialDriver,
+         facts: dict[str, Any]) -> None:
+    """Broker, driver connection, agents, feeding; all stopped on the way out, in reverse order."""
+    with ExitStack() as stack:
+        broker = stack.enter_context(fleet_broker(options, fleet, options.out))
+        facts["broker"], facts["broker_pid"] = broker.url, broker.pid
+        stack.enter_context(connected(driver, broker.url, broker.credential(OPERATOR)))
+        agents = stack.enter_context(AgentProcesses())
+        since = time.time()
+        for launch in agent_launches(options, fleet, broker, options.out):
+            agents.start(launch)
+        facts["pids"] = {d: agents.pid(d) for d in fleet.bundles}
+        try:
+            driver.wait_online(set(fleet.bundles), since, ONLINE_TIMEOUT_S, lambda: _check_alive(agents))
+            facts["online_s"] = round(time.time() - since, 3)
+            driver.events.emit("online", devices=sorted(fleet.bundles), after_s=facts["online_s"])
+            _feed(options, fleet, samples, plan, driver, agents, facts)
+        finally:
+            facts["exit_status"] = agents.stop()
+
+
+def _feed(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan: list[Step], driver: TrialDriver,
+          agents: AgentProcesses, facts: dict[str, Any]) -> None:
+    with progress_bar(facts["planned"], "trial", "req", options.show_progress) as bar:
+        feeder = Feeder(driver, agents, fleet, samples, options, bar)
+        try:
+            facts["feeding_s"] = feeder.run(plan)
+        finally:
+            facts["killed"] = feeder.killed
+            driver.abandon(INTERRUPTED)
+
+
+def options_dict(options: TrialOptions) -> dict[str, Any]:
+    """The options as JSON values."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}

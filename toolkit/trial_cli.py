@@ -1,0 +1,131 @@
+"""`nmoe trial`: the command line of `toolkit.trial` (imports nothing heavy until it runs)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+HELP = """\
+Run a local field trial of a fleet's bundles over a real MQTT broker, and report how it went.
+
+  1. starts mosquitto in OUT/fleet on a free port (or uses --broker); with --auth every device
+     gets its own account and the trial driver connects as `operator` (docs/broker.md);
+  2. starts one `nmoe agent` process per bundle BUNDLES/device-*/ and waits until every agent's
+     presence is online;
+  3. feeds each device its OWN personalized test images (the first N of its split in the run dir
+     the bundles were exported from) as inference requests on infer/{device}/req, one image per
+     request, --rate requests per second per device, all devices at once; an agent must start a
+     request within 2 x --deadline-ms, and the driver waits --deadline-ms more for the answer,
+     plus 0.5 s, before it counts the request as failed;
+  4. with --kill-device, SIGKILLs that agent --kill-after seconds into the feeding: the broker
+     publishes its last will (offline), the other agents re-route to live experts, and the killed
+     device's remaining samples are reported as not served (not as failures of the fleet);
+  5. stops the agents (SIGTERM, then SIGKILL after 5 s) and the broker, computes the same samples
+     in-process with LocalNMoE, and writes OUT/trial.json (every number), OUT/events.jsonl (the
+     driver's events), OUT/events/<device>.jsonl (each agent's), OUT/logs/ and OUT/report.html.
+
+The report gives accuracy per device and overall (over MQTT vs in-process), latency median/p95/p99
+by path (local: only the device's own expert answered; remote: at least one peer expert did), from
+the driver's round trips and the agents' own timings, bytes on the wire between agents per
+inference vs the raw input, the routing matrix, re-routes and failures, and the exactness check:
+with fp32 latents every prediction must equal LocalNMoE's (mismatches are counted per device).
+
+Ctrl-C or SIGTERM stops everything cleanly and still writes the partial results.
+Exit status: 0 done; 1 a request to a live device failed, or an exactness mismatch with fp32
+latents; 2 unusable options or bundles (one `nmoe: error:` line); 130 interrupted.
+"""
+
+EPILOG = """\
+examples:
+  nmoe trial --bundles runs/quick-bundles                                   # 50 samples per device at 10/s
+  nmoe trial --bundles runs/quick-bundles --samples 200 --rate 20 --out runs/t1
+  nmoe trial --bundles runs/quick-bundles --kill-device device-3 --kill-after 2
+  nmoe trial --bundles runs/quick-bundles --auth --latent-encoding int8
+  nmoe trial --bundles runs/quick-bundles --runtime tflite --precision int8 --deadline-ms 500
+  nmoe broker --auth --bundles runs/quick-bundles &                         # your own broker:
+  nmoe trial --bundles runs/quick-bundles --broker mqtt://127.0.0.1:1883 --auth --fleet-dir fleet
+"""
+
+
+def _positive(kind: type[int | float]) -> Callable[[str], int | float]:
+    """argparse type: a number of `kind` > 0."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `nmoe trial`."""
+    p = subparsers.add_parser("trial", help="run the fleet's agents over MQTT on local test data and report",
+                              description=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundles", required=True, type=Path, metavar="DIR", help="bundles written by `nmoe export`")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="where the results go (default: runs/trial-<timestamp>; an earlier trial's outputs there "
+                        "are replaced)")
+    p.add_argument("--broker", metavar="URL", help="use this broker (mqtt://HOST:PORT) instead of starting one")
+    p.add_argument("--fleet-dir", type=Path, metavar="DIR",
+                   help="with --broker and --auth: the broker's fleet dir holding credentials/ (default: ./fleet)")
+    p.add_argument("--auth", action="store_true", help="per-device accounts and an ACL; the driver is `operator`")
+    p.add_argument("--samples", type=_positive(int), default=50, metavar="N",
+                   help="test images per device (default: 50; fewer if its split is smaller)")
+    p.add_argument("--rate", type=_positive(float), default=10.0, metavar="R",
+                   help="requests per second per device (default: 10)")
+    p.add_argument("--kill-device", metavar="ID", help="SIGKILL this device's agent during the feeding")
+    p.add_argument("--kill-after", type=float, metavar="S", help="seconds into the feeding to kill it")
+    p.add_argument("--latent-encoding", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="how agents send latents to peers (default: fp32, exact)")
+    p.add_argument("--precision", choices=("fp32", "int8"),
+                   help="models to run (default: fp32 if the bundles have it, else int8)")
+    p.add_argument("--runtime", choices=("onnx", "tflite", "executorch"), default="onnx",
+                   help="model format the agents run (default: onnx)")
+    p.add_argument("--deadline-ms", type=_positive(int), default=1000, metavar="MS",
+                   help="how long an agent waits for peer experts (default: 1000)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_trial)
+
+
+def _trial(args: argparse.Namespace) -> int:
+    if (args.kill_device is None) != (args.kill_after is None):
+        print("nmoe: error: --kill-device and --kill-after go together", file=sys.stderr)
+        return 2
+    from broker.errors import BrokerError
+    from device_agent.bundle import BundleError
+    from device_agent.mqtt_transport import BrokerUrlError
+    from device_agent.runtime import UnsupportedFormat
+    from toolkit.trial import TrialOptions, run_trial
+    from toolkit.trial_driver import TrialError
+    from toolkit.trial_report import summary_text
+
+    out = args.out or Path("runs") / f"trial-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    options = TrialOptions(args.bundles, out, args.broker, args.fleet_dir, args.samples, args.rate, args.auth,
+                           args.kill_device, args.kill_after, args.latent_encoding, args.precision, args.runtime,
+                           args.deadline_ms, not args.quiet)
+    try:
+        result = run_trial(options)
+    except (TrialError, BundleError, BrokerError, BrokerUrlError, UnsupportedFormat) as e:
+        print(f"nmoe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # before anything was started
+        print("\nnmoe trial: interrupted before the feeding began; nothing was written", file=sys.stderr)
+        return 130
+    print(summary_text(result.summary))
+    print(f"\nreport: {result.report}")
+    if result.interrupted:
+        print("nmoe trial: interrupted; partial results written", file=sys.stderr)
+        return 130
+    return 0 if _healthy(result.summary) else 1
+
+
+def _healthy(summary: dict) -> bool:
+    """No request to a live device failed, and fp32 latents gave LocalNMoE's predictions."""
+    exact = summary["exactness"]["exact"] or summary["fleet"]["latent_encoding"] != "fp32"
+    return summary["counts"]["failed"] == 0 and exact

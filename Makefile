@@ -24,6 +24,7 @@ test: lint arm64-env
 demo: $(STAMP)
 	$(NMOE) train configs/quick.toml --out $(RUN)
 	$(NMOE) export $(RUN) --out $(BUNDLES) --formats onnx,tflite --precision int8
+	$(NMOE) trial --bundles $(BUNDLES) --samples 50 --out runs/quick-trial
 
 bench-accuracy: $(STAMP)
 	$(PY) bench/accuracy

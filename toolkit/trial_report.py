@@ -110,7 +110,7 @@ def summarize(record: TrialRecord) -> dict[str, Any]:
         "counts": _counts(record, rows),
         "accuracy": _accuracy(record, rows),
         "exactness": _exactness(record, rows),
-        "latency_ms": _latency(record, rows, inferences),
+        "latency_ms": _latency(rows),
         "bytes": _bytes(record, rows, inferences),
         "routing": _routing(record, rows),
         "reroutes": _reroutes(inferences),
@@ -183,12 +183,11 @@ def _exactness(record: TrialRecord, rows: list[dict[str, Any]]) -> dict[str, Any
             "per_device": {d: of([r for r in rows if r["device"] == d]) for d in record.devices}}
 
 
-def _latency(record: TrialRecord, rows: list[dict[str, Any]],
-             inferences: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def _latency(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per answered request: the driver's round trip, and the agent's time for the inference that served it."""
     answered = [r for r in rows if r["status"] == ANSWERED]
-    agent = [(path_of(e["answered"], record.devices[d]), e["latency_ms"]["total"])
-             for d, evs in inferences.items() for e in evs if e.get("requests")]
-    return {"end_to_end": _by_path([(r["path"], r["rtt_ms"]) for r in answered]), "agent": _by_path(agent)}
+    return {"end_to_end": _by_path([(r["path"], r["rtt_ms"]) for r in answered]),
+            "agent": _by_path([(r["path"], r["agent_ms"]) for r in answered if r["agent_ms"] is not None])}
 
 
 def _by_path(pairs: list[tuple[str, float]]) -> dict[str, Any]:
@@ -433,9 +432,12 @@ def timeline_figure(summary: dict[str, Any]) -> Figure:
         pts = [(r["sent_s"], r["rtt_ms"]) for r in rows if r["status"] == ANSWERED and r["path"] == path]
         if pts:
             ax.scatter(*zip(*pts, strict=True), s=8, color=color, label=f"answered, {path}")
-    failed = [r["sent_s"] for r in rows if r["status"] in (ERROR, TIMEOUT)]
-    if failed:
-        ax.scatter(failed, [1.0] * len(failed), marker="x", color="red", label="failed")
+    edge = ax.get_xaxis_transform()  # y in axes fraction: markers along the top and bottom edges
+    for statuses, y, marker, color, label in (((ERROR, TIMEOUT), 0.95, "x", "red", "failed"),
+                                              ((NOT_SERVED,), 0.05, "|", "gray", "not served (killed)")):
+        at = [r["sent_s"] for r in rows if r["status"] in statuses]
+        if at:
+            ax.scatter(at, [y] * len(at), marker=marker, color=color, transform=edge, label=label)
     for k in summary["timing"]["kills"]:
         ax.axvline(k["at_s"], color="black", linestyle="--", label=f"kill {k['device']}")
     _log_scale(ax, "y")

@@ -196,7 +196,7 @@ class Agent:
                         "peers": _ms(routed, waited),
                         "total": _ms(start, time.perf_counter())},
             remote_ms=remote_ms, bytes_sent=bytes_sent, bytes_received=bytes_received)
-        self._record(result, requests)
+        self._record(result, _answered_per_request(requests, have))
         return result
 
     def _route(self, z: np.ndarray) -> Route:
@@ -292,7 +292,7 @@ class Agent:
             self._run_own(z, orphans, outputs, have)
         return len(orphans)
 
-    def _record(self, r: InferenceResult, requests: Sequence[ExpertRequest]) -> None:
+    def _record(self, r: InferenceResult, requests: dict[str, list[int]]) -> None:
         self.counters.add("inferences")
         self.counters.add("inputs", len(r.labels))
         self.counters.add("inputs_rerouted", sum(r.rerouted.values()))
@@ -304,7 +304,7 @@ class Agent:
                          rerouted={str(e): n for e, n in r.rerouted.items()}, fallback_rows=r.fallback_rows,
                          latency_ms=r.latency_ms, remote_ms={str(e): ms for e, ms in r.remote_ms.items()},
                          bytes_sent=r.bytes_sent, bytes_received=r.bytes_received,
-                         requests=_answered_per_request(r, requests))
+                         requests=requests)
 
     # transport callbacks (the transport's thread) -----------------------------------------------
 
@@ -355,10 +355,11 @@ def _pixels(x: np.ndarray) -> np.ndarray:
     return x.astype(np.uint8)
 
 
-def _answered_per_request(r: InferenceResult, requests: Sequence[ExpertRequest]) -> dict[str, list[int]]:
-    """Correlation id (hex) of each wire request -> the experts combined (weight > 0) for its rows."""
+def _answered_per_request(requests: Sequence[ExpertRequest], have: dict[int, np.ndarray]) -> dict[str, list[int]]:
+    """Correlation id (hex) of each wire request -> the experts that answered for its rows (a peer
+    whose gate weight underflowed to 0 still counts: it was asked and answered)."""
     bounds = np.cumsum([0, *(len(q.latent) for q in requests)])
-    return {q.correlation_id.hex(): sorted({int(e) for e in r.experts[a:b][r.weights[a:b] > 0]})
+    return {q.correlation_id.hex(): sorted(e for e, rows in have.items() if rows[a:b].any())
             for q, a, b in zip(requests, bounds[:-1], bounds[1:], strict=True)}
 
 

@@ -51,7 +51,8 @@ errors, and the counters at exit.
 """
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (shared by the `nmoe` subcommands)."""
     try:
         value = int(text)
     except ValueError:
@@ -79,11 +80,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="models to run (default: fp32)")
     p.add_argument("--latent-encoding", choices=("fp32", "fp16", "int8"), default="fp32",
                    help="how latents travel to peers that accept it (default: fp32, exact)")
-    p.add_argument("--deadline-ms", type=_positive_int, default=1000, metavar="MS",
+    p.add_argument("--deadline-ms", type=positive_int, default=1000, metavar="MS",
                    help="how long an inference waits for peer experts (default: 1000)")
-    p.add_argument("--max-batch", type=_positive_int, default=32, metavar="N",
+    p.add_argument("--max-batch", type=positive_int, default=32, metavar="N",
                    help="largest batch per request and per model call (default: 32)")
-    p.add_argument("--queue", type=_positive_int, default=64, metavar="N",
+    p.add_argument("--queue", type=positive_int, default=64, metavar="N",
                    help="requests waiting to be served; beyond it peers get BUSY (default: 64)")
     p.add_argument("--no-microbatch", action="store_true",
                    help="one model call per request instead of batching queued requests")

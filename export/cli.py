@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from device_agent.cli import positive_int
+
 FORMATS = {"onnx": "export.onnx_export", "executorch": "export.executorch_export",
            "tflite": "export.tflite_export"}  # format name -> module exposing FORMAT (a ModelFormat)
 PRECISIONS = ("fp32", "int8")
@@ -74,16 +76,6 @@ def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
     return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `nmoe export`."""
     p = subparsers.add_parser("export", help="export a trained NMoE to per-device bundles (+ parity report)",
@@ -99,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"tflite (LiteRT) (default: {','.join(FORMATS)})")
     p.add_argument("--precision", type=_names(PRECISIONS), default=list(PRECISIONS), metavar="LIST",
                    help="comma-separated precisions: fp32, int8 (default: fp32,int8)")
-    p.add_argument("--calibration-samples", type=_positive_int, default=256, metavar="N",
+    p.add_argument("--calibration-samples", type=positive_int, default=256, metavar="N",
                    help="int8 calibration images per client, drawn from its own training split (default: 256)")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
                    help="fail (exit 1) when a device's NMoE accuracy with a bundle variant is more than this many "

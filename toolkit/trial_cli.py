@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-from collections.abc import Callable
 from pathlib import Path
+
+from device_agent.cli import positive_int
 
 HELP = """\
 Run a local field trial of a fleet's bundles over a real MQTT broker, and report how it went.
@@ -50,17 +51,15 @@ examples:
 """
 
 
-def _positive(kind: type[int | float]) -> Callable[[str], int | float]:
-    """argparse type: a number of `kind` > 0."""
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
+def _positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,9 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fleet-dir", type=Path, metavar="DIR",
                    help="with --broker and --auth: the broker's fleet dir holding credentials/ (default: ./fleet)")
     p.add_argument("--auth", action="store_true", help="per-device accounts and an ACL; the driver is `operator`")
-    p.add_argument("--samples", type=_positive(int), default=50, metavar="N",
+    p.add_argument("--samples", type=positive_int, default=50, metavar="N",
                    help="test images per device (default: 50; fewer if its split is smaller)")
-    p.add_argument("--rate", type=_positive(float), default=10.0, metavar="R",
+    p.add_argument("--rate", type=_positive_float, default=10.0, metavar="R",
                    help="requests per second per device (default: 10)")
     p.add_argument("--kill-device", metavar="ID", help="SIGKILL this device's agent during the feeding")
     p.add_argument("--kill-after", type=float, metavar="S", help="seconds into the feeding to kill it")
@@ -87,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="models to run (default: fp32 if the bundles have it, else int8)")
     p.add_argument("--runtime", choices=("onnx", "tflite", "executorch"), default="onnx",
                    help="model format the agents run (default: onnx)")
-    p.add_argument("--deadline-ms", type=_positive(int), default=1000, metavar="MS",
+    p.add_argument("--deadline-ms", type=positive_int, default=1000, metavar="MS",
                    help="how long an agent waits for peer experts (default: 1000)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_trial)

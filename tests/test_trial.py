@@ -110,11 +110,11 @@ def test_sigint_stops_everything_and_keeps_partial_results(onnx_tflite_bundles: 
         text=True)
     try:
         events = out / "events.jsonl"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while '"answer"' not in (events.read_text() if events.exists() else "") and time.monotonic() < deadline:
             time.sleep(0.1)
         trial_process.send_signal(signal.SIGINT)
-        stdout, stderr = trial_process.communicate(timeout=30)
+        stdout, stderr = trial_process.communicate(timeout=90)  # agents' stop, broker stop, report under load
     finally:
         if trial_process.poll() is None:
             trial_process.kill()

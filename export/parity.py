@@ -32,6 +32,7 @@ PARITY_SAMPLES = 256
 LATENCY_WARMUP = 20
 LATENCY_RUNS = 200
 THREADS = 1
+RUNTIME_PACKAGES = ("onnxruntime", "executorch", "ai-edge-litert")
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ def accuracy_failures(nmoe: list[NMoEParity], max_drop: float) -> list[str]:
 def runtime_versions() -> dict[str, str]:
     """Installed versions of the runtimes the parity runs use."""
     versions = {}
-    for package in ("onnxruntime", "executorch", "ai-edge-litert"):
+    for package in RUNTIME_PACKAGES:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     return versions
@@ -251,7 +252,7 @@ def write_report(report: ParityReport, out: Path) -> None:
     (out / "report.md").write_text(
         f"# Export parity: {report.method}\n\nRun dir: `{report.run_dir}`. Machine: {report.machine['processor']}, "
         f"{report.machine['cpus']} CPUs, "
-        f"{', '.join(f'{k} {v}' for k, v in runtime_versions().items())}.\n\n"
+        f"{', '.join(f'{k} {report.machine[k]}' for k in RUNTIME_PACKAGES if k in report.machine)}.\n\n"
         f"## NMoE accuracy per device (personalized test, every expert in-process)\n\n{nmoe_table(report)}\n\n"
         f"Latency: one image through preprocess, extractor, gate, top-k experts and combine "
         f"({s['latency_runs']} runs after {s['latency_warmup']} warm-up, {s['intra_op_threads']} thread).\n\n"

@@ -30,6 +30,7 @@ from broker.accounts import (
     password_file_text,
 )
 from broker.acl import render_acl
+from broker.child_process import dies_with_parent
 from broker.errors import BrokerError
 from broker.layout import FleetLayout, write_private
 from broker.tls import ensure_tls
@@ -203,9 +204,9 @@ def start_broker(options: BrokerOptions) -> RunningBroker:
     layout.config.write_text(render_config(options, port))
     log_start = layout.log.stat().st_size if layout.log.exists() else 0
     with layout.log.open("ab") as log:
-        # Its own process group: Ctrl-C reaches only us, and we stop it in order.
-        process = subprocess.Popen([binary, "-c", str(layout.config)], stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, process_group=0)
+        # Its own process group: Ctrl-C reaches only us, and we stop it in order; if we die, so does it.
+        process = subprocess.Popen(dies_with_parent([binary, "-c", str(layout.config)]), stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, process_group=0)
     broker = RunningBroker(options, port, layout.config, process, credentials)
     try:
         _wait_listening(broker, log_start)

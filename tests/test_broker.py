@@ -402,3 +402,27 @@ def test_cli_prints_how_to_connect_and_stops_its_mosquitto(tmp_path: Path, stop:
     assert f"stopped ({stop.name})" in err
     assert not Path(f"/proc/{mosquitto_pid}").exists()
     assert os.listdir(tmp_path / "credentials")
+
+
+def test_a_killed_cli_leaves_no_mosquitto_behind(tmp_path: Path) -> None:
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "toolkit.cli", "broker", "--port", "0", "--fleet-dir", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        first = cli.stdout.readline()
+    finally:
+        cli.kill()  # no handler runs: only the kernel can stop its mosquitto now
+        cli.communicate(timeout=TIMEOUT_S)
+    mosquitto = Path("/proc", first.split("mosquitto pid ")[1].rstrip(")\n"))
+    end = time.monotonic() + TIMEOUT_S
+    while _alive(mosquitto) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not _alive(mosquitto)
+
+
+def _alive(proc: Path) -> bool:
+    """The process exists and is not a zombie (an orphan is reaped by init, not by us)."""
+    try:
+        return (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

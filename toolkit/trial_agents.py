@@ -2,7 +2,8 @@
 
 Each agent runs in its own process group, so a Ctrl-C in the terminal reaches only the trial,
 which then stops the agents in order: SIGTERM (the agent publishes its offline presence and exits),
-SIGKILL for any still running after a timeout. Leaving the context always does that.
+SIGKILL for any still running after a timeout. Leaving the context always does that, and an agent
+whose trial is SIGKILLed gets SIGTERM from the kernel (`broker.child_process`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
+
+from broker.child_process import dies_with_parent
 
 STOP_TIMEOUT_S = 5.0
 
@@ -45,8 +48,8 @@ class AgentProcesses:
         self.logs[launch.device] = launch.log
         with launch.log.open("ab") as log:
             self.processes[launch.device] = subprocess.Popen(
-                agent_command(launch.args), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                process_group=0)
+                dies_with_parent(agent_command(launch.args)), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, process_group=0)
 
     def pid(self, device: str) -> int:
         return self.processes[device].pid

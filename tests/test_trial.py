@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.cli import main
+from toolkit.trial_report import read_events
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +28,7 @@ def gone(pid: int) -> bool:
 
 
 def assert_nothing_left(summary: dict) -> None:
-    assert all(gone(pid) for pid in [*summary["fleet"]["pids"].values(), summary["fleet"]["broker_pid"]])
+    assert all(gone(pid) for pid in [*summary["fleet"]["pids"].values(), *summary["fleet"]["broker_pids"]])
 
 
 def test_trial_over_mqtt_predicts_exactly_like_local_nmoe(onnx_tflite_bundles: Path, tmp_path: Path,
@@ -87,12 +88,38 @@ def test_auth_trial_runs_with_per_device_accounts(onnx_tflite_bundles: Path, tmp
     assert_nothing_left(summary)
 
 
+def test_broker_restart_mid_trial_agents_reconnect_and_the_trial_completes(onnx_tflite_bundles: Path,
+                                                                          tmp_path: Path) -> None:
+    out = tmp_path / "restart"
+    status, summary = trial(onnx_tflite_bundles, out, "--samples", "20", "--rate", "10",
+                            "--restart-broker-after", "1")
+    assert status == 0
+    counts, exact = summary["counts"], summary["exactness"]
+    assert counts["sent"] == counts["answered"] == 60 and counts["failed"] == 0
+    assert exact["compared"] == 60 and exact["mismatches"] == 0
+    restart, = summary["timing"]["broker_restarts"]
+    assert 0 < restart["driver_reconnect_s"] <= restart["outage_s"]
+    first, second = summary["fleet"]["broker_pids"]
+    assert first != second == restart["broker_pid"]
+    restarted_at = next(e["ts"] for e in read_events(out / "events.jsonl") if e["event"] == "broker_restart")
+    for device in summary["fleet"]["devices"]:
+        agent_events = read_events(out / "events" / f"{device}.jsonl")
+        assert any(e["event"] == "reconnect" and e["ts"] > restarted_at for e in agent_events), device
+    later = [r for r in summary["requests"] if r["sent_s"] > restart["at_s"]]
+    assert len(later) == 30 and all(r["status"] == "answered" for r in later)  # samples 10..19 of each device
+    assert min(r["sent_s"] for r in later) > restart["at_s"] + restart["outage_s"] - 0.001  # waited (ms rounding)
+    assert "broker restarted at" in (out / "report.html").read_text()
+    assert_nothing_left(summary)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--bundles", "/nonexistent/bundles"], "no device-*/ bundle folders"),
     (["--kill-device", "device-7", "--kill-after", "1"], "--kill-device device-7: no such device"),
     (["--kill-device", "device-1"], "--kill-device and --kill-after go together"),
     (["--kill-device", "device-1", "--kill-after", "60"], "must be within the feeding"),
     (["--broker", "http://example.com"], "bad broker URL"),
+    (["--broker", "mqtt://127.0.0.1:1", "--restart-broker-after", "1"], "not with --broker"),
+    (["--restart-broker-after", "60"], "--restart-broker-after 60 must be within the feeding"),
 ])
 def test_bad_input_is_one_clear_error(onnx_tflite_bundles: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                       args: list[str], message: str) -> None:

@@ -2,9 +2,10 @@
 
 The trial starts mosquitto (unless given a broker), one `nmoe agent` process per bundle, waits
 until every agent is online, then feeds each device its own personalized test images at a fixed
-rate from the driver's MQTT connection and records every answer. Afterwards it computes the same
-samples in-process with `LocalNMoE` and writes trial.json, events.jsonl and report.html
-(`toolkit.trial_report`). Whatever happens, no agent or broker outlives `run_trial`.
+rate from the driver's MQTT connection and records every answer (optionally killing an agent or
+restarting the broker on the way). Afterwards it computes the same samples in-process with
+`LocalNMoE` and writes trial.json, events.jsonl and report.html (`toolkit.trial_report`).
+Whatever happens, no agent or broker outlives `run_trial`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import numpy as np
 
 from broker.accounts import Device
 from broker.layout import FleetLayout
-from broker.process import BrokerOptions, start_broker
+from broker.process import BrokerOptions, RunningBroker, start_broker
 from device_agent.bundle import Bundle, BundleError, load_bundle
 from device_agent.device_models import model_version
 from device_agent.events import EventLog
@@ -39,6 +41,7 @@ from toolkit.trial_report import TrialRecord, summarize, write_outputs
 
 ONLINE_TIMEOUT_S = 120.0  # ten agents importing onnxruntime on two cores take ~10 s
 CONNECT_TIMEOUT_S = 10.0
+RESTART_TIMEOUT_S = 30.0  # after a broker restart: for the driver to reconnect, then for every live agent
 START_WITHIN = 2  # an agent must start a request within START_WITHIN x --deadline-ms ...
 WAIT_SLACK_S = 0.5  # ... and the driver waits that, plus --deadline-ms for the peers, plus this
 TRIAL_OUTPUTS = ("trial.json", "events.jsonl", "report.html", "events", "logs", "fleet")
@@ -58,6 +61,7 @@ class TrialOptions:
     auth: bool = False
     kill_device: str | None = None
     kill_after: float | None = None
+    restart_broker_after: float | None = None  # seconds into the feeding; only with the trial's own broker
     latent_encoding: str = "fp32"
     precision: str | None = None  # None: fp32 when the bundles have it, else int8
     runtime: str = "onnx"
@@ -87,13 +91,22 @@ class Samples:
     labels: np.ndarray
 
 
+class StepKind(StrEnum):
+    """What a step of the feeding plan does."""
+
+    SEND = "send"  # send `device` its sample `index`
+    KILL = "kill"  # SIGKILL the agent of `device`
+    RESTART_BROKER = "restart_broker"  # stop the trial's mosquitto and start it again
+
+
 @dataclass(frozen=True)
 class Step:
-    """At `at_s` seconds into the feeding: send `device` its sample `index`, or kill it (index None)."""
+    """At `at_s` seconds into the feeding (as planned), one action."""
 
     at_s: float
-    device: str
-    index: int | None
+    kind: StepKind
+    device: str | None = None  # None: a broker restart
+    index: int | None = None  # a send's sample
 
 
 @dataclass(frozen=True)
@@ -163,17 +176,27 @@ def load_samples(fleet: Fleet, n: int) -> dict[str, Samples]:
 
 
 def feeding_plan(options: TrialOptions, samples: dict[str, Samples]) -> list[Step]:
-    """Each device's samples at `rate` per second (devices staggered within a period), plus the kill."""
+    """Each device's samples at `rate` per second (devices staggered within a period), plus the kill and
+    the broker restart (each before the sends planned at the same time)."""
     period, devices = 1 / options.rate, list(samples)
-    steps = [Step(i * period + k * period / len(devices), d, i)
+    steps = [Step(i * period + k * period / len(devices), StepKind.SEND, d, i)
              for k, d in enumerate(devices) for i in range(len(samples[d].labels))]
+    duration = max(s.at_s for s in steps)
     if options.kill_device is not None:
-        duration = max(s.at_s for s in steps)
-        if not 0 <= (options.kill_after or 0) < duration:
-            raise TrialError(f"--kill-after {options.kill_after:g} must be within the feeding, which lasts "
-                             f"{duration:.2f} s ({options.samples} samples at {options.rate:g}/s)")
-        steps.append(Step(options.kill_after or 0.0, options.kill_device, None))
-    return sorted(steps, key=lambda s: (s.at_s, s.index is not None))
+        steps.append(Step(_within("--kill-after", options.kill_after or 0.0, duration, options), StepKind.KILL,
+                          options.kill_device))
+    if options.restart_broker_after is not None:
+        steps.append(Step(_within("--restart-broker-after", options.restart_broker_after, duration, options),
+                          StepKind.RESTART_BROKER))
+    return sorted(steps, key=lambda s: (s.at_s, s.kind == StepKind.SEND))
+
+
+def _within(flag: str, at_s: float, duration: float, options: TrialOptions) -> float:
+    """`at_s`, or TrialError unless it lies within the feeding (0 <= at_s < duration)."""
+    if not 0 <= at_s < duration:
+        raise TrialError(f"{flag} {at_s:g} must be within the feeding, which lasts {duration:.2f} s "
+                         f"({options.samples} samples at {options.rate:g}/s)")
+    return at_s
 
 
 def in_process(fleet: Fleet, samples: dict[str, Samples], runtime: str) -> dict[str, Prediction]:
@@ -204,23 +227,44 @@ class BrokerAccess:
     url: str
     credential: Callable[[str], Credential | None]  # account -> its login (None without --auth)
     pid: int | None = None  # the mosquitto the trial started
+    restart: Callable[[], int] | None = None  # restart the trial's mosquitto; its new pid (None: --broker)
+
+
+class OwnBroker:
+    """The trial's mosquitto, restartable on the same port with the same fleet dir, so its retained
+    messages (persistence) and the credentials are kept; `stop` stops whichever one is running."""
+
+    def __init__(self, options: BrokerOptions) -> None:
+        self.running: RunningBroker = start_broker(options)
+
+    def restart(self) -> int:
+        """Stop it cleanly (SIGTERM: it saves its retained messages), start it again; the new pid."""
+        self.running.stop()
+        self.running = start_broker(replace(self.running.options, port=self.running.port))
+        return self.running.process.pid
+
+    def credential(self, account: str) -> Credential | None:
+        found = self.running.credentials.get(account)
+        return None if found is None or found.password_file is None else (account, found.password_file)
+
+    def stop(self) -> None:
+        self.running.stop()
 
 
 @contextmanager
 def fleet_broker(options: TrialOptions, fleet: Fleet, out: Path) -> Iterator[BrokerAccess]:
-    """A mosquitto started in OUT/fleet (stopped on exit), or the given --broker with the passwords
-    `nmoe broker --auth` keeps in its fleet dir."""
+    """A mosquitto started in OUT/fleet (the running one is stopped on exit), or the given --broker with
+    the passwords `nmoe broker --auth` keeps in its fleet dir."""
     if options.broker is not None:
         layout = FleetLayout.of(options.fleet_dir or Path("fleet"))
         yield BrokerAccess(options.broker, lambda account: _stored_credential(layout, account) if options.auth else None)
         return
     accounts = tuple(Device(d, e) for d, e in fleet.experts.items())
-    with start_broker(BrokerOptions(out / "fleet", port=0, auth=options.auth, accounts=accounts)) as running:
-        def credential(account: str) -> Credential | None:
-            found = running.credentials.get(account)
-            return None if found is None or found.password_file is None else (account, found.password_file)
-
-        yield BrokerAccess(running.url, credential, running.process.pid)
+    broker = OwnBroker(BrokerOptions(out / "fleet", port=0, auth=options.auth, accounts=accounts))
+    try:
+        yield BrokerAccess(broker.running.url, broker.credential, broker.running.process.pid, broker.restart)
+    finally:
+        broker.stop()
 
 
 def _stored_credential(layout: FleetLayout, account: str) -> Credential:
@@ -257,12 +301,12 @@ def connected(driver: TrialDriver, url: str, login: Credential | None) -> Iterat
         driver.close()
 
 
-def _check_alive(agents: AgentProcesses) -> None:
-    """TrialError naming an agent that exited, with the last line of its log."""
-    exited = agents.exited()
+def _check_alive(agents: AgentProcesses, when: str, killed: Collection[str] = ()) -> None:
+    """TrialError naming an agent (not one the trial killed) that exited `when`, with the last line of its log."""
+    exited = {d: status for d, status in agents.exited().items() if d not in killed}
     if exited:
         device, status = next(iter(exited.items()))
-        raise TrialError(f"the agent of {device} exited with status {status} before the trial started: "
+        raise TrialError(f"the agent of {device} exited with status {status} {when}: "
                          f"{_last_line(agents.logs[device])}")
 
 
@@ -275,34 +319,42 @@ def _last_line(path: Path) -> str:
 
 
 class Feeder:
-    """Runs the feeding plan on the driver: sends on time, kills on time, expires late requests."""
+    """Runs the feeding plan on the driver: sends, kills and broker restarts on time, expires late requests."""
 
-    def __init__(self, driver: TrialDriver, agents: AgentProcesses, fleet: Fleet, samples: dict[str, Samples],
-                 options: TrialOptions, bar: Any) -> None:
-        self.driver, self.agents, self.fleet, self.samples = driver, agents, fleet, samples
+    def __init__(self, driver: TrialDriver, agents: AgentProcesses, broker: BrokerAccess, fleet: Fleet,
+                 samples: dict[str, Samples], options: TrialOptions, bar: Any) -> None:
+        self.driver, self.agents, self.broker, self.fleet, self.samples = driver, agents, broker, fleet, samples
         self.options, self.bar = options, bar
         self.killed: dict[str, float] = {}  # device -> seconds into the feeding
+        self.restarts: list[dict[str, Any]] = []  # at_s, then broker_pid, driver_reconnect_s, outage_s
+        self.delay = 0.0  # how far the rest of the plan is shifted by the broker restarts' pauses
 
     def run(self, plan: list[Step]) -> float:
         """Feed every step, then wait for the last answers; the feeding's duration in seconds."""
         self.driver.start_clock()
         for step in plan:
-            self._wait(step.at_s)
+            self._wait(step.at_s + self.delay)
             self._do(step)
         self._wait(None)
         return round(self.driver.elapsed(), 3)
 
     def _do(self, step: Step) -> None:
-        if step.index is None:
-            self._kill(step.device)
-            return
-        s = self.samples[step.device]
-        label = int(s.labels[step.index])
-        if step.device in self.killed:
-            self.driver.skip(step.device, label, step.index, round(self.driver.elapsed(), 6))
+        match step:
+            case Step(kind=StepKind.SEND, device=str(device), index=int(index)):
+                self._send(device, index)
+            case Step(kind=StepKind.KILL, device=str(device)):
+                self._kill(device)
+            case Step(kind=StepKind.RESTART_BROKER):
+                self._restart_broker(step.at_s)
+
+    def _send(self, device: str, index: int) -> None:
+        s = self.samples[device]
+        label = int(s.labels[index])
+        if device in self.killed:
+            self.driver.skip(device, label, index, round(self.driver.elapsed(), 6))
             return
         ms = self.options.deadline_ms
-        self.driver.send(step.device, self.fleet.experts[step.device], s.images[step.index], label, step.index,
+        self.driver.send(device, self.fleet.experts[device], s.images[index], label, index,
                          START_WITHIN * ms, (START_WITHIN + 1) * ms / 1000 + WAIT_SLACK_S)
 
     def _kill(self, device: str) -> None:
@@ -310,6 +362,28 @@ class Feeder:
         self.agents.kill(device)
         self.driver.events.emit("kill", device=device, pid=pid, at_s=self.killed[device])
         self.driver.abandon(NOT_SERVED, device)
+
+    def _restart_broker(self, planned_s: float) -> None:
+        """Pause the feeding until the requests in flight are settled (no QoS 0 message crosses the outage),
+        restart the broker, wait until the driver and every live agent are back, and shift the rest of
+        the plan by the pause."""
+        assert self.broker.restart is not None, "run_trial refuses --restart-broker-after with --broker"
+        self._wait(None)
+        since, stopped = time.time(), time.monotonic()
+        restart: dict[str, Any] = {"at_s": round(self.driver.elapsed(), 6)}
+        self.restarts.append(restart)
+        self.driver.events.emit("broker_restart", at_s=restart["at_s"])
+        restart["broker_pid"] = self.broker.restart()
+        live = set(self.fleet.bundles) - set(self.killed)
+        try:
+            restart["driver_reconnect_s"] = round(self.driver.wait_reconnected(stopped, RESTART_TIMEOUT_S), 3)
+            self.driver.wait_online(live, since, RESTART_TIMEOUT_S,
+                                    lambda: _check_alive(self.agents, "after the broker restart", self.killed))
+        except TrialError as e:
+            raise TrialError(f"the broker restart at {restart['at_s']:.2f} s: {e}") from None
+        restart["outage_s"] = round(time.monotonic() - stopped, 3)
+        self.driver.events.emit("broker_back", **restart)
+        self.delay = self.driver.elapsed() - planned_s
 
     def _wait(self, at_s: float | None) -> None:
         """Until `at_s` seconds into the feeding (None: until every request is settled), expiring late
@@ -346,6 +420,8 @@ def run_trial(options: TrialOptions) -> TrialResult:
     """Run the trial and write its outputs (also, partially, after Ctrl-C or SIGTERM)."""
     if options.broker is not None:
         BrokerUrl.parse(options.broker)  # BrokerUrlError before anything starts
+        if options.restart_broker_after is not None:
+            raise TrialError("--restart-broker-after restarts the trial's own mosquitto: not with --broker")
     fleet = load_fleet(options)
     samples = load_samples(fleet, options.samples)
     plan = feeding_plan(options, samples)
@@ -354,7 +430,7 @@ def run_trial(options: TrialOptions) -> TrialResult:
     events = EventLog(options.out / "events.jsonl")
     events.emit("start", options=options_dict(options), devices=fleet.experts, precision=fleet.precision)
     driver = TrialDriver(Topics(), model_version(next(iter(fleet.bundles.values()))), events)
-    facts: dict[str, Any] = {"planned": sum(s.index is not None for s in plan), "interrupted": False}
+    facts: dict[str, Any] = {"planned": sum(s.kind == StepKind.SEND for s in plan), "interrupted": False}
     try:
         with sigterm_interrupts():
             _run(options, fleet, samples, plan, driver, facts)
@@ -380,7 +456,7 @@ def _run(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan:
     """Broker, driver connection, agents, feeding; all stopped on the way out, in reverse order."""
     with ExitStack() as stack:
         broker = stack.enter_context(fleet_broker(options, fleet, options.out))
-        facts["broker"], facts["broker_pid"] = broker.url, broker.pid
+        facts["broker"], facts["broker_pids"] = broker.url, [] if broker.pid is None else [broker.pid]
         stack.enter_context(connected(driver, broker.url, broker.credential(OPERATOR)))
         agents = stack.enter_context(AgentProcesses())
         since = time.time()
@@ -388,22 +464,24 @@ def _run(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan:
             agents.start(launch)
         facts["pids"] = {d: agents.pid(d) for d in fleet.bundles}
         try:
-            driver.wait_online(set(fleet.bundles), since, ONLINE_TIMEOUT_S, lambda: _check_alive(agents))
+            driver.wait_online(set(fleet.bundles), since, ONLINE_TIMEOUT_S,
+                               lambda: _check_alive(agents, "before the trial started"))
             facts["online_s"] = round(time.time() - since, 3)
             driver.events.emit("online", devices=sorted(fleet.bundles), after_s=facts["online_s"])
-            _feed(options, fleet, samples, plan, driver, agents, facts)
+            _feed(options, fleet, samples, plan, driver, agents, broker, facts)
         finally:
             facts["exit_status"] = agents.stop()
 
 
 def _feed(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan: list[Step], driver: TrialDriver,
-          agents: AgentProcesses, facts: dict[str, Any]) -> None:
+          agents: AgentProcesses, broker: BrokerAccess, facts: dict[str, Any]) -> None:
     with progress_bar(facts["planned"], "trial", "req", options.show_progress) as bar:
-        feeder = Feeder(driver, agents, fleet, samples, options, bar)
+        feeder = Feeder(driver, agents, broker, fleet, samples, options, bar)
         try:
             facts["feeding_s"] = feeder.run(plan)
         finally:
-            facts["killed"] = feeder.killed
+            facts["killed"], facts["broker_restarts"] = feeder.killed, feeder.restarts
+            facts["broker_pids"] += [r["broker_pid"] for r in feeder.restarts if "broker_pid" in r]
             driver.abandon(INTERRUPTED)
 
 

@@ -24,7 +24,12 @@ Run a local field trial of a fleet's bundles over a real MQTT broker, and report
   4. with --kill-device, SIGKILLs that agent --kill-after seconds into the feeding: the broker
      publishes its last will (offline), the other agents re-route to live experts, and the killed
      device's remaining samples are reported as not served (not as failures of the fleet);
-  5. stops the agents (SIGTERM, then SIGKILL after 5 s) and the broker, computes the same samples
+  5. with --restart-broker-after, pauses the feeding that many seconds in until the requests in
+     flight are settled, stops the trial's own mosquitto (SIGTERM: it publishes the agents' wills
+     and saves the retained messages) and starts it again on the same port and fleet dir; the
+     driver and the agents reconnect by themselves, and the feeding resumes, shifted by the pause,
+     once every live agent's presence is online again (not with --broker);
+  6. stops the agents (SIGTERM, then SIGKILL after 5 s) and the broker, computes the same samples
      in-process with LocalNMoE, and writes OUT/trial.json (every number), OUT/events.jsonl (the
      driver's events), OUT/events/<device>.jsonl (each agent's), OUT/logs/ and OUT/report.html.
 
@@ -44,6 +49,7 @@ examples:
   nmoe trial --bundles runs/quick-bundles                                   # 50 samples per device at 10/s
   nmoe trial --bundles runs/quick-bundles --samples 200 --rate 20 --out runs/t1
   nmoe trial --bundles runs/quick-bundles --kill-device device-3 --kill-after 2
+  nmoe trial --bundles runs/quick-bundles --restart-broker-after 2          # the broker restarts mid-run
   nmoe trial --bundles runs/quick-bundles --auth --latent-encoding int8
   nmoe trial --bundles runs/quick-bundles --runtime tflite --precision int8 --deadline-ms 500
   nmoe broker --auth --bundles runs/quick-bundles &                         # your own broker:
@@ -80,6 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="requests per second per device (default: 10)")
     p.add_argument("--kill-device", metavar="ID", help="SIGKILL this device's agent during the feeding")
     p.add_argument("--kill-after", type=float, metavar="S", help="seconds into the feeding to kill it")
+    p.add_argument("--restart-broker-after", type=float, metavar="S",
+                   help="restart the trial's own mosquitto (same port and files) S seconds into the feeding; the "
+                        "agents reconnect and the feeding resumes once they are all online again")
     p.add_argument("--latent-encoding", choices=("fp32", "fp16", "int8"), default="fp32",
                    help="how agents send latents to peers (default: fp32, exact)")
     p.add_argument("--precision", choices=("fp32", "int8"),
@@ -105,9 +114,11 @@ def _trial(args: argparse.Namespace) -> int:
     from toolkit.trial_report import summary_text
 
     out = args.out or Path("runs") / f"trial-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    options = TrialOptions(args.bundles, out, args.broker, args.fleet_dir, args.samples, args.rate, args.auth,
-                           args.kill_device, args.kill_after, args.latent_encoding, args.precision, args.runtime,
-                           args.deadline_ms, not args.quiet)
+    options = TrialOptions(
+        args.bundles, out, broker=args.broker, fleet_dir=args.fleet_dir, samples=args.samples, rate=args.rate,
+        auth=args.auth, kill_device=args.kill_device, kill_after=args.kill_after,
+        restart_broker_after=args.restart_broker_after, latent_encoding=args.latent_encoding,
+        precision=args.precision, runtime=args.runtime, deadline_ms=args.deadline_ms, show_progress=not args.quiet)
     try:
         result = run_trial(options)
     except (TrialError, BundleError, BrokerError, BrokerUrlError, UnsupportedFormat) as e:

@@ -75,6 +75,7 @@ class TrialDriver:
         self._changes: list[tuple[float, str, str]] = []  # (monotonic time, device, status)
         self._cond = threading.Condition()
         self._connection: tuple[ConnectionEvent, str] | None = None
+        self._connected_at = float("-inf")  # monotonic time of the latest (re)connection
 
     # connection and presence ---------------------------------------------------------------------
 
@@ -94,6 +95,14 @@ class TrialDriver:
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def wait_reconnected(self, since: float, timeout_s: float) -> float:
+        """Wait until the transport (which reconnects by itself, with backoff) has connected again after
+        monotonic time `since`; the seconds from `since` to that connection. TrialError on timeout."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._connected_at > since, timeout_s):
+                raise TrialError(f"the trial driver did not reconnect to the broker within {timeout_s:.0f} s")
+            return self._connected_at - since
 
     def wait_online(self, devices: set[str], since: float, timeout_s: float, check: Callable[[], None]) -> None:
         """Wait until each device has published an online presence at or after unix time `since`;
@@ -182,6 +191,8 @@ class TrialDriver:
     def _on_connection(self, event: ConnectionEvent, detail: str) -> None:
         with self._cond:
             self._connection = (event, detail)
+            if event in (ConnectionEvent.CONNECTED, ConnectionEvent.RECONNECTED):
+                self._connected_at = time.monotonic()
             self._cond.notify_all()
         self.events.emit(f"driver_{event.value}", detail=detail)
 

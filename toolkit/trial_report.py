@@ -47,7 +47,7 @@ class TrialRecord:
     expected: dict[str, Prediction]  # LocalNMoE on the same samples
     requests: list[Request]
     presence: list[tuple[float, str, str]]  # (s after the feeding started, device, status)
-    facts: dict[str, Any]  # broker, timings, kills, exit statuses, driver counters...
+    facts: dict[str, Any]  # broker, timings, kills, broker restarts, exit statuses, driver counters...
     events_dir: Path  # the agents' <device>.jsonl
 
 
@@ -128,7 +128,7 @@ def _fleet(record: TrialRecord) -> dict[str, Any]:
             "auth": o["auth"], "runtime": o["runtime"], "precision": f.get("precision"),
             "latent_encoding": o["latent_encoding"], "deadline_ms": o["deadline_ms"], "samples": o["samples"],
             "rate": o["rate"], "run_dir": f.get("run_dir"), "method": f.get("method"),
-            "model_version": f.get("model_version"), "pids": f.get("pids", {}), "broker_pid": f.get("broker_pid"),
+            "model_version": f.get("model_version"), "pids": f.get("pids", {}), "broker_pids": f.get("broker_pids", []),
             "options": o}
 
 
@@ -140,7 +140,7 @@ def _timing(record: TrialRecord) -> dict[str, Any]:
         kills.append({"device": device, "at_s": at_s,
                       "offline_after_ms": _r(1000 * (min(offline) - at_s)) if offline else None})
     return {"agents_online_s": f.get("online_s"), "feeding_s": f.get("feeding_s"), "kills": kills,
-            "interrupted": f.get("interrupted", False)}
+            "broker_restarts": f.get("broker_restarts", []), "interrupted": f.get("interrupted", False)}
 
 
 def _counts(record: TrialRecord, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -267,6 +267,9 @@ def summary_text(summary: dict[str, Any]) -> str:
     ]
     lines += [f"  killed {k['device']} at {k['at_s']:.2f} s; offline presence after {_fmt(k['offline_after_ms'])} ms"
               for k in t["kills"]]
+    lines += [f"  broker restarted at {r['at_s']:.2f} s; every live agent online again after "
+              f"{_fmt(r.get('outage_s'))} s (the driver reconnected after {_fmt(r.get('driver_reconnect_s'))} s)"
+              for r in t["broker_restarts"]]
     return "\n".join(lines)
 
 
@@ -440,6 +443,8 @@ def timeline_figure(summary: dict[str, Any]) -> Figure:
             ax.scatter(at, [y] * len(at), marker=marker, color=color, transform=edge, label=label)
     for k in summary["timing"]["kills"]:
         ax.axvline(k["at_s"], color="black", linestyle="--", label=f"kill {k['device']}")
+    for r in summary["timing"]["broker_restarts"]:
+        ax.axvline(r["at_s"], color="tab:purple", linestyle=":", label="broker restart")
     _log_scale(ax, "y")
     ax.set_xlabel("s into the feeding (request sent)")
     ax.set_ylabel("round trip ms")

@@ -129,7 +129,7 @@ def test_bad_input_is_one_clear_error(onnx_tflite_bundles: Path, tmp_path: Path,
     assert len(err) == 1 and err[0].startswith("nmoe: error:") and message in err[0]
 
 
-def test_sigint_stops_everything_and_keeps_partial_results(onnx_tflite_bundles: Path, tmp_path: Path) -> None:
+def test_sigint_then_sigterm_stop_everything_cleanly_and_keep_partial_results(onnx_tflite_bundles: Path, tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
     trial_process = subprocess.Popen(
         [sys.executable, "-m", "toolkit.cli", "trial", "--bundles", str(onnx_tflite_bundles), "--out", str(out),
@@ -141,6 +141,9 @@ def test_sigint_stops_everything_and_keeps_partial_results(onnx_tflite_bundles: 
         while '"answer"' not in (events.read_text() if events.exists() else "") and time.monotonic() < deadline:
             time.sleep(0.1)
         trial_process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        if trial_process.poll() is None:  # a second signal during the shutdown must not cut it short
+            trial_process.send_signal(signal.SIGTERM)
         stdout, stderr = trial_process.communicate(timeout=90)  # agents' stop, broker stop, report under load
     finally:
         if trial_process.poll() is None:

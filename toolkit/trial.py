@@ -389,6 +389,7 @@ class Feeder:
         """Until `at_s` seconds into the feeding (None: until every request is settled), expiring late
         requests and moving the progress bar."""
         while True:
+            self.driver.raise_if_stopped()
             self.driver.expire()
             self.bar.update(self.driver.done() - self.bar.n)
             if (self.driver.pending() == 0) if at_s is None else (self.driver.elapsed() >= at_s):
@@ -399,21 +400,24 @@ class Feeder:
 # the whole trial ---------------------------------------------------------------------------------
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 @contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """While the trial runs in the main thread, SIGTERM interrupts it like Ctrl-C."""
+def stop_signals(driver: TrialDriver) -> Iterator[None]:
+    """While the trial runs in the main thread, Ctrl-C (SIGINT) and SIGTERM ask the driver to stop: the
+    next wait raises KeyboardInterrupt there, never inside a lock or a half-written event, and a signal
+    during the shutdown that follows does not cut it short."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+
+    def handler(signum: int, frame: object) -> None:
+        driver.request_stop()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def run_trial(options: TrialOptions) -> TrialResult:
@@ -431,23 +435,23 @@ def run_trial(options: TrialOptions) -> TrialResult:
     events.emit("start", options=options_dict(options), devices=fleet.experts, precision=fleet.precision)
     driver = TrialDriver(Topics(), model_version(next(iter(fleet.bundles.values()))), events)
     facts: dict[str, Any] = {"planned": sum(s.kind == StepKind.SEND for s in plan), "interrupted": False}
-    try:
-        with sigterm_interrupts():
+    with stop_signals(driver):  # also while the outputs are written: a late signal must not lose them
+        try:
             _run(options, fleet, samples, plan, driver, facts)
-    except KeyboardInterrupt:
-        facts["interrupted"] = True
-    finally:
-        events.emit("stop", interrupted=facts["interrupted"])
-        events.close()
-    first = next(iter(fleet.bundles.values())).manifest
-    record = TrialRecord(
-        options_dict(options), fleet.experts, first.num_experts, int(np.prod(first.input.shape)),
-        {d: s.labels for d, s in samples.items()}, expected, driver.requests, driver.presence_changes(),
-        {**facts, "precision": fleet.precision, "run_dir": str(fleet.run_dir), "method": fleet.method,
-         "model_version": driver.model_version, "driver": driver.counters.snapshot()},
-        options.out / "events")
-    summary = summarize(record)
-    write_outputs(summary, options.out)
+        except KeyboardInterrupt:
+            facts["interrupted"] = True
+        finally:
+            events.emit("stop", interrupted=facts["interrupted"])
+            events.close()
+        first = next(iter(fleet.bundles.values())).manifest
+        record = TrialRecord(
+            options_dict(options), fleet.experts, first.num_experts, int(np.prod(first.input.shape)),
+            {d: s.labels for d, s in samples.items()}, expected, driver.requests, driver.presence_changes(),
+            {**facts, "precision": fleet.precision, "run_dir": str(fleet.run_dir), "method": fleet.method,
+             "model_version": driver.model_version, "driver": driver.counters.snapshot()},
+            options.out / "events")
+        summary = summarize(record)
+        write_outputs(summary, options.out)
     return TrialResult(options.out, summary, facts["interrupted"])
 
 

@@ -32,6 +32,7 @@ from device_agent.protocol import (
 from device_agent.serving import now_ms
 from device_agent.transport import ConnectionEvent, Transport, publish_packet_size
 
+POLL_S = 0.1  # how often a wait looks at a requested stop
 OPERATOR = "operator"  # the driver's inbox and, with --auth, its broker account
 PENDING, ANSWERED, ERROR, TIMEOUT = "pending", "answered", "error", "timeout"
 NOT_SERVED, INTERRUPTED = "not_served", "interrupted"  # the device was killed / the trial was stopped
@@ -76,6 +77,7 @@ class TrialDriver:
         self._cond = threading.Condition()
         self._connection: tuple[ConnectionEvent, str] | None = None
         self._connected_at = float("-inf")  # monotonic time of the latest (re)connection
+        self._stop_requested = False
 
     # connection and presence ---------------------------------------------------------------------
 
@@ -85,8 +87,8 @@ class TrialDriver:
         self.transport.subscribe(self.topics.presence_filter(), qos=1)
         self.transport.subscribe(self.topics.reply_filter(OPERATOR))
         self.transport.connect(None, self._on_message, self._on_connection)
+        self._wait_for(lambda: self._connection is not None, timeout_s)
         with self._cond:
-            self._cond.wait_for(lambda: self._connection is not None, timeout_s)
             state = self._connection
         if state is None or state[0] == ConnectionEvent.REFUSED:
             why = "no answer" if state is None else f"refused: {state[1]}"
@@ -99,9 +101,9 @@ class TrialDriver:
     def wait_reconnected(self, since: float, timeout_s: float) -> float:
         """Wait until the transport (which reconnects by itself, with backoff) has connected again after
         monotonic time `since`; the seconds from `since` to that connection. TrialError on timeout."""
+        if not self._wait_for(lambda: self._connected_at > since, timeout_s):
+            raise TrialError(f"the trial driver did not reconnect to the broker within {timeout_s:.0f} s")
         with self._cond:
-            if not self._cond.wait_for(lambda: self._connected_at > since, timeout_s):
-                raise TrialError(f"the trial driver did not reconnect to the broker within {timeout_s:.0f} s")
             return self._connected_at - since
 
     def wait_online(self, devices: set[str], since: float, timeout_s: float, check: Callable[[], None]) -> None:
@@ -109,12 +111,37 @@ class TrialDriver:
         `check()` runs every 0.1 s (it raises when an agent died). TrialError on timeout."""
         end = time.monotonic() + timeout_s
         while (missing := devices - self.online(since)) and time.monotonic() < end:
+            self.raise_if_stopped()
             check()
             with self._cond:
-                self._cond.wait(0.1)
+                self._cond.wait(POLL_S)
         if missing:
             raise TrialError(f"{', '.join(sorted(missing))} did not come online within {timeout_s:.0f} s "
                              "(see the agents' logs)")
+
+    def _wait_for(self, ready: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait until `ready()` (checked under the lock) or the timeout; a requested stop raises."""
+        end = time.monotonic() + timeout_s
+        with self._cond:
+            while not ready():
+                self.raise_if_stopped()
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(POLL_S, left))
+        return True
+
+    # stopping --------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """For the SIGINT/SIGTERM handler: the main thread's next wait raises KeyboardInterrupt. It only
+        sets a flag: a handler that raised, or took a lock, could leave a lock held halfway through an update."""
+        self._stop_requested = True
+
+    def raise_if_stopped(self) -> None:
+        """KeyboardInterrupt when a stop was requested; called where the main thread waits."""
+        if self._stop_requested:
+            raise KeyboardInterrupt
 
     def online(self, since: float) -> set[str]:
         """Devices whose latest presence is online and was published at or after `since`."""

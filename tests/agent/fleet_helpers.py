@@ -84,6 +84,17 @@ class Client:
             assert len(self.received) >= n, f"{len(self.received)} of {n} frames arrived"
             return [(topic, decode(payload)) for topic, payload in self.received[:n]]
 
+    def wait_for_reply(self, correlation_id: bytes, timeout_s: float = 5.0) -> Message:
+        """The frame received for `correlation_id` (AssertionError if it does not arrive in time)."""
+        end = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                for _, payload in self.received:
+                    msg = decode(payload)
+                    if getattr(msg, "correlation_id", None) == correlation_id:
+                        return msg
+                assert self._cond.wait(max(0.0, end - time.monotonic())), f"no reply to {correlation_id.hex()}"
+
     def close(self) -> None:
         self.transport.close()
 

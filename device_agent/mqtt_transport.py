@@ -164,7 +164,7 @@ class MqttTransport:
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         url = self.settings.url
-        self._report(ConnectionEvent.UNREACHABLE, f"{url.host}:{url.port} (retrying)")
+        self._report(ConnectionEvent.UNREACHABLE, f"nothing answers at {url.host}:{url.port}")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self._message_handler is not None:

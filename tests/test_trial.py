@@ -118,6 +118,7 @@ def test_broker_restart_mid_trial_agents_reconnect_and_the_trial_completes(onnx_
     (["--kill-device", "device-1"], "--kill-device and --kill-after go together"),
     (["--kill-device", "device-1", "--kill-after", "60"], "must be within the feeding"),
     (["--broker", "http://example.com"], "bad broker URL"),
+    (["--broker", "mqtt://127.0.0.1:1"], "cannot reach the broker (nothing answers at 127.0.0.1:1); is it running?"),
     (["--broker", "mqtt://127.0.0.1:1", "--restart-broker-after", "1"], "not with --broker"),
     (["--restart-broker-after", "60"], "--restart-broker-after 60 must be within the feeding"),
 ])

@@ -293,9 +293,9 @@ def agent_launches(options: TrialOptions, fleet: Fleet, broker: BrokerAccess, ou
 def connected(driver: TrialDriver, url: str, login: Credential | None) -> Iterator[TrialDriver]:
     """The driver connected to the broker (as `operator` with --auth); disconnected on exit."""
     username, password = (None, None) if login is None else (login[0], login[1].read_text().strip())
-    driver.connect(MqttTransport(MqttSettings(BrokerUrl.parse(url), f"default-{OPERATOR}-trial", username, password)),
-                   CONNECT_TIMEOUT_S)
-    try:
+    try:  # a failed connect closes the transport too: it would retry in the background forever
+        driver.connect(MqttTransport(MqttSettings(BrokerUrl.parse(url), f"default-{OPERATOR}-trial", username,
+                                                  password)), CONNECT_TIMEOUT_S)
         yield driver
     finally:
         driver.close()

@@ -82,7 +82,8 @@ class TrialDriver:
     # connection and presence ---------------------------------------------------------------------
 
     def connect(self, transport: Transport, timeout_s: float) -> None:
-        """Connect (no will) and subscribe to presence and the inbox; TrialError if refused or too slow."""
+        """Connect (no will) and subscribe to presence and the inbox; TrialError if refused, unreachable or
+        too slow."""
         self.transport = transport
         self.transport.subscribe(self.topics.presence_filter(), qos=1)
         self.transport.subscribe(self.topics.reply_filter(OPERATOR))
@@ -90,9 +91,12 @@ class TrialDriver:
         self._wait_for(lambda: self._connection is not None, timeout_s)
         with self._cond:
             state = self._connection
-        if state is None or state[0] == ConnectionEvent.REFUSED:
-            why = "no answer" if state is None else f"refused: {state[1]}"
-            raise TrialError(f"the trial driver cannot connect to the broker ({why})")
+        if state is None:
+            raise TrialError("the trial driver cannot connect to the broker (no answer)")
+        if state[0] == ConnectionEvent.REFUSED:
+            raise TrialError(f"the trial driver cannot connect to the broker (refused: {state[1]})")
+        if state[0] == ConnectionEvent.UNREACHABLE:
+            raise TrialError(f"the trial driver cannot reach the broker ({state[1]}); is it running?")
 
     def close(self) -> None:
         if self.transport is not None:

@@ -109,7 +109,7 @@ def _agent(args: argparse.Namespace) -> int:
         url = BrokerUrl.parse(args.broker)
         if not url.tls and (args.tls_ca or args.tls_cert or args.tls_key):
             raise BrokerUrlError(f"--tls-ca/--tls-cert/--tls-key need an mqtts:// broker URL, got {args.broker}")
-        password = None if args.password_file is None else args.password_file.read_text().rstrip("\r\n")
+        password = None if args.password_file is None else _read_password(args.password_file)
         bundle = load_bundle(args.bundle)
         models = DeviceModels.open(bundle, args.precision, args.runtime)
         config = AgentConfig(
@@ -133,3 +133,11 @@ def _agent(args: argparse.Namespace) -> int:
     agent.stop()
     events.close()
     return 0
+
+
+def _read_password(path: Path) -> str:
+    """The password in `path` (one line), or an OSError naming the option."""
+    try:
+        return path.read_text().rstrip("\r\n")
+    except OSError as e:
+        raise OSError(f"--password-file {path}: cannot read it ({e.strerror or e})") from None

@@ -126,7 +126,7 @@ def test_device_processes_without_torch_serve_and_survive_a_killed_peer(
     (["--broker", "mqtt://user:pw@127.0.0.1"], "--password-file"),
     (["--tls-ca", "ca.pem"], "need an mqtts://"),
     (["--runtime", "executorch"], "no gate fp32 executorch model"),
-    (["--password-file", "/nonexistent/password"], "No such file"),
+    (["--password-file", "/nonexistent/password"], "--password-file /nonexistent/password: cannot read it (No such file"),
     (["--fleet", "bad/fleet"], "fleet"),
 ])
 def test_unusable_options_exit_2_with_one_line(args: list[str], message: str, bundles: dict[int, Bundle],

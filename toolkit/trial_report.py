@@ -380,6 +380,12 @@ def accuracy_figure(summary: dict[str, Any]) -> Figure:
     return fig
 
 
+def _legend(ax: Any, **options: Any) -> None:
+    """A legend when something was drawn (a trial with no answers draws nothing)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**options)
+
+
 def latency_figure(summary: dict[str, Any]) -> Figure:
     rows = [r for r in summary["requests"] if r["status"] == ANSWERED]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
@@ -393,7 +399,7 @@ def latency_figure(summary: dict[str, Any]) -> Figure:
         ax.set_xlabel("ms")
         ax.set_ylabel("fraction of requests")
         ax.set_title(title)
-        ax.legend(loc="lower right")
+        _legend(ax, loc="lower right")
     return fig
 
 
@@ -448,5 +454,5 @@ def timeline_figure(summary: dict[str, Any]) -> Figure:
     _log_scale(ax, "y")
     ax.set_xlabel("s into the feeding (request sent)")
     ax.set_ylabel("round trip ms")
-    ax.legend(loc="upper right", fontsize=8)
+    _legend(ax, loc="upper right", fontsize=8)
     return fig

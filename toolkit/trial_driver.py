@@ -113,22 +113,19 @@ class TrialDriver:
     def wait_online(self, devices: set[str], since: float, timeout_s: float, check: Callable[[], None]) -> None:
         """Wait until each device has published an online presence at or after unix time `since`;
         `check()` runs every 0.1 s (it raises when an agent died). TrialError on timeout."""
-        end = time.monotonic() + timeout_s
-        while (missing := devices - self.online(since)) and time.monotonic() < end:
-            self.raise_if_stopped()
-            check()
-            with self._cond:
-                self._cond.wait(POLL_S)
-        if missing:
+        if not self._wait_for(lambda: devices <= self.online(since), timeout_s, check):
+            missing = devices - self.online(since)
             raise TrialError(f"{', '.join(sorted(missing))} did not come online within {timeout_s:.0f} s "
                              "(see the agents' logs)")
 
-    def _wait_for(self, ready: Callable[[], bool], timeout_s: float) -> bool:
-        """Wait until `ready()` (checked under the lock) or the timeout; a requested stop raises."""
+    def _wait_for(self, ready: Callable[[], bool], timeout_s: float, check: Callable[[], None] = lambda: None) -> bool:
+        """Wait until `ready()` (checked under the lock) or the timeout, running `check()` every POLL_S;
+        a requested stop raises."""
         end = time.monotonic() + timeout_s
         with self._cond:
             while not ready():
                 self.raise_if_stopped()
+                check()
                 left = end - time.monotonic()
                 if left <= 0:
                     return False

@@ -27,14 +27,14 @@ demo: $(STAMP)
 	$(NMOE) trial --bundles $(BUNDLES) --samples 50 --out runs/quick-trial
 
 bench-accuracy: $(STAMP)
-	$(PY) bench/accuracy
+	$(PY) -m bench.accuracy
 
 bench-export: $(STAMP) arm64-env
-	$(PY) bench/export
+	$(PY) -m bench.export
 
 # Agents over mosquitto on loopback: round trip, micro-batching, fleet scaling, latent encodings (~5 min).
 bench-agent: $(STAMP)
-	$(PY) bench/agent
+	$(PY) -m bench.agent
 
 # Emulated aarch64 Python (qemu-user + Debian arm64 sysroot + aarch64 wheels), cached in ~/.cache/nmoe-edge/arm64.
 arm64-env:

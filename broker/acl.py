@@ -3,7 +3,7 @@
 A device publishes only what names it (its presence, its replies `reply/+/{device}`) and expert
 requests; it reads presence, its own replies, its own expert's requests and its own inference
 requests. The operator sends inference and expert requests and reads presence and its replies.
-Every topic comes from `device_agent.protocol.Topics`, so the ACL follows the protocol's layout.
+Every topic comes from `device_agent.wire.protocol.Topics`, so the ACL follows the protocol's layout.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Literal, TypeVar
 
 from broker.accounts import OPERATOR, Device
-from device_agent.protocol import Topics
+from device_agent.wire.protocol import Topics
 
 Access = Literal["read", "write"]
 Rule = tuple[Access, str]

@@ -34,7 +34,7 @@ from broker.child_process import dies_with_parent
 from broker.errors import BrokerError
 from broker.layout import FleetLayout, write_private
 from broker.tls import ensure_tls
-from device_agent.protocol import ProtocolError, Topics
+from device_agent.wire.protocol import ProtocolError, Topics
 
 __all__ = ["BrokerError", "BrokerOptions", "RunningBroker", "free_port", "render_config", "start_broker",
            "write_credentials"]

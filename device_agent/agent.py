@@ -25,10 +25,13 @@ import numpy as np
 
 from device_agent.bundle import Bundle
 from device_agent.device_models import RUNTIME_NAMES, DeviceModels, model_version
-from device_agent.events import Counters, EventLog
-from device_agent.fleet import FleetView
 from device_agent.nmoe_local import combine, preprocess, softmax
-from device_agent.protocol import (
+from device_agent.routing import Route, gate_route, random_live_route
+from device_agent.serving import RequestServer, Served, ServerLimits
+from device_agent.wire.clock import now_ms
+from device_agent.wire.events import Counters, EventLog
+from device_agent.wire.fleet_view import FleetView
+from device_agent.wire.protocol import (
     Caps,
     ErrorCode,
     ErrorResponse,
@@ -42,11 +45,9 @@ from device_agent.protocol import (
     encode_presence,
     new_correlation_id,
 )
-from device_agent.remote_calls import Call, CallGroup, ReplyRouter
-from device_agent.routing import Route, gate_route, random_live_route
-from device_agent.serving import RequestServer, Served, ServerLimits, now_ms
-from device_agent.tensor_codec import ENCODINGS, Encoding
-from device_agent.transport import ConnectionEvent, Publication, Transport, publish_packet_size
+from device_agent.wire.requester import Call, CallGroup, ReplyRouter
+from device_agent.wire.tensor_codec import ENCODINGS, Encoding
+from device_agent.wire.transport import ConnectionEvent, Publication, Transport, publish_packet_size
 
 
 @dataclass(frozen=True)

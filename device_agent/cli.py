@@ -99,11 +99,16 @@ def _agent(args: argparse.Namespace) -> int:
     from device_agent.agent import Agent, AgentConfig
     from device_agent.bundle import BundleError, load_bundle
     from device_agent.device_models import DeviceModels
-    from device_agent.events import EventLog
-    from device_agent.mqtt_transport import BrokerUrl, BrokerUrlError, MqttSettings, MqttTransport
-    from device_agent.protocol import ProtocolError
     from device_agent.runtime import UnsupportedFormat
     from device_agent.serving import ServerLimits
+    from device_agent.wire.events import EventLog
+    from device_agent.wire.mqtt_transport import (
+        BrokerUrl,
+        BrokerUrlError,
+        MqttSettings,
+        MqttTransport,
+    )
+    from device_agent.wire.protocol import ProtocolError
 
     try:
         url = BrokerUrl.parse(args.broker)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_agent.events import Counters, EventLog
-from device_agent.protocol import (
+from device_agent.wire.clock import now_ms
+from device_agent.wire.events import Counters, EventLog
+from device_agent.wire.protocol import (
     MAX_TEXT,
     ErrorCode,
     ErrorResponse,
@@ -31,15 +32,10 @@ from device_agent.protocol import (
     encode,
     peek_request_route,
 )
-from device_agent.tensor_codec import Encoding
+from device_agent.wire.tensor_codec import Encoding
 
 Publisher = Callable[[str, bytes], None]  # (topic, payload): QoS 0, not retained
 _MAX_U32 = 0xFFFF_FFFF
-
-
-def now_ms() -> int:
-    """Unix time in milliseconds, the clock of `deadline_ms`."""
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)

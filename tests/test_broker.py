@@ -38,7 +38,7 @@ from broker.acl import any_of, render_acl
 from broker.layout import FleetLayout
 from broker.process import BrokerError, BrokerOptions, RunningBroker, render_config, start_broker
 from device_agent.bundle import SCHEMA_VERSION, InputSpec, Manifest
-from device_agent.protocol import Topics
+from device_agent.wire.protocol import Topics
 from toolkit.cli import main
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto", path="/usr/sbin:/usr/bin:/usr/local/sbin") is None,

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from device_agent.protocol import (
+from device_agent.wire.protocol import (
     MAX_PAYLOAD,
     MAX_TEXT,
     MAX_TOPIC,
@@ -34,7 +34,12 @@ from device_agent.protocol import (
     new_correlation_id,
     peek_request_route,
 )
-from device_agent.tensor_codec import decode_tensor, encode_latent, encode_tensor, quantize_int8
+from device_agent.wire.tensor_codec import (
+    decode_tensor,
+    encode_latent,
+    encode_tensor,
+    quantize_int8,
+)
 
 VECTORS = Path(__file__).parent / "vectors"
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,7 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-from toolkit import trial_cli
 from toolkit.config import (
     BASELINE_METHODS,
     GATE_METHODS,
@@ -73,7 +72,7 @@ def _results(args: argparse.Namespace) -> int:
 # Subcommands of other packages, found by name so that `toolkit` never depends on them (import-linter
 # checks that) and a device without torch can still run `nmoe` for the agent. Each module has
 # `register(subparsers)`, which adds its parser with `func` set, and imports nothing heavy at load.
-PLUGINS = ("export.cli", "broker.cli", "device_agent.cli")
+PLUGINS = ("toolkit.fleet.trial_cli", "export.cli", "broker.cli", "device_agent.cli")
 
 
 def register_plugin(sub: argparse._SubParsersAction, module: str) -> None:
@@ -109,7 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     results = sub.add_parser("results", help="print the results table of a run dir")
     results.add_argument("run_dir", help="a run dir written by `nmoe train`")
     results.set_defaults(func=_results)
-    trial_cli.register(sub)
     for module in PLUGINS:
         register_plugin(sub, module)
     return parser

@@ -10,7 +10,8 @@ import numpy as np
 from device_agent.agent import Agent, AgentConfig
 from device_agent.bundle import Bundle
 from device_agent.device_models import DeviceModels
-from device_agent.protocol import (
+from device_agent.wire.clock import now_ms
+from device_agent.wire.protocol import (
     Caps,
     ExpertRequest,
     Message,
@@ -21,8 +22,7 @@ from device_agent.protocol import (
     encode_presence,
     new_correlation_id,
 )
-from device_agent.serving import now_ms
-from device_agent.transport import ConnectionEvent, Transport
+from device_agent.wire.transport import ConnectionEvent, Transport
 
 TOPICS = Topics()  # the agents' default prefix and fleet
 CAPS = Caps(("onnxruntime",), ("fp32", "fp16", "int8"), 32)

@@ -15,10 +15,12 @@ from hypothesis import strategies as st
 from device_agent.agent import Agent, AgentConfig
 from device_agent.bundle import Bundle
 from device_agent.device_models import DeviceModels, model_version
-from device_agent.events import EventLog
-from device_agent.memory_transport import MemoryBroker
 from device_agent.nmoe_local import LocalNMoE, combine
-from device_agent.protocol import (
+from device_agent.serving import ServerLimits
+from device_agent.wire.clock import now_ms
+from device_agent.wire.events import EventLog
+from device_agent.wire.memory_transport import MemoryBroker
+from device_agent.wire.protocol import (
     MAX_PAYLOAD,
     ErrorCode,
     ErrorResponse,
@@ -29,7 +31,6 @@ from device_agent.protocol import (
     encode_presence,
     new_correlation_id,
 )
-from device_agent.serving import ServerLimits, now_ms
 
 
 def memory_fleet(bundles: dict[int, Bundle], broker: MemoryBroker, **kwargs: object) -> dict[int, Agent]:

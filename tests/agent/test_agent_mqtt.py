@@ -16,10 +16,10 @@ from broker.process import BrokerOptions, RunningBroker, start_broker
 from device_agent.agent import Agent, AgentConfig
 from device_agent.bundle import Bundle
 from device_agent.device_models import DeviceModels
-from device_agent.events import EventLog
-from device_agent.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport, MqttVersion
 from device_agent.nmoe_local import LocalNMoE
-from device_agent.protocol import ExpertResponse
+from device_agent.wire.events import EventLog
+from device_agent.wire.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport, MqttVersion
+from device_agent.wire.protocol import ExpertResponse
 
 
 def settings_for(broker: RunningBroker, account: str, version: MqttVersion = "3.1.1",

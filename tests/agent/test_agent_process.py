@@ -17,9 +17,9 @@ from broker.process import BrokerOptions, start_broker
 from device_agent.agent import Agent, AgentConfig, InferenceResult
 from device_agent.bundle import Bundle
 from device_agent.device_models import DeviceModels
-from device_agent.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
 from device_agent.nmoe_local import LocalNMoE
-from device_agent.protocol import ExpertResponse
+from device_agent.wire.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
+from device_agent.wire.protocol import ExpertResponse
 from toolkit.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]

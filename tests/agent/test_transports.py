@@ -3,9 +3,9 @@
 import pytest
 from fleet_helpers import Client
 
-from device_agent.memory_transport import MemoryBroker
-from device_agent.mqtt_transport import BrokerUrl, BrokerUrlError
-from device_agent.transport import Publication, publish_packet_size
+from device_agent.wire.memory_transport import MemoryBroker
+from device_agent.wire.mqtt_transport import BrokerUrl, BrokerUrlError
+from device_agent.wire.transport import Publication, publish_packet_size
 
 
 @pytest.mark.parametrize(("url", "expected"), [

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Device agent benchmark over a real mosquitto on loopback, written to docs/results/agent.md.
 
-    .venv/bin/python bench/agent [--bundles DIR] [--run DIR] [--fleet-bundles DIR] [--quick]
+    .venv/bin/python -m bench.agent [--bundles DIR] [--run DIR] [--fleet-bundles DIR] [--quick]
                                  [--out docs/results/agent.md]
 
 Measures, in one invocation, every figure of the page:
@@ -46,14 +45,14 @@ from typing import Self
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from broker.process import BrokerOptions, start_broker
 from device_agent.agent import Agent, AgentConfig, softmax
 from device_agent.bundle import Bundle, load_bundle
 from device_agent.device_models import DeviceModels, model_version
-from device_agent.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
-from device_agent.protocol import (
+from device_agent.wire.clock import now_ms
+from device_agent.wire.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
+from device_agent.wire.protocol import (
     ExpertRequest,
     ExpertResponse,
     Topics,
@@ -61,9 +60,8 @@ from device_agent.protocol import (
     encode,
     new_correlation_id,
 )
-from device_agent.serving import now_ms
-from device_agent.tensor_codec import ENCODINGS
-from device_agent.transport import ConnectionEvent, publish_packet_size
+from device_agent.wire.tensor_codec import ENCODINGS
+from device_agent.wire.transport import ConnectionEvent, publish_packet_size
 
 TINY_OVERRIDES = ['stage1.methods=["fedce"]', 'gate.methods=["fedgate"]', "baselines.methods=[]"]
 FLEET32_OVERRIDES = [*TINY_OVERRIDES, "data.num_clients=32", "data.synthetic_train=3200", "data.synthetic_test=800"]

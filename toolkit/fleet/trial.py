@@ -4,7 +4,7 @@ The trial starts mosquitto (unless given a broker), one `nmoe agent` process per
 until every agent is online, then feeds each device its own personalized test images at a fixed
 rate from the driver's MQTT connection and records every answer (optionally killing an agent or
 restarting the broker on the way). Afterwards it computes the same samples in-process with
-`LocalNMoE` and writes trial.json, events.jsonl and report.html (`toolkit.trial_report`).
+`LocalNMoE` and writes trial.json, events.jsonl and report.html (`toolkit.fleet.trial_report`).
 Whatever happens, no agent or broker outlives `run_trial`.
 """
 
@@ -28,16 +28,16 @@ from broker.layout import FleetLayout
 from broker.process import BrokerOptions, RunningBroker, start_broker
 from device_agent.bundle import Bundle, BundleError, load_bundle
 from device_agent.device_models import model_version
-from device_agent.events import EventLog
-from device_agent.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
 from device_agent.nmoe_local import LocalNMoE, Prediction
-from device_agent.protocol import Topics
+from device_agent.wire.events import EventLog
+from device_agent.wire.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
+from device_agent.wire.protocol import Topics
 from toolkit.artifacts import ArtifactError, load_nmoe
 from toolkit.federated_data import prepare, raw_images
+from toolkit.fleet.agent_processes import AgentLaunch, AgentProcesses
+from toolkit.fleet.trial_driver import INTERRUPTED, NOT_SERVED, OPERATOR, TrialDriver, TrialError
+from toolkit.fleet.trial_report import TrialRecord, summarize, write_outputs
 from toolkit.progress import progress_bar
-from toolkit.trial_agents import AgentLaunch, AgentProcesses
-from toolkit.trial_driver import INTERRUPTED, NOT_SERVED, OPERATOR, TrialDriver, TrialError
-from toolkit.trial_report import TrialRecord, summarize, write_outputs
 
 ONLINE_TIMEOUT_S = 120.0  # ten agents importing onnxruntime on two cores take ~10 s
 CONNECT_TIMEOUT_S = 10.0

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from paho.mqtt.client import topic_matches_sub
 
-from device_agent.transport import (
+from device_agent.wire.transport import (
     ConnectionEvent,
     ConnectionHandler,
     MessageHandler,

@@ -15,7 +15,7 @@ from typing import Literal, NamedTuple, TypeVar
 
 import numpy as np
 
-from device_agent.tensor_codec import (
+from device_agent.wire.tensor_codec import (
     ENCODINGS,
     MAX_DIMS,
     MAX_PAYLOAD,

@@ -11,8 +11,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from device_agent.events import Counters
-from device_agent.protocol import Caps, Presence, ProtocolError, decode_presence
+from device_agent.wire.events import Counters
+from device_agent.wire.protocol import Caps, Presence, ProtocolError, decode_presence
 
 
 @dataclass(frozen=True)

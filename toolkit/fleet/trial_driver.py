@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from device_agent.events import Counters, EventLog
-from device_agent.protocol import (
+from device_agent.wire.clock import now_ms
+from device_agent.wire.events import Counters, EventLog
+from device_agent.wire.protocol import (
     ErrorResponse,
     ExpertRequest,
     ExpertResponse,
@@ -29,8 +30,7 @@ from device_agent.protocol import (
     encode,
     new_correlation_id,
 )
-from device_agent.serving import now_ms
-from device_agent.transport import ConnectionEvent, Transport, publish_packet_size
+from device_agent.wire.transport import ConnectionEvent, Transport, publish_packet_size
 
 POLL_S = 0.1  # how often a wait looks at a requested stop
 OPERATOR = "operator"  # the driver's inbox and, with --auth, its broker account

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_agent.transport import (
+from device_agent.wire.transport import (
     ConnectionEvent,
     ConnectionHandler,
     MessageHandler,

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Export benchmark: size, accuracy and latency per format and precision, written to docs/results/export.md.
 
-    .venv/bin/python bench/export [--run runs/bench/export-dir0.5] [--out docs/results/export.md]
+    .venv/bin/python -m bench.export [--run runs/bench/export-dir0.5] [--out docs/results/export.md]
                                   [--set KEY=VALUE ...] [--no-arm64]
 
 Trains (resumable) the benchmark NMoE on Fashion-MNIST Dirichlet(0.5), 10 clients, FedCE + FedGate
@@ -33,7 +32,7 @@ RUNTIME = {"onnx": "ONNX Runtime", "executorch": "ExecuTorch (XNNPACK)", "tflite
 def nmoe(*args: str) -> int:
     cmd = [sys.executable, "-m", "toolkit.cli", *args]
     print("+", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, cwd=ROOT).returncode
+    return subprocess.run(cmd, cwd=ROOT, check=False).returncode
 
 
 def mean(values: list[float]) -> float:
@@ -70,8 +69,8 @@ def variant_rows(report: dict) -> dict[tuple[str, str], dict]:
 
 
 def variants_table(rows: dict[tuple[str, str], dict]) -> list[str]:
-    lines = ["| format | precision | MB per device | torch fp32 acc % | bundle acc % | worst drop (device) | "
-             "NMoE p50 us | NMoE p99 us | extractor p50 us | gate p50 us | expert p50 us | max abs diff / max abs torch |",
+    lines = [("| format | precision | MB per device | torch fp32 acc % | bundle acc % | worst drop (device) | "
+             "NMoE p50 us | NMoE p99 us | extractor p50 us | gate p50 us | expert p50 us | max abs diff / max abs torch |"),
              "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for (fmt, precision), r in sorted(rows.items(), key=lambda kv: (FORMATS.index(kv[0][0]), kv[0][1])):
         lines.append(f"| {fmt} | {precision} | {r['bytes'] / 1e6:.3f} | {r['torch']:.2f} | {r['accuracy']:.2f} | "
@@ -90,9 +89,9 @@ def targets(rows: dict[tuple[str, str], dict], arm64: dict | None) -> list[str]:
         ratio = int8["bytes"] / fp32["bytes"]
         lines += [f"- {RUNTIME[fmt]}:",
                   f"  - int8 size {100 * ratio:.1f}% of fp32 (target <= 30%): {verdict(ratio <= 0.30)}",
-                  f"  - int8 worst per-client accuracy drop vs torch fp32 {int8['worst_drop']:+.2f} points on "
-                  f"{int8['worst_device']} (target <= 0.5): {verdict(int8['worst_drop'] <= 0.5)}",
-                  f"  - int8 batch-1 latency of each model in this runtime vs fp32 (target int8 <= fp32): "
+                  (f"  - int8 worst per-client accuracy drop vs torch fp32 {int8['worst_drop']:+.2f} points on "
+                  f"{int8['worst_device']} (target <= 0.5): {verdict(int8['worst_drop'] <= 0.5)}"),
+                  "  - int8 batch-1 latency of each model in this runtime vs fp32 (target int8 <= fp32): "
                   + ", ".join(f"{role} {int8['role_us'][role]:.1f}/{fp32['role_us'][role]:.1f} us"
                               for role in ROLES)
                   + f": {verdict(all(int8['role_us'][r] <= fp32['role_us'][r] for r in ROLES))}; whole NMoE in "
@@ -104,10 +103,10 @@ def targets(rows: dict[tuple[str, str], dict], arm64: dict | None) -> list[str]:
         int8 = [c for c in checks if c["precision"] == "int8"]
         worst = max((c["max_abs_diff"] for c in fp32), default=float("nan"))
         top1 = min((c["top1_agreement"] for c in int8), default=float("nan"))
-        lines += [f"- ARM64 (qemu-user {', '.join(arm64['cpus'])}; {', '.join(arm64['formats'])}): fp32 max abs diff "
+        lines += [(f"- ARM64 (qemu-user {', '.join(arm64['cpus'])}; {', '.join(arm64['formats'])}): fp32 max abs diff "
                   f"vs x86 {worst:.2e} over {len(fp32)} outputs (target < 1e-4): {verdict(worst < 1e-4)}; int8 top-1 "
                   f"agreement min {100 * top1:.1f}% over {len(int8)} outputs (target identical): "
-                  f"{verdict(top1 == 1.0)}"]
+                  f"{verdict(top1 == 1.0)}")]
     return lines
 
 
@@ -138,20 +137,20 @@ def main() -> int:
         [f"--set {o}" for o in args.set] + (["--no-arm64"] if args.no_arm64 else []))
     lines = [
         "# Export benchmark", "",
-        f"Command: `{cmd}` (training {trained - start:.0f} s, export + parity + ARM64 check "
-        f"{time.time() - trained:.0f} s of wall time).", "",
+        (f"Command: `{cmd}` (training {trained - start:.0f} s, export + parity + ARM64 check "
+        f"{time.time() - trained:.0f} s of wall time)."), "",
         f"Machine: {m['processor']}, {m['cpus']} cores, {m['platform']}, Python {m['python']}; runtimes: "
         + ", ".join(f"{k} {v}" for k, v in m.items() if k in ("onnxruntime", "executorch", "ai-edge-litert")) + ".", "",
-        f"Load average (1/5/15 min): {' / '.join(f'{x:.2f}' for x in load_start)} at start, "
+        (f"Load average (1/5/15 min): {' / '.join(f'{x:.2f}' for x in load_start)} at start, "
         f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())} at the end (2 cores: above ~1 other jobs were running "
-        "and latencies are noisier).", "",
-        f"Model: `{report['method']}` of `configs/{CONFIG}.toml` (Fashion-MNIST, 10 clients, Dirichlet 0.5; only FedCE "
+        "and latencies are noisier)."), "",
+        (f"Model: `{report['method']}` of `configs/{CONFIG}.toml` (Fashion-MNIST, 10 clients, Dirichlet 0.5; only FedCE "
         "and FedGate trained). Every device's bundle: shared extractor, its gate, its own expert. int8: static, "
         "calibrated on each client's own training images. Accuracy: each client's NMoE (its extractor and gate, "
         "every expert in-process through the agent's runtime layer) on its personalized test set (1000 images), "
         f"mean over the 10 clients. Latency: batch 1, {s['intra_op_threads']} thread, median of "
         f"{s['latency_runs']} runs after {s['latency_warmup']} warm-up, mean over devices; NMoE = preprocess, "
-        "extractor, gate, top-2 experts, combine.", "",
+        "extractor, gate, top-2 experts, combine."), "",
         *variants_table(rows), "",
         "## Targets", "", *targets(rows, arm64), "",
         f"Per-device tables: `{args.bundles}/report.md`"

@@ -1,4 +1,4 @@
-"""`nmoe trial`: the command line of `toolkit.trial` (imports nothing heavy until it runs)."""
+"""`nmoe trial`: the command line of `toolkit.fleet.trial` (imports nothing heavy until it runs)."""
 
 from __future__ import annotations
 
@@ -107,11 +107,11 @@ def _trial(args: argparse.Namespace) -> int:
         return 2
     from broker.errors import BrokerError
     from device_agent.bundle import BundleError
-    from device_agent.mqtt_transport import BrokerUrlError
     from device_agent.runtime import UnsupportedFormat
-    from toolkit.trial import TrialOptions, run_trial
-    from toolkit.trial_driver import TrialError
-    from toolkit.trial_report import summary_text
+    from device_agent.wire.mqtt_transport import BrokerUrlError
+    from toolkit.fleet.trial import TrialOptions, run_trial
+    from toolkit.fleet.trial_driver import TrialError
+    from toolkit.fleet.trial_report import summary_text
 
     out = args.out or Path("runs") / f"trial-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     options = TrialOptions(

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Accuracy benchmark: every method x setting on Fashion-MNIST, written to docs/results/accuracy.md.
 
-    .venv/bin/python bench/accuracy [--runs runs/bench] [--out docs/results/accuracy.md] [--set KEY=VALUE ...]
+    .venv/bin/python -m bench.accuracy [--runs runs/bench] [--out docs/results/accuracy.md] [--set KEY=VALUE ...]
 
 Runs are resumable (each goes through `nmoe train` into RUNS/<setting>); rerunning only
 recomputes what did not finish. --set overrides are applied to every setting (e.g. a smaller
@@ -119,17 +118,17 @@ def main() -> int:
         results[title] = (config, run_setting(config, ROOT / args.runs / config, args.set))
     any_metrics = next(iter(results.values()))[1]
     machine = any_metrics["machine"]
-    cmd = "make bench-accuracy" if not (args.set or args.only) else "python bench/accuracy " + " ".join(
+    cmd = "make bench-accuracy" if not (args.set or args.only) else "python -m bench.accuracy " + " ".join(
         [f"--set {s}" for s in args.set] + [f"--only {o}" for o in args.only or []])
     lines = ["# Accuracy benchmark", "",
              f"Command: `{cmd}` (wrote this file in {time.time() - start:.0f} s of wall time).", "",
-             f"Machine: {machine['processor']}, {machine['cpus']} cores, {machine['platform']}, "
-             f"Python {machine['python']}, torch {machine['torch']}.", "",
-             "Fashion-MNIST (60k train / 10k test, Debian `dataset-fashion-mnist`), 10 clients. "
+             (f"Machine: {machine['processor']}, {machine['cpus']} cores, {machine['platform']}, "
+             f"Python {machine['python']}, torch {machine['torch']}."), "",
+             ("Fashion-MNIST (60k train / 10k test, Debian `dataset-fashion-mnist`), 10 clients. "
              "Personalized accuracy: mean over clients of the accuracy on a test split drawn with the "
              "client's own label mix (1000 samples each); global accuracy: mean over clients of the "
              "accuracy of the model that client uses on the full balanced test set. Bytes: every tensor "
-             "exchanged over all rounds and clients (NMoE includes its Stage 1).", ""]
+             "exchanged over all rounds and clients (NMoE includes its Stage 1)."), ""]
     for title, (config, metrics) in results.items():
         lines += setting_section(title, config, metrics)
     lines += compute_section(any_metrics)

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from device_agent.nmoe_local import Prediction
-from toolkit.trial_driver import ANSWERED, ERROR, INTERRUPTED, NOT_SERVED, TIMEOUT, Request
+from toolkit.fleet.trial_driver import ANSWERED, ERROR, INTERRUPTED, NOT_SERVED, TIMEOUT, Request
 
 PATHS = ("local", "remote")
 DPI = 110

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_agent.events import Counters
-from device_agent.protocol import (
+from device_agent.wire.events import Counters
+from device_agent.wire.protocol import (
     ErrorResponse,
     ExpertRequest,
     ExpertResponse,

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.<name>` (make bench-*); results in docs/results/."""

@@ -108,6 +108,8 @@ class TopicKind(StrEnum):
     EXPERT_REQUEST = "expert"
     REPLY = "reply"
     INFER_REQUEST = "infer"
+    TRAIN_COMMAND = "train-cmd"  # protocol v2 (section 15): coordinator -> device
+    TRAIN_RESULT = "train-up"  # device -> coordinator
 
 
 class ParsedTopic(NamedTuple):
@@ -168,6 +170,18 @@ class Topics:
         """Local inference requests from apps on `device`."""
         return self._topic("infer", _check_id(device, "device"), "req")
 
+    def train_command(self, device: str) -> str:
+        """Training COMMANDs (and their CHUNKs) from the coordinator to `device` (v2, section 15)."""
+        return self._topic("train", _check_id(device, "device"), "cmd")
+
+    def train_result(self, device: str) -> str:
+        """`device`'s training RESULTs (and their CHUNKs) to the coordinator."""
+        return self._topic("train", _check_id(device, "device"), "up")
+
+    def train_result_filter(self) -> str:
+        """Subscription filter of the coordinator: every device's training results."""
+        return self._topic("train", "+", "up")
+
     def parse(self, topic: str) -> ParsedTopic:
         """(kind, id) of a topic of this fleet; ProtocolError for anything else."""
         if not isinstance(topic, str) or len(topic.encode("utf-8", "replace")) > MAX_TOPIC:
@@ -187,6 +201,10 @@ class Topics:
                 )
             case ["infer", device, "req"]:
                 return ParsedTopic(TopicKind.INFER_REQUEST, _check_id(device, "device"))
+            case ["train", device, "cmd"]:
+                return ParsedTopic(TopicKind.TRAIN_COMMAND, _check_id(device, "device"))
+            case ["train", device, "up"]:
+                return ParsedTopic(TopicKind.TRAIN_RESULT, _check_id(device, "device"))
         raise ProtocolError(f"unknown topic {topic[:80]!r}")
 
     def _topic(self, *parts: str) -> str:

@@ -32,8 +32,8 @@ class ProtocolError(ValueError):
     """A payload or message that violates the protocol; the text is a short reason."""
 
 
-def encode_tensor(a: np.ndarray) -> bytes:
-    """Encode a finite float32 or float16 array (dtype 1 or 2)."""
+def encode_tensor(a: np.ndarray, max_bytes: int = MAX_PAYLOAD) -> bytes:
+    """Encode a finite float32 or float16 array (dtype 1 or 2) of at most `max_bytes` of data."""
     if a.dtype == np.float32:
         code = DTYPE_FLOAT32
     elif a.dtype == np.float16:
@@ -43,7 +43,7 @@ def encode_tensor(a: np.ndarray) -> bytes:
     if not np.isfinite(a).all():
         raise ProtocolError("non-finite value in tensor")
     _, wire = _WIRE_DTYPES[code]
-    return _header(code, a.shape, wire.itemsize) + np.ascontiguousarray(a, wire).tobytes()
+    return _header(code, a.shape, wire.itemsize, max_bytes) + np.ascontiguousarray(a, wire).tobytes()
 
 
 def quantize_int8(a: np.ndarray) -> tuple[np.ndarray, float, int]:
@@ -77,8 +77,10 @@ def encode_latent(a: np.ndarray, encoding: Encoding) -> bytes:
     raise ProtocolError(f"unknown latent encoding {encoding!r}")
 
 
-def decode_tensor(buf: memoryview | bytes, offset: int) -> tuple[np.ndarray, Encoding, int]:
-    """Decode one tensor at `offset`: (float32 array, dequantized; encoding; offset after it)."""
+def decode_tensor(buf: memoryview | bytes, offset: int,
+                  max_bytes: int = MAX_PAYLOAD) -> tuple[np.ndarray, Encoding, int]:
+    """Decode one tensor at `offset` with at most `max_bytes` of data: (float32 array,
+    dequantized; encoding; offset after it)."""
     view = byte_view(buf)
     if not 0 <= offset <= len(view):
         raise ProtocolError("tensor offset out of range")
@@ -91,7 +93,7 @@ def decode_tensor(buf: memoryview | bytes, offset: int) -> tuple[np.ndarray, Enc
     shape = _unpack(f"<{ndim}I", view, offset, "tensor dims")
     offset += 4 * ndim
     encoding, wire = _WIRE_DTYPES[code]
-    nbytes = _data_size(shape, wire.itemsize)
+    nbytes = _data_size(shape, wire.itemsize, max_bytes)
     scale, zero_point = 1.0, 0
     if code == DTYPE_INT8:
         scale, zero_point = _unpack("<fb", view, offset, "int8 parameters")
@@ -127,22 +129,22 @@ def _as_float(a: np.ndarray, dtype: type[np.floating]) -> np.ndarray:
         return arr.astype(dtype)
 
 
-def _header(code: int, shape: tuple[int, ...], itemsize: int) -> bytes:
+def _header(code: int, shape: tuple[int, ...], itemsize: int, max_bytes: int = MAX_PAYLOAD) -> bytes:
     """dtype, ndim and dims, after checking the shape against the limits."""
     if not 1 <= len(shape) <= MAX_DIMS:
         raise ProtocolError(f"tensor must have 1..{MAX_DIMS} dims, got {len(shape)}")
-    _data_size(shape, itemsize)
+    _data_size(shape, itemsize, max_bytes)
     return struct.pack(f"<BB{len(shape)}I", code, len(shape), *shape)
 
 
-def _data_size(shape: tuple[int, ...], itemsize: int) -> int:
-    """Bytes of data implied by `shape`; every dim >= 1 and the total <= MAX_PAYLOAD."""
+def _data_size(shape: tuple[int, ...], itemsize: int, max_bytes: int = MAX_PAYLOAD) -> int:
+    """Bytes of data implied by `shape`; every dim >= 1 and the total <= max_bytes."""
     if any(d < 1 for d in shape):
         raise ProtocolError("tensor dims must be >= 1")
     nbytes = itemsize
     for d in shape:
         nbytes *= d
-        if nbytes > MAX_PAYLOAD:
+        if nbytes > max_bytes:
             raise ProtocolError("tensor too large")
     return nbytes
 

@@ -15,7 +15,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -77,7 +77,7 @@ def write_device_data(path: Path, data: DeviceData) -> None:
     _check(path, data)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **cast(dict[str, Any], arrays))  # numpy stubs type **kwds like allow_pickle
     os.replace(tmp, path)
 
 

@@ -1,35 +1,23 @@
 """A device rebuilds its bundle in a process where torch (and toolkit, export, sympy) cannot import."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from absent_packages import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[2]
 
 DEVICE_SCRIPT = r'''
-import importlib.abc
-import sys
-
+import absent_packages
 ABSENT = ("torch", "toolkit", "export", "sympy")  # not in the [agent] extra (sympy: not an onnxruntime dependency)
-
-class Absent(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ABSENT:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, Absent())
-try:
-    import torch  # noqa: F401
-    raise SystemExit("the import block does not work")
-except ModuleNotFoundError:
-    pass
+absent_packages.block(ABSENT)
 
 import contextlib
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +54,8 @@ print(json.dumps(result))
 
 
 def test_rebuild_runs_without_torch(bundles_copy: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT, str(bundles_copy)], check=False, cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT, str(bundles_copy)], check=False, cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result.pop("modules") == [] and result.pop("selfcheck") == 0

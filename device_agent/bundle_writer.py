@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -111,8 +112,9 @@ def write_bundle(dest: Path, manifest: Manifest, write_models: WriteModels, samp
         outside = [str(m.path) for m in models if m.path.parent != scratch]
         if outside:
             raise BundleError(f"{dest}: model files written outside the bundle folder: {', '.join(outside)}")
+        arrays: dict[str, Any] = dict(samples)  # Any: numpy's stub would match a key to savez's own options
         with (scratch / SAMPLES).open("wb") as f:
-            np.savez(f, allow_pickle=False, **samples)
+            np.savez(f, **arrays)
         ref = SamplesRef(SAMPLES, file_sha256(scratch / SAMPLES), (scratch / SAMPLES).stat().st_size)
         full = dataclasses.replace(manifest, models=[m.entry() for m in models], samples=ref)
         (scratch / MANIFEST).write_text(json.dumps(full.to_dict(), indent=2) + "\n")

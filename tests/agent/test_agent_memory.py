@@ -231,7 +231,8 @@ def bad_requests(model: str, latent_dim: int) -> dict[str, tuple[str, bytes, Err
         "reply topic not an inbox": (expert, request_frame(1, z, model, inbox=inbox + "/device-9"),
                                      "dropped_reply_topic"),
         "a response": (expert, encode(ExpertResponse(new_correlation_id(), 1, 5, z)), "dropped_not_request"),
-        "version 2": (expert, valid[:2] + b"\x02" + valid[3:], "dropped_malformed"),
+        "version 3": (expert, valid[:2] + b"\x03" + valid[3:], "dropped_malformed"),  # (was version 2 before v2)
+        "version 2 for version-1 content": (expert, valid[:2] + b"\x02" + valid[3:], ErrorCode.BAD_REQUEST),
         "random bytes": (expert, b"\x8f" * 40, "dropped_malformed"),
         "oversized": (expert, valid + bytes(MAX_PAYLOAD), "dropped_malformed"),
         "non-integer pixels": (infer, request_frame(1, np.full((1, 1, 16, 16), 0.5, np.float32), model),

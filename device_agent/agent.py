@@ -32,6 +32,7 @@ from device_agent.wire.clock import now_ms
 from device_agent.wire.events import Counters, EventLog
 from device_agent.wire.fleet_view import FleetView
 from device_agent.wire.protocol import (
+    PROTOCOL_VERSIONS,
     Caps,
     ErrorCode,
     ErrorResponse,
@@ -39,14 +40,16 @@ from device_agent.wire.protocol import (
     ExpertResponse,
     Presence,
     ProtocolError,
+    RawInput,
     TopicKind,
     Topics,
     encode,
     encode_presence,
     new_correlation_id,
+    raw_input_error,
 )
 from device_agent.wire.requester import Call, CallGroup, ReplyRouter
-from device_agent.wire.tensor_codec import ENCODINGS, Encoding
+from device_agent.wire.tensor_codec import ENCODINGS, TENSOR_ENCODINGS, Encoding
 from device_agent.wire.transport import ConnectionEvent, Publication, Transport, publish_packet_size
 
 
@@ -107,7 +110,7 @@ class Agent:
                    lambda z, _requests: softmax(self.models.expert.run(z))),
             limits, self.topics, self.me, self._publish, self.events)
         self.infer_server = RequestServer(
-            Served("infer", self.expert_id, self.model_version, tuple(m.input.shape), ENCODINGS,
+            Served("infer", self.expert_id, self.model_version, tuple(m.input.shape), TENSOR_ENCODINGS,
                    lambda images, requests: self.infer(images, requests).probs, to_input=_pixels),
             limits, self.topics, self.me, self._publish, self.events)
 
@@ -153,7 +156,10 @@ class Agent:
         """This device's birth presence, stamped now."""
         caps = Caps((RUNTIME_NAMES.get(self.models.format, self.models.format),), ENCODINGS,
                     self.config.limits.max_batch)
-        return Presence(self.me, self.expert_id, "online", self.model_version, caps, time.time())
+        spec = self.bundle.manifest.input
+        raw = RawInput(tuple(spec.shape)) if spec.dtype == "uint8" else None
+        return Presence(self.me, self.expert_id, "online", self.model_version, caps, time.time(),
+                        PROTOCOL_VERSIONS, raw)
 
     # inference -------------------------------------------------------------------------------
 
@@ -349,11 +355,12 @@ class Agent:
             self.counters.add("dropped_topic")
 
 
-def _pixels(x: np.ndarray) -> np.ndarray:
-    """A decoded raw-input tensor as uint8 pixels; ValueError unless every value is an integer 0..255."""
-    if not (np.all((x >= 0) & (x <= 255)) and np.array_equal(x, np.rint(x))):
-        raise ValueError("raw input values must be integers 0..255 (uint8 pixels)")
-    return x.astype(np.uint8)
+def _pixels(request: ExpertRequest) -> np.ndarray:
+    """An inference request's tensor as uint8 pixels; ValueError unless it is a raw input (protocol §6.3)."""
+    error = raw_input_error(request.latent, request.encoding)
+    if error is not None:
+        raise ValueError(error)
+    return request.latent.astype(np.uint8)
 
 
 def _answered_per_request(requests: Sequence[ExpertRequest], have: dict[int, np.ndarray]) -> dict[str, list[int]]:

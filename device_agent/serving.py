@@ -32,7 +32,7 @@ from device_agent.wire.protocol import (
     encode,
     peek_request_route,
 )
-from device_agent.wire.tensor_codec import Encoding
+from device_agent.wire.tensor_codec import TensorEncoding
 
 Publisher = Callable[[str, bytes], None]  # (topic, payload): QoS 0, not retained
 _MAX_U32 = 0xFFFF_FFFF
@@ -46,11 +46,11 @@ class Served:
     expert_id: int
     model_version: str
     row_shape: tuple[int, ...]  # one input without the batch dim
-    encodings: tuple[Encoding, ...]
+    encodings: tuple[TensorEncoding, ...]
     # (inputs [n, *row_shape] of one batch, the requests they came from, in order) -> float32 probs [n, C]
     compute: Callable[[np.ndarray, Sequence[ExpertRequest]], np.ndarray]
-    to_input: Callable[[np.ndarray], np.ndarray] = np.asarray  # decoded tensor -> compute's input;
-    # ValueError means BAD_REQUEST
+    to_input: Callable[[ExpertRequest], np.ndarray] = lambda request: request.latent  # -> compute's
+    # input; ValueError means BAD_REQUEST (its text is the reason)
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ class RequestServer:
         refusal = self._refusal(msg)
         if refusal is None:
             try:
-                inputs = self.served.to_input(msg.latent)
+                inputs = self.served.to_input(msg)
             except ValueError as e:
                 refusal = ErrorCode.BAD_REQUEST, str(e)
         if refusal is not None:

@@ -37,6 +37,8 @@ from device_agent.wire.protocol import (
     encode_presence,
     new_correlation_id,
     peek_request_route,
+    raw_input_encoding,
+    raw_input_error,
 )
 from device_agent.wire.tensor_codec import (
     decode_tensor,
@@ -255,6 +257,21 @@ def test_version_1_vectors_are_version_1_frames_and_v2_vectors_need_version_2() 
     invalid = {v["name"] for v in load_invalid(VECTORS / "v2")}
     assert {"uint8_in_version_1", "version_2_without_version_2_content", "version_3",
             "presence_protocols_without_1", "presence_input_float32"} <= invalid
+
+
+def test_inference_vectors_against_the_raw_input_rule() -> None:
+    """request_infer_fp32_1x1x2x2 is a valid frame that a device answers BAD_REQUEST (0.25 and 0.5 are
+    not pixels); the fp16 (v1) and uint8 (v2) inference vectors are raw inputs (protocol.md §6.3)."""
+    vectors = {v["name"]: v for v in VALID + VALID_V2 if v["name"].startswith("request_infer_")}
+    verdicts = {}
+    for name, v in vectors.items():
+        msg = decode(bytes.fromhex(v["hex"]))
+        assert isinstance(msg, ExpertRequest)
+        verdicts[name] = raw_input_error(msg.latent, msg.encoding)
+    assert verdicts.pop("request_infer_fp32_1x1x2x2") == "raw input values must be integers 0..255 (uint8 pixels)"
+    assert verdicts == {"request_infer_fp16_1x1x2x2": None, "request_infer_uint8_1x1x2x2": None}
+    assert "not int8" in str(raw_input_error(np.zeros((1, 1, 2, 2), np.float32), "int8"))
+    assert raw_input_encoding(None) == "fp16"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from device_agent.wire.tensor_codec import (
     TensorEncoding,
     byte_view,
     encode_tensor_as,
+    is_uint8_valued,
 )
 
 __all__ = [
@@ -70,6 +71,8 @@ __all__ = [
     "encode_presence",
     "new_correlation_id",
     "peek_request_route",
+    "raw_input_encoding",
+    "raw_input_error",
 ]
 
 PRESENCE_VERSION = 1
@@ -263,6 +266,17 @@ def new_correlation_id() -> bytes:
     return os.urandom(CORRELATION_ID_SIZE)
 
 
+def raw_input_error(tensor: np.ndarray, encoding: TensorEncoding) -> str | None:
+    """Why the decoded tensor of an inference request is not a raw input (docs/protocol.md §6.3:
+    integers 0..255 as uint8, fp16 or fp32), or None; its shape is the server's to check."""
+    if encoding == "int8":
+        return ("raw input must be uint8 (protocol 2), fp32 or fp16, not int8 (affine int8 holds "
+                "0..255 exactly only by chance)")
+    if not is_uint8_valued(tensor):
+        return "raw input values must be integers 0..255 (uint8 pixels)"
+    return None
+
+
 def deadline_error(deadline_ms: int, now_ms: int) -> ErrorCode | None:
     """The error a server answers for this deadline at `now_ms`, or None to do the work."""
     if now_ms > deadline_ms:
@@ -415,6 +429,12 @@ class Presence:
     def offline(cls, device: str, expert: int) -> "Presence":
         """The last-will presence of `device`."""
         return cls(device, expert, "offline")
+
+
+def raw_input_encoding(presence: Presence | None) -> TensorEncoding:
+    """How to send a raw input to a device: uint8 when its presence lists version 2, else fp16
+    (which holds every integer 0..255 exactly; §6.3)."""
+    return "uint8" if presence is not None and presence.accepts(2) else "fp16"
 
 
 def encode_presence(p: Presence) -> bytes:

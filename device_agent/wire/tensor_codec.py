@@ -17,6 +17,7 @@ MAX_DIMS = 4
 Encoding = Literal["fp32", "fp16", "int8"]  # latent encodings (presence caps.latent_encodings)
 ENCODINGS: tuple[Encoding, ...] = ("fp32", "fp16", "int8")
 TensorEncoding = Literal["fp32", "fp16", "int8", "uint8"]  # every tensor dtype on the wire
+TENSOR_ENCODINGS: tuple[TensorEncoding, ...] = ("fp32", "fp16", "int8", "uint8")
 ENCODING_VERSIONS: dict[TensorEncoding, int] = {"fp32": 1, "fp16": 1, "int8": 1, "uint8": 2}  # lowest frame version
 
 DTYPE_FLOAT32 = 1

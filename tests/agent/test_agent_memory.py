@@ -26,10 +26,13 @@ from device_agent.wire.protocol import (
     ErrorResponse,
     ExpertResponse,
     Presence,
+    RawInput,
     decode,
+    decode_presence,
     encode,
     encode_presence,
     new_correlation_id,
+    raw_input_encoding,
 )
 
 
@@ -356,6 +359,41 @@ def test_apps_get_the_combined_output_on_their_inbox(bundles: dict[int, Bundle],
     assert np.array_equal(probs[0], local.predict(0, images[:5]).probs)
     assert np.array_equal(probs[1], local.predict(0, images[5:]).probs)
     assert stats["answered"] == 2
+
+
+def test_presence_announces_protocols_and_raw_input(bundles: dict[int, Bundle]) -> None:
+    broker = MemoryBroker()
+    with running(memory_fleet({0: bundles[0]}, broker)):
+        spy = Client(broker.transport("spy"), (TOPICS.presence_filter(),))
+        broker.settle()
+        (_, payload), = spy.received
+        spy.close()
+    presence = decode_presence(payload)
+    assert presence.protocols == (1, 2) and presence.accepts(2)
+    assert presence.input == RawInput(tuple(bundles[0].manifest.input.shape))
+    assert raw_input_encoding(presence) == "uint8"
+
+
+def test_raw_inputs_are_integers_0_to_255_as_uint8_fp16_or_fp32_never_int8(
+        bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    expected = LocalNMoE(bundles, "fp32").predict(0, images[:3]).probs
+    broker = MemoryBroker()
+    replies, sizes = {}, {}
+    with running(memory_fleet(bundles, broker)) as agents:
+        app = Client(broker.transport("app"))
+        for encoding in ("uint8", "fp16", "fp32", "int8"):
+            frame = request_frame(0, images[:3], agents[0].model_version, encoding=encoding)
+            app.publish(TOPICS.infer_request("device-0"), frame)
+            replies[encoding], sizes[encoding] = app.wait_for_reply(decode(frame).correlation_id), len(frame)
+        app.close()
+    for encoding in ("uint8", "fp16", "fp32"):
+        reply = replies[encoding]
+        assert isinstance(reply, ExpertResponse) and np.array_equal(reply.probs, expected), encoding
+    refused = replies["int8"]
+    assert isinstance(refused, ErrorResponse) and refused.code == ErrorCode.BAD_REQUEST
+    assert "not int8" in refused.message
+    pixels = images[:3].size  # 1, 2 and 4 bytes per pixel
+    assert sizes["fp16"] - sizes["uint8"] == pixels and sizes["fp32"] - sizes["fp16"] == 2 * pixels
 
 
 def test_inference_events_name_the_wire_requests_they_served(bundles: dict[int, Bundle], images: np.ndarray,

@@ -1,15 +1,18 @@
 """The device agent: serves its expert and local inference, and classifies with the whole fleet.
 
 `Agent.infer(images)`: preprocess -> extractor -> gate (or random routing) -> top-k among the live
-experts -> its own expert in-process while the other chosen experts are asked concurrently over
-the transport (one REQUEST per expert, at most max_batch rows each) -> combine with the gate
-weights, renormalized over the experts that answered before the deadline. A row whose chosen
-experts all failed is answered by the device's own expert, so an inference never fails while
-the device itself works.
+experts (suspect peers left out) -> its own expert in-process while the other chosen experts are
+asked concurrently over the transport (one REQUEST per expert, at most max_batch rows each) ->
+combine with the gate weights, renormalized over the experts that answered before the deadline.
+A row whose chosen experts all failed is answered by the device's own expert, so an inference
+never fails while the device itself works. `begin` + `finish` are the two halves of `infer`
+around the wait for the peers.
 
 Threads: the transport's thread handles every incoming message (presence, requests are only
-checked and queued, replies are matched); one worker per `RequestServer` runs the models;
-`infer` runs on the caller's thread (or the infer server's worker for `infer/{me}/req`).
+checked and queued, replies are matched by the `Requester`); one worker per `RequestServer` runs
+the models; `infer` runs on the caller's thread. For `infer/{me}/req` the infer server's worker
+runs `begin` and parks the inference (a `Deferred`) until its peers have answered or its deadline
+passed, serving the next requests meanwhile: an inference waits only for the experts it asked.
 """
 
 from __future__ import annotations
@@ -18,24 +21,23 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
 from device_agent.bundle import Bundle
 from device_agent.device_models import RUNTIME_NAMES, DeviceModels, model_version
 from device_agent.nmoe_local import combine, preprocess, softmax
-from device_agent.routing import Route, gate_route, random_live_route
-from device_agent.serving import RequestServer, Served, ServerLimits
+from device_agent.routing import Route, Suspects, gate_route, random_live_route
+from device_agent.serving import Deferred, RequestServer, Served, ServerLimits
 from device_agent.wire.clock import now_ms
 from device_agent.wire.events import Counters, EventLog
 from device_agent.wire.fleet_view import FleetView
 from device_agent.wire.protocol import (
     PROTOCOL_VERSIONS,
     Caps,
-    ErrorCode,
-    ErrorResponse,
     ExpertRequest,
     ExpertResponse,
     Presence,
@@ -45,10 +47,9 @@ from device_agent.wire.protocol import (
     Topics,
     encode,
     encode_presence,
-    new_correlation_id,
     raw_input_error,
 )
-from device_agent.wire.requester import Call, CallGroup, ReplyRouter
+from device_agent.wire.requester import Call, Fate, Requester
 from device_agent.wire.tensor_codec import ENCODINGS, TENSOR_ENCODINGS, Encoding
 from device_agent.wire.transport import ConnectionEvent, Publication, Transport, publish_packet_size
 
@@ -63,6 +64,8 @@ class AgentConfig:
     deadline_ms: int = 1000  # how long an inference waits for peer experts
     limits: ServerLimits = field(default_factory=ServerLimits)
     seed: int = 0  # random routing: the generator is seeded [seed, expert_id], as in LocalNMoE
+    suspect_ms: int = 2000  # a peer that missed a deadline is avoided this long (doubling per miss, max 30 s)
+    busy_backoff_ms: int = 250  # a peer that answered BUSY is avoided this long
 
 
 @dataclass(frozen=True)
@@ -77,11 +80,35 @@ class InferenceResult:
     answered: tuple[int, ...]  # experts whose outputs were combined (own included)
     missing: dict[int, str]  # chosen expert -> why it is not combined (timeout, busy, offline...)
     rerouted: dict[int, int]  # unavailable expert -> inputs routed elsewhere before sending
+    avoided: tuple[int, ...]  # live experts left out of routing because their device is suspect
     fallback_rows: int  # inputs that lost every chosen expert and got the own expert alone
     latency_ms: dict[str, float]  # extract, route, send, own_expert, peers (send to last reply), total
     remote_ms: dict[int, float]  # round trip per peer expert that answered
     bytes_sent: int  # MQTT packets of this inference's requests
     bytes_received: int  # MQTT packets of the replies matched to them
+
+
+@dataclass
+class PendingInference:
+    """An inference between `begin` and `finish`: what was computed and asked so far."""
+
+    requests: Sequence[ExpertRequest]
+    z: np.ndarray  # latents [N, D]
+    route: Route
+    idx: np.ndarray  # [N, k] experts; `finish` puts the own expert first in fallback rows
+    weights: np.ndarray  # [N, k]; renormalized by `finish` over the answers
+    avoided: tuple[int, ...]
+    outputs: dict[int, np.ndarray]  # expert -> probs [N, C] (rows it was asked for)
+    have: dict[int, np.ndarray]  # expert -> [N] bool: rows whose output is in
+    missing: dict[int, str]
+    calls: list[Call[np.ndarray]]  # context: the rows each call asked for
+    until: float  # time.monotonic() when the peers' deadline passes
+    bytes_sent: int
+    marks: dict[str, float]  # time.perf_counter() at start, extracted, routed, sent, own_done
+
+    def ready(self) -> bool:
+        """Every peer has answered (or failed)."""
+        return all(c.fate is not None for c in self.calls)
 
 
 class Agent:
@@ -97,8 +124,9 @@ class Agent:
         self.model_version = model_version(bundle)
         self.topics = Topics(self.config.prefix, self.config.fleet)
         self.inbox = self.topics.reply(self.me)  # ProtocolError for a device id the protocol refuses
-        self.fleet = FleetView(self.me)
-        self.replies = ReplyRouter()
+        self.fleet = FleetView(self.me, self.events)
+        self.requester: Requester[np.ndarray] = Requester(self._publish, self.events)
+        self.suspects = Suspects(self.config.suspect_ms / 1000, self.config.busy_backoff_ms / 1000)
         self.counters = Counters()
         self.connected = threading.Event()
         self._rng = np.random.default_rng([self.config.seed, self.expert_id])
@@ -111,7 +139,7 @@ class Agent:
             limits, self.topics, self.me, self._publish, self.events)
         self.infer_server = RequestServer(
             Served("infer", self.expert_id, self.model_version, tuple(m.input.shape), TENSOR_ENCODINGS,
-                   lambda images, requests: self.infer(images, requests).probs, to_input=_pixels),
+                   self._serve_inference, to_input=_pixels),
             limits, self.topics, self.me, self._publish, self.events)
 
     # lifecycle -------------------------------------------------------------------------------
@@ -147,9 +175,9 @@ class Agent:
         return self.fleet.wait_for(experts - {self.expert_id}, self.model_version, timeout_s)
 
     def stats(self) -> dict[str, dict[str, int | float]]:
-        """Every counter: the agent's, both servers', the reply router's and the presence view's."""
+        """Every counter: the agent's, both servers', the requester's and the presence view's."""
         return {"agent": dict(self.counters.snapshot()), "expert_server": self.expert_server.stats(),
-                "infer_server": self.infer_server.stats(), "replies": dict(self.replies.counters.snapshot()),
+                "infer_server": self.infer_server.stats(), "replies": dict(self.requester.counters.snapshot()),
                 "presence": dict(self.fleet.counters.snapshot())}
 
     def presence(self) -> Presence:
@@ -169,76 +197,113 @@ class Agent:
         `requests`: the inference requests from the wire whose rows `images` are, in order; the
         event log names them by correlation id, with the experts combined for their rows.
         """
-        start = time.perf_counter()
+        pending = self.begin(images, requests)
+        self.requester.wait(pending.calls, pending.until)
+        return self.finish(pending)
+
+    def begin(self, images: np.ndarray, requests: Sequence[ExpertRequest] = (),
+              wake: Callable[[], None] | None = None) -> PendingInference:
+        """Extract, route, ask the peers and run the own expert; `wake()` runs whenever a peer's call
+        ends (on the thread that ended it). `finish` completes it."""
+        marks = {"start": time.perf_counter()}
         deadline_ms = now_ms() + self.config.deadline_ms
         until = time.monotonic() + self.config.deadline_ms / 1000
         z = self.models.extractor.run(preprocess(images, self.bundle.manifest.input))
-        extracted = time.perf_counter()
-        route = self._route(z)
+        marks["extracted"] = time.perf_counter()
+        route, avoided = self._route(z)
         idx, weights = route.experts.copy(), route.weights.copy()
-        routed = time.perf_counter()
-        group = CallGroup()
-        missing, bytes_sent = self._send(z, idx, group, deadline_ms)
-        sent = time.perf_counter()
+        marks["routed"] = time.perf_counter()
+        calls, missing, bytes_sent = self._send(z, idx, deadline_ms, self.config.deadline_ms / 1000, wake)
+        marks["sent"] = time.perf_counter()
         outputs = {int(e): np.zeros((len(z), self.bundle.manifest.num_classes), np.float32)
                    for e in np.unique(idx)}
         have = {e: np.zeros(len(z), bool) for e in outputs}
         if self.expert_id in outputs:
             self._run_own(z, np.nonzero(idx == self.expert_id)[0], outputs, have)
-        own_done = time.perf_counter()
-        group.wait(until)
-        self.replies.forget(group)
+        marks["own_done"] = time.perf_counter()
+        return PendingInference(requests, z, route, idx, weights, avoided, outputs, have, missing, calls, until,
+                                bytes_sent, marks)
+
+    def finish(self, p: PendingInference) -> InferenceResult:
+        """Combine what the peers answered; the calls still unanswered time out now."""
+        self.requester.give_up(p.calls)
         waited = time.perf_counter()
-        remote_ms, bytes_received = self._collect(group, outputs, have, missing)
-        fallback = self._renormalize(z, idx, weights, outputs, have)
-        experts = {e: (lambda _z, e=e: outputs[e][np.nonzero(idx == e)[0]]) for e in outputs}
-        probs = combine(z, idx, weights, experts, self.bundle.manifest.num_classes)
+        remote_ms, bytes_received = self._collect(p)
+        fallback = self._renormalize(p.z, p.idx, p.weights, p.outputs, p.have)
+        experts = {e: (lambda _z, e=e: p.outputs[e][np.nonzero(p.idx == e)[0]]) for e in p.outputs}
+        probs = combine(p.z, p.idx, p.weights, experts, self.bundle.manifest.num_classes)
+        m = p.marks
         result = InferenceResult(
-            id=f"{self.me}-{next(self._ids)}", labels=probs.argmax(axis=1), probs=probs, experts=idx,
-            weights=weights, answered=tuple(sorted(e for e in outputs if have[e].any())),
-            missing={e: missing[e] for e in sorted(missing)}, rerouted=route.rerouted,
+            id=f"{self.me}-{next(self._ids)}", labels=probs.argmax(axis=1), probs=probs, experts=p.idx,
+            weights=p.weights, answered=tuple(sorted(e for e in p.outputs if p.have[e].any())),
+            missing={e: p.missing[e] for e in sorted(p.missing)}, rerouted=p.route.rerouted, avoided=p.avoided,
             fallback_rows=fallback,
-            latency_ms={"extract": _ms(start, extracted), "route": _ms(extracted, routed),
-                        "send": _ms(routed, sent), "own_expert": _ms(sent, own_done),
-                        "peers": _ms(routed, waited),
-                        "total": _ms(start, time.perf_counter())},
-            remote_ms=remote_ms, bytes_sent=bytes_sent, bytes_received=bytes_received)
-        self._record(result, _answered_per_request(requests, have))
+            latency_ms={"extract": _ms(m["start"], m["extracted"]), "route": _ms(m["extracted"], m["routed"]),
+                        "send": _ms(m["routed"], m["sent"]), "own_expert": _ms(m["sent"], m["own_done"]),
+                        "peers": _ms(m["routed"], waited), "total": _ms(m["start"], time.perf_counter())},
+            remote_ms=remote_ms, bytes_sent=p.bytes_sent, bytes_received=bytes_received)
+        self._record(result, _answered_per_request(p.requests, p.have))
         return result
 
-    def _route(self, z: np.ndarray) -> Route:
-        """The chosen experts among those usable right now (only our own while disconnected)."""
-        m = self.bundle.manifest
-        live = {self.expert_id}
-        if self.connected.is_set():
-            live |= {e for e in self.fleet.live_experts(self.model_version) if e < m.num_experts}
-        if self.models.gate is not None:
-            return gate_route(self.models.gate.run(z), m.top_k, live)
-        with self._rng_lock:
-            return random_live_route(len(z), m.num_experts, m.top_k, live, self._rng)
+    def _serve_inference(self, images: np.ndarray, requests: Sequence[ExpertRequest]) -> np.ndarray | Deferred:
+        """The infer server's computation: parked until the peers answered (or the deadline)."""
+        pending = self.begin(images, requests, self.infer_server.wake)
+        if pending.ready():
+            return self.finish(pending).probs
+        return Deferred(pending.until, pending.ready, lambda: self.finish(pending).probs)
 
-    def _send(self, z: np.ndarray, idx: np.ndarray, group: CallGroup,
-              deadline_ms: int) -> tuple[dict[int, str], int]:
-        """One REQUEST per peer expert (per max_batch rows); returns experts not asked, bytes sent."""
+    def _route(self, z: np.ndarray) -> tuple[Route, tuple[int, ...]]:
+        """The chosen experts among those usable right now (only our own while disconnected), and the
+        live experts left out because their device is suspect."""
+        m = self.bundle.manifest
+        live, avoided = {self.expert_id}, set()
+        if self.connected.is_set():
+            usable = {e for e in self.fleet.live_experts(self.model_version) if e < m.num_experts}
+            live |= {e for e in self.fleet.live_experts(self.model_version, self.suspects.avoided())
+                     if e < m.num_experts}
+            avoided = usable - live
+        if self.models.gate is not None:
+            return gate_route(self.models.gate.run(z), m.top_k, live), tuple(sorted(avoided))
+        with self._rng_lock:
+            return random_live_route(len(z), m.num_experts, m.top_k, live, self._rng), tuple(sorted(avoided))
+
+    def _send(self, z: np.ndarray, idx: np.ndarray, deadline_ms: int, wait_s: float,
+              wake: Callable[[], None] | None) -> tuple[list[Call[np.ndarray]], dict[int, str], int]:
+        """One REQUEST per peer expert (per max_batch rows): the calls, experts not asked, bytes sent."""
+        calls: list[Call[np.ndarray]] = []
         missing: dict[int, str] = {}
-        sent = 0
+
+        def settled(call: Call[np.ndarray]) -> None:
+            self._peer_call_ended(call)
+            if wake is not None:
+                wake()
+
         for e in (int(e) for e in np.unique(idx) if e != self.expert_id):
-            peer = self.fleet.peer(e, self.model_version)
-            if peer is None:  # went away since routing
+            peer = self.fleet.peer(e, self.model_version, self.suspects.avoided())
+            if peer is None:  # went away (or became suspect) since routing
                 missing[e] = "offline"
                 continue
             encoding = self.config.latent_encoding
             if encoding not in peer.caps.latent_encodings:
                 encoding = "fp32"
             rows = np.nonzero(idx == e)[0]
-            topic = self.topics.expert_request(e)
             for chunk in np.array_split(rows, math.ceil(len(rows) / peer.caps.max_batch)):
-                cid = new_correlation_id()
-                payload = self._request(cid, e, deadline_ms, z[chunk], encoding)
-                self.replies.track(group, cid, Call(e, chunk, peer.device, time.perf_counter()))
-                self.transport.publish(topic, payload)
-                sent += publish_packet_size(topic, payload)
-        return missing, sent
+                calls.append(self.requester.send(
+                    self.topics.expert_request(e), peer.device, e,
+                    partial(self._request, expert=e, deadline_ms=deadline_ms, latent=z[chunk], encoding=encoding),
+                    wait_s, chunk, settled))
+        return calls, missing, sum(c.request_bytes for c in calls)
+
+    def _peer_call_ended(self, call: Call[np.ndarray]) -> None:
+        """Suspicion and compatibility from how a peer's call ended (any thread)."""
+        if call.fate == Fate.ANSWERED:
+            self.suspects.answered(call.server)
+        elif call.fate == Fate.TIMEOUT:
+            self.suspects.missed(call.server, call.sent_at)
+        elif call.detail == "busy":
+            self.suspects.busy(call.server)
+        elif call.detail == "wrong_model_version":
+            self.fleet.mark_incompatible(call.server)
 
     def _request(self, cid: bytes, expert: int, deadline_ms: int, latent: np.ndarray,
                  encoding: Encoding) -> bytes:
@@ -256,22 +321,20 @@ class Agent:
         outputs[self.expert_id][rows] = softmax(self.models.expert.run(z[rows]))
         have[self.expert_id][rows] = True
 
-    def _collect(self, group: CallGroup, outputs: dict[int, np.ndarray], have: dict[int, np.ndarray],
-                 missing: dict[int, str]) -> tuple[dict[int, float], int]:
-        """Peer answers into `outputs`/`have`; failures into `missing`. Round trips and bytes."""
+    def _collect(self, p: PendingInference) -> tuple[dict[int, float], int]:
+        """Peer answers into `p.outputs`/`p.have`; failures into `p.missing`. Round trips and bytes."""
         remote_ms: dict[int, float] = {}
         received = 0
-        for call in group.calls.values():
-            reply, received = call.reply, received + call.reply_bytes
-            if isinstance(reply, ExpertResponse) and reply.probs.shape == (len(call.rows), outputs[call.expert].shape[1]):
-                outputs[call.expert][call.rows] = reply.probs
-                have[call.expert][call.rows] = True
+        for call in p.calls:
+            reply, rows, received = call.reply, call.context, received + call.reply_bytes
+            out = p.outputs[call.expert]
+            if isinstance(reply, ExpertResponse) and reply.probs.shape == (len(rows), out.shape[1]):
+                out[rows] = reply.probs
+                p.have[call.expert][rows] = True
                 remote_ms[call.expert] = max(remote_ms.get(call.expert, 0.0), 1000 * (call.round_trip_s or 0.0))
                 continue
-            if isinstance(reply, ErrorResponse) and reply.code == ErrorCode.WRONG_MODEL_VERSION:
-                self.fleet.mark_incompatible(call.device)
-            missing[call.expert] = ("timeout" if reply is None else "bad_response" if isinstance(reply, ExpertResponse)
-                                    else reply.code.name.lower())
+            p.missing[call.expert] = ("bad_response" if call.fate == Fate.ANSWERED
+                                      else call.detail or str(call.fate))
         return remote_ms, received
 
     def _renormalize(self, z: np.ndarray, idx: np.ndarray, weights: np.ndarray,
@@ -304,11 +367,13 @@ class Agent:
         self.counters.add("inputs", len(r.labels))
         self.counters.add("inputs_rerouted", sum(r.rerouted.values()))
         self.counters.add("experts_missing", len(r.missing))
+        self.counters.add("experts_avoided", len(r.avoided))
         self.counters.add("fallback_rows", r.fallback_rows)
         self.events.emit("inference", id=r.id, inputs=len(r.labels),
                          chosen=sorted({int(e) for e in np.unique(r.experts)}), answered=list(r.answered),
                          missing={str(e): why for e, why in r.missing.items()},
-                         rerouted={str(e): n for e, n in r.rerouted.items()}, fallback_rows=r.fallback_rows,
+                         rerouted={str(e): n for e, n in r.rerouted.items()}, avoided=list(r.avoided),
+                         fallback_rows=r.fallback_rows,
                          latency_ms=r.latency_ms, remote_ms={str(e): ms for e, ms in r.remote_ms.items()},
                          bytes_sent=r.bytes_sent, bytes_received=r.bytes_received,
                          requests=requests)
@@ -337,9 +402,10 @@ class Agent:
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         try:
-            kind, target, _ = self.topics.parse(topic)
-        except ProtocolError:
+            kind, target, sender = self.topics.parse(topic)
+        except ProtocolError as e:
             self.counters.add("dropped_topic")
+            self.events.malformed("topic", str(e), topic)
             return
         if kind == TopicKind.PRESENCE:
             status = self.fleet.update(str(target), payload)
@@ -349,8 +415,8 @@ class Agent:
             self.expert_server.submit(payload)
         elif kind == TopicKind.INFER_REQUEST and target == self.me:
             self.infer_server.submit(payload)
-        elif kind == TopicKind.REPLY and target == self.me:
-            self.replies.deliver(payload, publish_packet_size(topic, payload))
+        elif kind == TopicKind.REPLY and target == self.me and sender is not None:
+            self.requester.deliver(sender, payload, publish_packet_size(topic, payload))
         else:
             self.counters.add("dropped_topic")
 

@@ -2,12 +2,16 @@
 
 With every expert live these are exactly `top_k_route` / `random_route` (so an agent matches
 `LocalNMoE`). Otherwise an unavailable expert is replaced by the next-best live one by gate logit
-(gate routing) or by another random live one (random routing), keeping k experts per input while
-at least k are live.
+(gate routing; the weights are the softmax over the logits of the re-routed set) or by another
+random live one (random routing), keeping k experts per input while at least k are live.
+`Suspects` takes peers that recently missed a deadline or answered BUSY out of the live set for a
+while.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -58,3 +62,49 @@ def random_live_route(n: int, num_experts: int, k: int, live: Collection[int],
 def _unavailable(wanted: np.ndarray, live: np.ndarray) -> dict[int, int]:
     """How many inputs wanted each expert that is not live."""
     return dict(sorted(Counter(int(e) for e in wanted[~np.isin(wanted, live)]).items()))
+
+
+class Suspects:
+    """Devices to route around for a while (docs/agent.md, "Suspect peers").
+
+    A peer that let a request time out is avoided for `missed_s`; every further timeout of a
+    request sent after that back-off began doubles it, up to `max_s`; any answer from the peer ends
+    it. A peer that answered BUSY is avoided for `busy_s` (the protocol's MAY). Requests already
+    in flight to a suspect are still waited for: only new inputs are re-routed.
+    """
+
+    def __init__(self, missed_s: float, busy_s: float, max_s: float = 30.0) -> None:
+        self.missed_s, self.busy_s, self.max_s = missed_s, busy_s, max_s
+        self._lock = threading.Lock()
+        self._until: dict[str, float] = {}  # device -> time.monotonic() until which it is avoided
+        self._since: dict[str, float] = {}  # device -> when its current timeout back-off began
+        self._level: dict[str, int] = {}  # device -> consecutive timeout back-offs
+
+    def missed(self, device: str, sent_at: float) -> None:
+        """A request sent to `device` at `sent_at` (time.monotonic()) timed out."""
+        now = time.monotonic()
+        with self._lock:
+            if sent_at < self._since.get(device, float("-inf")):
+                return  # sent before the current back-off began: the same incident
+            level = self._level[device] = self._level.get(device, 0) + 1
+            self._since[device] = now
+            backoff = min(self.missed_s * 2 ** (level - 1), self.max_s)
+            self._until[device] = max(self._until.get(device, now), now + backoff)
+
+    def busy(self, device: str) -> None:
+        """`device` answered BUSY."""
+        now = time.monotonic()
+        with self._lock:
+            self._until[device] = max(self._until.get(device, now), now + self.busy_s)
+
+    def answered(self, device: str) -> None:
+        """`device` answered: it is not suspect any more."""
+        with self._lock:
+            for state in (self._until, self._since, self._level):
+                state.pop(device, None)
+
+    def avoided(self) -> set[str]:
+        """The devices to route around now."""
+        now = time.monotonic()
+        with self._lock:
+            return {d for d, until in self._until.items() if until > now}

@@ -1,5 +1,6 @@
 """Agent logic over the in-memory broker: routing, re-routing, failures, serving, batching, fuzzing."""
 
+import io
 import json
 import threading
 import time
@@ -8,7 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fleet_helpers import TOPICS, Client, fake_peer, request_frame, running, start_agents
+from fleet_helpers import (
+    TOPICS,
+    Client,
+    TimedApp,
+    fake_peer,
+    images_by_need,
+    request_frame,
+    running,
+    start_agents,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -131,7 +141,8 @@ def test_silent_peers_time_out_weights_renormalize_and_rows_fall_back(
 @pytest.mark.parametrize("code", [ErrorCode.BUSY, ErrorCode.INTERNAL, ErrorCode.WRONG_MODEL_VERSION])
 def test_error_answers_leave_the_expert_out(code: ErrorCode, bundles: dict[int, Bundle], images: np.ndarray) -> None:
     broker = MemoryBroker()
-    with running(memory_fleet({e: bundles[e] for e in (0, 1)}, broker)) as agents:
+    config = AgentConfig(busy_backoff_ms=0)  # asked again at once after BUSY (the back-off has its own test)
+    with running(memory_fleet({e: bundles[e] for e in (0, 1)}, broker, config=config)) as agents:
         erring = fake_peer(broker.transport("device-2"), "device-2", 2, agents[0].model_version,
                            lambda r: ErrorResponse(r.correlation_id, code, r.expert_id, "no"))
         assert agents[0].wait_for_experts({2}, 5)
@@ -493,3 +504,77 @@ def test_latents_beyond_fp16_range_travel_as_fp32(bundles: dict[int, Bundle], im
     assert small.missing == {} and huge.missing == {} and set(huge.answered) == {0, 1, 2}
     values_sent = len(images) * bundles[0].manifest.latent_dim  # rows sent to the one other chosen expert
     assert huge.bytes_sent > 4 * values_sent > small.bytes_sent
+
+
+def test_a_frozen_peer_delays_only_the_inferences_that_asked_it(
+        bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    """Issue 9, defect 2: device-2 never answers (frozen, still "online"). An app's inference that needs
+    expert 2 waits out the deadline; the ones sent right after it that need only experts 0 and 1 are
+    answered at once (head-of-line blocking would delay them by the deadline too); after the first
+    deadline miss device-2 is suspect and inputs that chose it are re-routed before sending."""
+    deadline_s = 1.5
+    local = LocalNMoE(bundles, "fp32")
+    needs_2, without_2 = images_by_need(local, 0, 2, images)
+    broker = MemoryBroker()
+    config = AgentConfig(deadline_ms=int(deadline_s * 1000), suspect_ms=60_000)
+    with running(memory_fleet({e: bundles[e] for e in (0, 1)}, broker, config=config)) as agents:
+        frozen = fake_peer(broker.transport("device-2"), "device-2", 2, agents[0].model_version, lambda r: None)
+        assert agents[0].wait_for_experts({2}, 5)
+        app = TimedApp(broker.transport("app"), "device-0", 0, agents[0].model_version)
+        alone = [app.latency(*app.send(image)) for image in without_2[:3]]
+        slow = app.send(needs_2[0])
+        time.sleep(0.05)
+        unrelated = [app.send(image) for image in without_2[:5]]
+        unrelated_s = [app.latency(*sent) for sent in unrelated]
+        slow_s = app.latency(*slow)
+        rerouted_s = app.latency(*app.send(needs_2[1]))  # device-2 is suspect now
+        stats = agents[0].stats()
+        app.client.close()
+        frozen.close()
+    assert slow_s >= deadline_s * 0.95
+    assert max(unrelated_s) < 0.3 * deadline_s, (alone, unrelated_s)  # alone: a few ms
+    assert rerouted_s < 0.3 * deadline_s
+    assert stats["replies"]["timed_out"] == 1 and stats["agent"]["experts_avoided"] >= 1
+    assert stats["infer_server"]["answered"] == 3 + 1 + 5 + 1
+
+
+def test_busy_peers_are_avoided_briefly(bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    broker = MemoryBroker()
+    config = AgentConfig(busy_backoff_ms=400)
+    with running(memory_fleet({e: bundles[e] for e in (0, 1)}, broker, config=config)) as agents:
+        busy = fake_peer(broker.transport("device-2"), "device-2", 2, agents[0].model_version,
+                         lambda r: ErrorResponse(r.correlation_id, ErrorCode.BUSY, r.expert_id, "queue full"))
+        assert agents[0].wait_for_experts({2}, 5)
+        first = agents[0].infer(images)
+        during = agents[0].infer(images)
+        time.sleep(0.5)
+        after = agents[0].infer(images)
+        busy.close()
+    assert first.missing == {2: "busy"} and first.avoided == ()
+    assert during.missing == {} and during.avoided == (2,) and during.rerouted.get(2, 0) > 0
+    assert after.missing == {2: "busy"} and after.avoided == ()
+
+
+def test_malformed_payloads_are_logged_rate_limited(bundles: dict[int, Bundle], tmp_path: Path) -> None:
+    """Protocol §10: besides the counters, malformed payloads show up on stderr and in the events file,
+    at most one line per kind of topic per interval, with how many were suppressed."""
+    log, echo = tmp_path / "events.jsonl", io.StringIO()
+    broker = MemoryBroker()
+    agent = Agent(bundles[0], broker.transport("device-0"), DeviceModels.open(bundles[0]),
+                  events=EventLog(log, echo=echo))
+    agent.start()
+    app = Client(broker.transport("app"))
+    for _ in range(20):
+        for topic in (TOPICS.expert_request(0), TOPICS.infer_request("device-0"), TOPICS.presence("device-7"),
+                      TOPICS.reply_from("device-0", "device-1"), "nmoe/default/reply/device-0/b@d"):
+            app.publish(topic, b"NM\x01\x01junk")
+    broker.settle()
+    agent.stop()
+    app.close()
+    malformed = [e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "malformed"]
+    assert sorted(e["where"] for e in malformed) == ["expert", "infer", "presence", "reply", "topic"]
+    assert next(e for e in malformed if e["where"] == "expert")["reason"] == "truncated header"
+    assert next(e for e in malformed if e["where"] == "presence")["source"] == "device-7"
+    assert echo.getvalue().count("nmoe agent: malformed") == 5
+    stats = agent.stats()
+    assert stats["expert_server"]["dropped_malformed"] == 20 and stats["presence"]["invalid"] == 20

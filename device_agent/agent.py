@@ -81,6 +81,7 @@ class InferenceResult:
     missing: dict[int, str]  # chosen expert -> why it is not combined (timeout, busy, offline...)
     rerouted: dict[int, int]  # unavailable expert -> inputs routed elsewhere before sending
     avoided: tuple[int, ...]  # live experts left out of routing because their device is suspect
+    zero_weight_skipped: int  # (input, peer expert) pairs not asked: the gate weight was exactly 0
     fallback_rows: int  # inputs that lost every chosen expert and got the own expert alone
     latency_ms: dict[str, float]  # extract, route, send, own_expert, peers (send to last reply), total
     remote_ms: dict[int, float]  # round trip per peer expert that answered
@@ -101,6 +102,7 @@ class PendingInference:
     outputs: dict[int, np.ndarray]  # expert -> probs [N, C] (rows it was asked for)
     have: dict[int, np.ndarray]  # expert -> [N] bool: rows whose output is in
     missing: dict[int, str]
+    skipped: np.ndarray  # [N, k] bool: peer choices not asked because their weight is exactly 0
     calls: list[Call[np.ndarray]]  # context: the rows each call asked for
     until: float  # time.monotonic() when the peers' deadline passes
     bytes_sent: int
@@ -213,7 +215,9 @@ class Agent:
         route, avoided = self._route(z)
         idx, weights = route.experts.copy(), route.weights.copy()
         marks["routed"] = time.perf_counter()
-        calls, missing, bytes_sent = self._send(z, idx, deadline_ms, self.config.deadline_ms / 1000, wake)
+        skipped = (weights == 0) & (idx != self.expert_id)  # contributes exactly 0: not worth asking
+        calls, missing, bytes_sent = self._send(z, np.where(skipped, -1, idx), deadline_ms,
+                                                self.config.deadline_ms / 1000, wake)
         marks["sent"] = time.perf_counter()
         outputs = {int(e): np.zeros((len(z), self.bundle.manifest.num_classes), np.float32)
                    for e in np.unique(idx)}
@@ -221,15 +225,15 @@ class Agent:
         if self.expert_id in outputs:
             self._run_own(z, np.nonzero(idx == self.expert_id)[0], outputs, have)
         marks["own_done"] = time.perf_counter()
-        return PendingInference(requests, z, route, idx, weights, avoided, outputs, have, missing, calls, until,
-                                bytes_sent, marks)
+        return PendingInference(requests, z, route, idx, weights, avoided, outputs, have, missing, skipped, calls,
+                                until, bytes_sent, marks)
 
     def finish(self, p: PendingInference) -> InferenceResult:
         """Combine what the peers answered; the calls still unanswered time out now."""
         self.requester.give_up(p.calls)
         waited = time.perf_counter()
         remote_ms, bytes_received = self._collect(p)
-        fallback = self._renormalize(p.z, p.idx, p.weights, p.outputs, p.have)
+        fallback = self._renormalize(p.z, p.idx, p.weights, p.outputs, p.have, p.skipped)
         experts = {e: (lambda _z, e=e: p.outputs[e][np.nonzero(p.idx == e)[0]]) for e in p.outputs}
         probs = combine(p.z, p.idx, p.weights, experts, self.bundle.manifest.num_classes)
         m = p.marks
@@ -237,7 +241,7 @@ class Agent:
             id=f"{self.me}-{next(self._ids)}", labels=probs.argmax(axis=1), probs=probs, experts=p.idx,
             weights=p.weights, answered=tuple(sorted(e for e in p.outputs if p.have[e].any())),
             missing={e: p.missing[e] for e in sorted(p.missing)}, rerouted=p.route.rerouted, avoided=p.avoided,
-            fallback_rows=fallback,
+            zero_weight_skipped=int(p.skipped.sum()), fallback_rows=fallback,
             latency_ms={"extract": _ms(m["start"], m["extracted"]), "route": _ms(m["extracted"], m["routed"]),
                         "send": _ms(m["routed"], m["sent"]), "own_expert": _ms(m["sent"], m["own_done"]),
                         "peers": _ms(m["routed"], waited), "total": _ms(m["start"], time.perf_counter())},
@@ -269,7 +273,8 @@ class Agent:
 
     def _send(self, z: np.ndarray, idx: np.ndarray, deadline_ms: int, wait_s: float,
               wake: Callable[[], None] | None) -> tuple[list[Call[np.ndarray]], dict[int, str], int]:
-        """One REQUEST per peer expert (per max_batch rows): the calls, experts not asked, bytes sent."""
+        """One REQUEST per peer expert (per max_batch rows; `idx` -1: not asked): the calls, experts not
+        asked, bytes sent."""
         calls: list[Call[np.ndarray]] = []
         missing: dict[int, str] = {}
 
@@ -278,7 +283,7 @@ class Agent:
             if wake is not None:
                 wake()
 
-        for e in (int(e) for e in np.unique(idx) if e != self.expert_id):
+        for e in (int(e) for e in np.unique(idx) if e not in (self.expert_id, -1)):
             peer = self.fleet.peer(e, self.model_version, self.suspects.avoided())
             if peer is None:  # went away (or became suspect) since routing
                 missing[e] = "offline"
@@ -337,14 +342,15 @@ class Agent:
                                       else call.detail or str(call.fate))
         return remote_ms, received
 
-    def _renormalize(self, z: np.ndarray, idx: np.ndarray, weights: np.ndarray,
-                     outputs: dict[int, np.ndarray], have: dict[int, np.ndarray]) -> int:
-        """Weights over the answers each row got (rows with every answer keep theirs bit for bit);
-        a row without any answer gets the own expert alone. Returns how many rows fell back."""
-        answered = np.zeros(idx.shape, bool)
+    def _renormalize(self, z: np.ndarray, idx: np.ndarray, weights: np.ndarray, outputs: dict[int, np.ndarray],
+                     have: dict[int, np.ndarray], skipped: np.ndarray) -> int:
+        """Weights over the answers each row got (rows with every answer keep theirs bit for bit; a
+        zero-weight choice that was skipped counts as answered with 0); a row without any answer gets
+        the own expert alone. Returns how many rows fell back."""
+        answered = skipped.copy()
         for e in outputs:
             r, s = np.nonzero(idx == e)
-            answered[r, s] = have[e][r]
+            answered[r, s] |= have[e][r]
         lost = ~answered.all(axis=1)
         if not lost.any():
             return 0
@@ -368,12 +374,13 @@ class Agent:
         self.counters.add("inputs_rerouted", sum(r.rerouted.values()))
         self.counters.add("experts_missing", len(r.missing))
         self.counters.add("experts_avoided", len(r.avoided))
+        self.counters.add("zero_weight_skipped", r.zero_weight_skipped)
         self.counters.add("fallback_rows", r.fallback_rows)
         self.events.emit("inference", id=r.id, inputs=len(r.labels),
                          chosen=sorted({int(e) for e in np.unique(r.experts)}), answered=list(r.answered),
                          missing={str(e): why for e, why in r.missing.items()},
                          rerouted={str(e): n for e, n in r.rerouted.items()}, avoided=list(r.avoided),
-                         fallback_rows=r.fallback_rows,
+                         zero_weight_skipped=r.zero_weight_skipped, fallback_rows=r.fallback_rows,
                          latency_ms=r.latency_ms, remote_ms={str(e): ms for e, ms in r.remote_ms.items()},
                          bytes_sent=r.bytes_sent, bytes_received=r.bytes_received,
                          requests=requests)
@@ -430,8 +437,8 @@ def _pixels(request: ExpertRequest) -> np.ndarray:
 
 
 def _answered_per_request(requests: Sequence[ExpertRequest], have: dict[int, np.ndarray]) -> dict[str, list[int]]:
-    """Correlation id (hex) of each wire request -> the experts that answered for its rows (a peer
-    whose gate weight underflowed to 0 still counts: it was asked and answered)."""
+    """Correlation id (hex) of each wire request -> the experts combined for its rows (a peer whose
+    gate weight is exactly 0 was not asked and is not listed)."""
     bounds = np.cumsum([0, *(len(q.latent) for q in requests)])
     return {q.correlation_id.hex(): sorted(e for e, rows in have.items() if rows[a:b].any())
             for q, a, b in zip(requests, bounds[:-1], bounds[1:], strict=True)}

@@ -26,6 +26,7 @@ from device_agent.agent import Agent, AgentConfig
 from device_agent.bundle import Bundle
 from device_agent.device_models import DeviceModels, model_version
 from device_agent.nmoe_local import LocalNMoE, combine
+from device_agent.runtime import Runtime
 from device_agent.serving import ServerLimits
 from device_agent.wire.clock import now_ms
 from device_agent.wire.events import EventLog
@@ -484,19 +485,22 @@ def test_concurrent_inferences_from_threads(bundles: dict[int, Bundle], images: 
 
 
 class Scaled:
-    """A runtime whose outputs are multiplied by `factor`."""
+    """A runtime whose inputs and outputs are multiplied by factors."""
 
-    def __init__(self, inner: DeviceModels, factor: float) -> None:
-        self.inner, self.factor, self.name = inner.extractor, factor, "scaled"
+    def __init__(self, inner: Runtime, inputs: float = 1.0, outputs: float = 1.0) -> None:
+        self.inner, self.inputs, self.outputs, self.name = inner, np.float32(inputs), np.float32(outputs), "scaled"
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.inner.run(x) * np.float32(self.factor)
+        return self.inner.run(x * self.inputs) * self.outputs
 
 
 def test_latents_beyond_fp16_range_travel_as_fp32(bundles: dict[int, Bundle], images: np.ndarray) -> None:
     broker = MemoryBroker()
     plain = DeviceModels.open(bundles[0])
-    models = {0: DeviceModels(Scaled(plain, 1e6), plain.gate, plain.expert, plain.format)}
+    assert plain.gate is not None
+    # latents x 1e6; the gate sees them unscaled, so that its weights stay > 0 and the peers are asked
+    models = {0: DeviceModels(Scaled(plain.extractor, outputs=1e6), Scaled(plain.gate, inputs=1e-6), plain.expert,
+                              plain.format)}
     config = AgentConfig(latent_encoding="fp16")
     with running(memory_fleet(bundles, broker, config=config, models=models)) as agents:
         small = agents[1].infer(images)  # fits: fp16, 2 bytes per value
@@ -578,3 +582,37 @@ def test_malformed_payloads_are_logged_rate_limited(bundles: dict[int, Bundle], 
     assert echo.getvalue().count("nmoe agent: malformed") == 5
     stats = agent.stats()
     assert stats["expert_server"]["dropped_malformed"] == 20 and stats["presence"]["invalid"] == 20
+
+
+def test_peers_with_a_zero_gate_weight_are_not_asked(bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    """Issue 9, defect 5: a chosen peer whose weight is exactly 0 is skipped; the output is unchanged
+    bit for bit (LocalNMoE asks every chosen expert). Gate logits x 1000 put an exact 0 on every
+    choice but the best (as FedGate's top-2 does for ~14% of Fashion-MNIST inputs)."""
+    local = LocalNMoE(bundles, "fp32")
+    local.gates[0] = Scaled(local.gates[0], outputs=1000)
+    expected = local.predict(0, images)
+    plain = DeviceModels.open(bundles[0])
+    assert plain.gate is not None
+    models = {0: DeviceModels(plain.extractor, Scaled(plain.gate, outputs=1000), plain.expert, plain.format)}
+    peer_zero = (expected.weights == 0) & (expected.experts != 0)
+    asked = {e: int(((expected.experts == e) & ~peer_zero).any(axis=1).sum()) for e in (1, 2)}
+    own_only = ((expected.experts == 0) | peer_zero).all(axis=1)  # every peer choice has weight 0
+    assert peer_zero.any() and own_only.any() and sum(asked.values()) > 0
+    broker = MemoryBroker()
+    with running(memory_fleet(bundles, broker, models=models)) as agents:
+        spy = Client(broker.transport("spy"), (TOPICS.expert_request(1), TOPICS.expert_request(2)))
+        result = agents[0].infer(images)
+        broker.settle()
+        rows_sent = {e: sum(len(m.latent) for t, m in spy.wait_for(len(spy.received)) if t == TOPICS.expert_request(e))
+                     for e in (1, 2)}
+        sent_before = len(spy.received)
+        alone = agents[0].infer(images[own_only])
+        broker.settle()
+        stats = agents[0].stats()["agent"]
+        spy.close()
+    assert np.array_equal(result.probs, expected.probs) and np.array_equal(result.weights, expected.weights)
+    assert result.zero_weight_skipped == int(peer_zero.sum()) and result.missing == {}
+    assert rows_sent == asked  # only the rows whose weight for that expert is not 0
+    assert len(spy.received) == sent_before and alone.answered == (0,) and alone.bytes_sent == 0
+    assert np.array_equal(alone.probs, local.predict(0, images[own_only]).probs)
+    assert stats["zero_weight_skipped"] == result.zero_weight_skipped + alone.zero_weight_skipped

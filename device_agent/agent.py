@@ -31,6 +31,7 @@ from device_agent.bundle import Bundle
 from device_agent.device_models import RUNTIME_NAMES, DeviceModels, model_version
 from device_agent.nmoe_local import combine, preprocess, softmax
 from device_agent.routing import Route, Suspects, gate_route, random_live_route
+from device_agent.sample_check import check_against_samples
 from device_agent.serving import Deferred, RequestServer, Served, ServerLimits
 from device_agent.wire.clock import now_ms
 from device_agent.wire.events import Counters, EventLog
@@ -66,6 +67,7 @@ class AgentConfig:
     seed: int = 0  # random routing: the generator is seeded [seed, expert_id], as in LocalNMoE
     suspect_ms: int = 2000  # a peer that missed a deadline is avoided this long (doubling per miss, max 30 s)
     busy_backoff_ms: int = 250  # a peer that answered BUSY is avoided this long
+    check_samples: bool = True  # refuse to start (BundleError) when the models do not reproduce samples.npz
 
 
 @dataclass(frozen=True)
@@ -114,13 +116,18 @@ class PendingInference:
 
 
 class Agent:
-    """One device: its bundle's models, a transport, and the fleet it sees through presence."""
+    """One device: its bundle's models, a transport, and the fleet it sees through presence.
+
+    BundleError at construction when its models do not reproduce the bundle's samples.npz
+    (`sample_check`; off with `AgentConfig(check_samples=False)`)."""
 
     def __init__(self, bundle: Bundle, transport: Transport, models: DeviceModels,
                  config: AgentConfig | None = None, events: EventLog | None = None) -> None:
         m = bundle.manifest
         self.bundle, self.transport, self.models = bundle, transport, models
         self.config = config or AgentConfig()
+        if self.config.check_samples:
+            check_against_samples(bundle, models)
         self.events = events or EventLog()
         self.me, self.expert_id = m.device_id, m.expert_id
         self.model_version = model_version(bundle)

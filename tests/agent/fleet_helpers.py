@@ -1,14 +1,19 @@
 """Helpers of the agent tests: fleets of agents, a raw protocol client, a fake peer."""
 
+import hashlib
+import io
+import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
 from device_agent.agent import Agent, AgentConfig
-from device_agent.bundle import Bundle
+from device_agent.bundle import MANIFEST, Bundle, load_bundle
 from device_agent.device_models import DeviceModels
 from device_agent.nmoe_local import LocalNMoE
 from device_agent.wire.clock import now_ms
@@ -172,3 +177,19 @@ def wait_online(transport: Transport, experts: set[int], model: str, timeout_s: 
         assert fleet.wait_for(experts, model, timeout_s), f"experts {experts} not online in {timeout_s} s"
     finally:
         watcher.close()
+
+
+def with_samples(bundle: Bundle, out: Path, change: Callable[[dict[str, np.ndarray]], None]) -> Bundle:
+    """A copy of `bundle` in `out` whose samples.npz is changed by `change` (the manifest's sha256 and
+    size updated, so that the bundle still verifies)."""
+    shutil.copytree(bundle.path, out)
+    samples = bundle.samples()
+    change(samples)
+    buffer = io.BytesIO()
+    np.savez(buffer, **samples)
+    data = buffer.getvalue()
+    (out / "samples.npz").write_bytes(data)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["samples"] |= {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return load_bundle(out)

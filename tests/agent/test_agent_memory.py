@@ -4,7 +4,7 @@ import io
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +18,13 @@ from fleet_helpers import (
     request_frame,
     running,
     start_agents,
+    with_samples,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from device_agent.agent import Agent, AgentConfig
-from device_agent.bundle import Bundle
+from device_agent.bundle import Bundle, BundleError
 from device_agent.device_models import DeviceModels, model_version
 from device_agent.nmoe_local import LocalNMoE, combine
 from device_agent.runtime import Runtime
@@ -179,7 +180,8 @@ def serve_slowly(bundles: dict[int, Bundle], limits: ServerLimits, requests: int
     models = DeviceModels.open(bundles[1])
     slow = SlowExpert(models, 0.03)
     models = DeviceModels(models.extractor, models.gate, slow, models.format)
-    agent = Agent(bundles[1], broker.transport("device-1"), models, AgentConfig(limits=limits))
+    # check_samples=False: the start-up check's own expert call would count among the batches
+    agent = Agent(bundles[1], broker.transport("device-1"), models, AgentConfig(limits=limits, check_samples=False))
     agent.start()
     app = Client(broker.transport("app"))
     latents = np.random.default_rng(0).normal(size=(requests, 2, bundles[1].manifest.latent_dim)).astype(np.float32)
@@ -501,7 +503,7 @@ def test_latents_beyond_fp16_range_travel_as_fp32(bundles: dict[int, Bundle], im
     # latents x 1e6; the gate sees them unscaled, so that its weights stay > 0 and the peers are asked
     models = {0: DeviceModels(Scaled(plain.extractor, outputs=1e6), Scaled(plain.gate, inputs=1e-6), plain.expert,
                               plain.format)}
-    config = AgentConfig(latent_encoding="fp16")
+    config = AgentConfig(latent_encoding="fp16", check_samples=False)  # device-0's models are altered on purpose
     with running(memory_fleet(bundles, broker, config=config, models=models)) as agents:
         small = agents[1].infer(images)  # fits: fp16, 2 bytes per value
         huge = agents[0].infer(images)
@@ -599,7 +601,8 @@ def test_peers_with_a_zero_gate_weight_are_not_asked(bundles: dict[int, Bundle],
     own_only = ((expected.experts == 0) | peer_zero).all(axis=1)  # every peer choice has weight 0
     assert peer_zero.any() and own_only.any() and sum(asked.values()) > 0
     broker = MemoryBroker()
-    with running(memory_fleet(bundles, broker, models=models)) as agents:
+    config = AgentConfig(check_samples=False)  # device-0's gate is altered on purpose
+    with running(memory_fleet(bundles, broker, models=models, config=config)) as agents:
         spy = Client(broker.transport("spy"), (TOPICS.expert_request(1), TOPICS.expert_request(2)))
         result = agents[0].infer(images)
         broker.settle()
@@ -616,3 +619,19 @@ def test_peers_with_a_zero_gate_weight_are_not_asked(bundles: dict[int, Bundle],
     assert len(spy.received) == sent_before and alone.answered == (0,) and alone.bytes_sent == 0
     assert np.array_equal(alone.probs, local.predict(0, images[own_only]).probs)
     assert stats["zero_weight_skipped"] == result.zero_weight_skipped + alone.zero_weight_skipped
+
+
+def test_an_agent_refuses_to_start_when_its_models_do_not_reproduce_the_samples(
+        bundles: dict[int, Bundle], tmp_path: Path) -> None:
+    """docs/bundle.md: a device checks its runtime against samples.npz; a wrong expected output (or a
+    wrong runtime) is one clear error at start, not a device that starts normally."""
+    def shift(key: str) -> Callable[[dict[str, np.ndarray]], None]:
+        return lambda samples: samples.__setitem__(key, np.roll(samples[key], 1, axis=0))
+
+    broker = MemoryBroker()
+    for key, role in (("expert_probs", "expert"), ("latent", "extractor"), ("gate_logits", "gate")):
+        wrong = with_samples(bundles[0], tmp_path / key, shift(key))
+        with pytest.raises(BundleError, match=f"samples.npz: the {role} \\(onnx\\) differs from the expected {key}"):
+            Agent(wrong, broker.transport("device-0"), DeviceModels.open(wrong))
+    for precision, format in (("fp32", "onnx"), ("int8", "onnx"), ("int8", "tflite")):  # the bundles' own pass
+        Agent(bundles[0], broker.transport("device-0"), DeviceModels.open(bundles[0], precision, format))

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fleet_helpers import TOPICS, Client, TimedApp, images_by_need, request_frame, wait_online
+from fleet_helpers import (
+    TOPICS,
+    Client,
+    TimedApp,
+    images_by_need,
+    request_frame,
+    wait_online,
+    with_samples,
+)
 
 from broker.process import BrokerOptions, start_broker
 from device_agent.agent import Agent, AgentConfig, InferenceResult
@@ -188,6 +196,15 @@ def test_unusable_options_exit_2_with_one_line(args: list[str], message: str, bu
 def test_a_bad_bundle_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["agent", "--bundle", str(tmp_path)]) == 2
     assert "manifest.json: cannot read" in capsys.readouterr().err
+
+
+def test_a_bundle_whose_samples_the_models_do_not_reproduce_exits_2(
+        bundles: dict[int, Bundle], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    wrong = with_samples(bundles[1], tmp_path / "device-1",
+                         lambda samples: samples.__setitem__("expert_probs", samples["expert_probs"][:, ::-1]))
+    assert main(["agent", "--bundle", str(wrong.path), "--broker", "mqtt://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "samples.npz: the expert (onnx) differs" in err
 
 
 def test_help_teaches_with_examples(capsys: pytest.CaptureFixture[str]) -> None:

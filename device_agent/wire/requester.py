@@ -66,7 +66,7 @@ class Call(Generic[T]):
     fate: Fate | None = None  # None while in flight
     reply: Reply | None = None
     detail: str = ""
-    round_trip_s: float | None = None  # send to reply (ANSWERED, ERROR)
+    round_trip_s: float | None = None  # publish to the reply's arrival, before decoding (ANSWERED, ERROR)
     reply_bytes: int = 0  # the MQTT PUBLISH packet of the reply
 
 
@@ -96,6 +96,7 @@ class Requester(Generic[T]):
 
     def deliver(self, sender: str, payload: bytes, nbytes: int) -> None:
         """One frame from `reply/{me}/{sender}` (`nbytes`: its PUBLISH packet); the transport's thread."""
+        arrived = time.monotonic()
         self.counters.add("received")
         try:
             reply = decode(payload)
@@ -121,7 +122,7 @@ class Requester(Generic[T]):
                 drop = ""
                 fate = Fate.ANSWERED if isinstance(reply, ExpertResponse) else Fate.ERROR
                 detail = reply.code.name.lower() if isinstance(reply, ErrorResponse) else ""
-                self._settle(call, fate, detail, reply, nbytes)
+                self._settle(call, fate, detail, reply, nbytes, arrived)
         if drop:
             self.counters.add(drop)
             return
@@ -154,7 +155,7 @@ class Requester(Generic[T]):
         with self._cond:
             for call in calls:
                 if call.fate is None:
-                    self._settle(call, fate, detail, None, 0)
+                    self._settle(call, fate, detail, None, 0, None)
                     settled.append(call)
         if settled:
             self.counters.add("timed_out" if fate == Fate.TIMEOUT else "cancelled", len(settled))
@@ -167,11 +168,12 @@ class Requester(Generic[T]):
         with self._cond:
             return list(self._pending.values())
 
-    def _settle(self, call: Call[T], fate: Fate, detail: str, reply: Reply | None, nbytes: int) -> None:
+    def _settle(self, call: Call[T], fate: Fate, detail: str, reply: Reply | None, nbytes: int,
+                arrived: float | None) -> None:
         """Record the end of `call` (the lock held)."""
         call.fate, call.detail, call.reply, call.reply_bytes = fate, detail, reply, nbytes
-        if reply is not None:
-            call.round_trip_s = time.monotonic() - call.sent_at
+        if arrived is not None:
+            call.round_trip_s = arrived - call.sent_at
         del self._pending[call.correlation_id]
         self._recent[call.correlation_id] = fate
         if len(self._recent) > self._recent_size:

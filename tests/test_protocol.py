@@ -785,26 +785,22 @@ def test_fuzz_single_byte_mutation(frame: bytes, position: int, value: int) -> N
 
 
 short_text = st.text(min_size=1, max_size=60)
-requests = st.builds(
-    ExpertRequest,
-    correlation_id=st.binary(min_size=16, max_size=16),
-    expert_id=st.integers(0, 65535),
-    deadline_ms=st.integers(0, (1 << 63) - 1),
-    model_version=short_text,
-    reply_topic=short_text.filter(lambda s: not set(s) & set("+#\x00")),
-    latent=latents,
-    encoding=st.sampled_from(["fp32", "fp16", "int8"]),
-)
-pixels = st.builds(
-    ExpertRequest,
-    correlation_id=st.binary(min_size=16, max_size=16),
-    expert_id=st.integers(0, 65535),
-    deadline_ms=st.integers(0, (1 << 63) - 1),
-    model_version=short_text,
-    reply_topic=short_text.filter(lambda s: not set(s) & set("+#\x00")),
-    latent=hnp.arrays(np.uint8, hnp.array_shapes(min_dims=1, max_dims=4, max_side=5)),
-    encoding=st.just("uint8"),
-)
+def request_messages(latent: st.SearchStrategy[np.ndarray], encoding: st.SearchStrategy[str]
+                     ) -> st.SearchStrategy[ExpertRequest]:
+    return st.builds(
+        ExpertRequest,
+        correlation_id=st.binary(min_size=16, max_size=16),
+        expert_id=st.integers(0, 65535),
+        deadline_ms=st.integers(0, (1 << 63) - 1),
+        model_version=short_text,
+        reply_topic=short_text.filter(lambda s: not set(s) & set("+#\x00")),
+        latent=latent,
+        encoding=encoding,
+    )
+
+
+requests = request_messages(latents, st.sampled_from(["fp32", "fp16", "int8"]))
+pixels = request_messages(hnp.arrays(np.uint8, hnp.array_shapes(min_dims=1, max_dims=4, max_side=5)), st.just("uint8"))
 responses = st.builds(
     ExpertResponse,
     correlation_id=st.binary(min_size=16, max_size=16),

@@ -110,9 +110,14 @@ class PendingInference:
     bytes_sent: int
     marks: dict[str, float]  # time.perf_counter() at start, extracted, routed, sent, own_done
 
-    def ready(self) -> bool:
-        """Every peer has answered (or failed)."""
-        return all(c.fate is not None for c in self.calls)
+    def calls_for(self, rows: slice) -> list[Call[np.ndarray]]:
+        """The calls that asked for any of `rows`."""
+        a, b, _ = rows.indices(len(self.z))
+        return [c for c in self.calls if ((c.context >= a) & (c.context < b)).any()]
+
+    def ready(self, rows: slice = slice(None)) -> bool:
+        """Every peer asked for `rows` has answered (or failed)."""
+        return all(c.fate is not None for c in self.calls_for(rows))
 
 
 class Agent:
@@ -235,33 +240,47 @@ class Agent:
         return PendingInference(requests, z, route, idx, weights, avoided, outputs, have, missing, skipped, calls,
                                 until, bytes_sent, marks)
 
-    def finish(self, p: PendingInference) -> InferenceResult:
-        """Combine what the peers answered; the calls still unanswered time out now."""
-        self.requester.give_up(p.calls)
+    def finish(self, p: PendingInference, rows: slice = slice(None)) -> InferenceResult:
+        """Combine what the peers answered for `rows` (all by default: a contiguous part, e.g. one wire
+        request of a micro-batch, can finish before the others); their calls still unanswered time out now."""
+        a, b, _ = rows.indices(len(p.z))
+        calls = p.calls_for(rows)
+        self.requester.give_up(calls)
         waited = time.perf_counter()
-        remote_ms, bytes_received = self._collect(p)
-        fallback = self._renormalize(p.z, p.idx, p.weights, p.outputs, p.have, p.skipped)
-        experts = {e: (lambda _z, e=e: p.outputs[e][np.nonzero(p.idx == e)[0]]) for e in p.outputs}
-        probs = combine(p.z, p.idx, p.weights, experts, self.bundle.manifest.num_classes)
+        remote_ms, missing = self._collect(p, calls)
+        missing |= {e: why for e, why in p.missing.items() if (p.idx[rows] == e).any()}
+        z, idx, weights = p.z[rows], p.idx[rows], p.weights[rows]  # views: fallback rows are written back
+        outputs = {e: out[rows] for e, out in p.outputs.items()}
+        have = {e: h[rows] for e, h in p.have.items()}
+        fallback = self._renormalize(z, idx, weights, outputs, have, p.skipped[rows])
+        experts = {e: (lambda _z, e=e: outputs[e][np.nonzero(idx == e)[0]]) for e in outputs}
+        probs = combine(z, idx, weights, experts, self.bundle.manifest.num_classes)
+        owned = [c for c in p.calls if a <= c.context[0] < b]  # each call's bytes count in one part
         m = p.marks
         result = InferenceResult(
-            id=f"{self.me}-{next(self._ids)}", labels=probs.argmax(axis=1), probs=probs, experts=p.idx,
-            weights=p.weights, answered=tuple(sorted(e for e in p.outputs if p.have[e].any())),
-            missing={e: p.missing[e] for e in sorted(p.missing)}, rerouted=p.route.rerouted, avoided=p.avoided,
-            zero_weight_skipped=int(p.skipped.sum()), fallback_rows=fallback,
+            id=f"{self.me}-{next(self._ids)}", labels=probs.argmax(axis=1), probs=probs, experts=idx,
+            weights=weights, answered=tuple(sorted(e for e in outputs if have[e].any())),
+            missing={e: missing[e] for e in sorted(missing)}, rerouted=p.route.rerouted(rows),
+            avoided=p.avoided, zero_weight_skipped=int(p.skipped[rows].sum()), fallback_rows=fallback,
             latency_ms={"extract": _ms(m["start"], m["extracted"]), "route": _ms(m["extracted"], m["routed"]),
                         "send": _ms(m["routed"], m["sent"]), "own_expert": _ms(m["sent"], m["own_done"]),
                         "peers": _ms(m["routed"], waited), "total": _ms(m["start"], time.perf_counter())},
-            remote_ms=remote_ms, bytes_sent=p.bytes_sent, bytes_received=bytes_received)
-        self._record(result, _answered_per_request(p.requests, p.have))
+            remote_ms=remote_ms, bytes_sent=sum(c.request_bytes for c in owned),
+            bytes_received=sum(c.reply_bytes for c in owned))
+        self._record(result, _answered_per_request(p.requests, p.have, a, b))
         return result
 
-    def _serve_inference(self, images: np.ndarray, requests: Sequence[ExpertRequest]) -> np.ndarray | Deferred:
-        """The infer server's computation: parked until the peers answered (or the deadline)."""
+    def _serve_inference(self, images: np.ndarray, requests: Sequence[ExpertRequest]) -> np.ndarray | list[Deferred]:
+        """The infer server's computation: one batch begun at once, each request answered as soon as the
+        peers its own rows asked have answered (or at the deadline)."""
         pending = self.begin(images, requests, self.infer_server.wake)
         if pending.ready():
             return self.finish(pending).probs
-        return Deferred(pending.until, pending.ready, lambda: self.finish(pending).probs)
+        bounds = np.cumsum([0, *(len(q.latent) for q in requests)])
+        return [self._deferred(pending, slice(int(a), int(b))) for a, b in itertools.pairwise(bounds)]
+
+    def _deferred(self, p: PendingInference, rows: slice) -> Deferred:
+        return Deferred(p.until, lambda: p.ready(rows), lambda: self.finish(p, rows).probs)
 
     def _route(self, z: np.ndarray) -> tuple[Route, tuple[int, ...]]:
         """The chosen experts among those usable right now (only our own while disconnected), and the
@@ -333,21 +352,21 @@ class Agent:
         outputs[self.expert_id][rows] = softmax(self.models.expert.run(z[rows]))
         have[self.expert_id][rows] = True
 
-    def _collect(self, p: PendingInference) -> tuple[dict[int, float], int]:
-        """Peer answers into `p.outputs`/`p.have`; failures into `p.missing`. Round trips and bytes."""
+    def _collect(self, p: PendingInference, calls: list[Call[np.ndarray]]) -> tuple[dict[int, float], dict[int, str]]:
+        """The answers of `calls` into `p.outputs`/`p.have`: round trip per expert that answered, and why
+        the others did not."""
         remote_ms: dict[int, float] = {}
-        received = 0
-        for call in p.calls:
-            reply, rows, received = call.reply, call.context, received + call.reply_bytes
+        missing: dict[int, str] = {}
+        for call in calls:
+            reply, rows = call.reply, call.context
             out = p.outputs[call.expert]
             if isinstance(reply, ExpertResponse) and reply.probs.shape == (len(rows), out.shape[1]):
                 out[rows] = reply.probs
                 p.have[call.expert][rows] = True
                 remote_ms[call.expert] = max(remote_ms.get(call.expert, 0.0), 1000 * (call.round_trip_s or 0.0))
                 continue
-            p.missing[call.expert] = ("bad_response" if call.fate == Fate.ANSWERED
-                                      else call.detail or str(call.fate))
-        return remote_ms, received
+            missing[call.expert] = "bad_response" if call.fate == Fate.ANSWERED else call.detail or str(call.fate)
+        return remote_ms, missing
 
     def _renormalize(self, z: np.ndarray, idx: np.ndarray, weights: np.ndarray, outputs: dict[int, np.ndarray],
                      have: dict[int, np.ndarray], skipped: np.ndarray) -> int:
@@ -443,12 +462,13 @@ def _pixels(request: ExpertRequest) -> np.ndarray:
     return request.latent.astype(np.uint8)
 
 
-def _answered_per_request(requests: Sequence[ExpertRequest], have: dict[int, np.ndarray]) -> dict[str, list[int]]:
-    """Correlation id (hex) of each wire request -> the experts combined for its rows (a peer whose
-    gate weight is exactly 0 was not asked and is not listed)."""
+def _answered_per_request(requests: Sequence[ExpertRequest], have: dict[int, np.ndarray], start: int,
+                          stop: int) -> dict[str, list[int]]:
+    """Correlation id (hex) of each wire request whose rows lie in [start, stop) -> the experts combined
+    for its rows (a peer whose gate weight is exactly 0 was not asked and is not listed)."""
     bounds = np.cumsum([0, *(len(q.latent) for q in requests)])
     return {q.correlation_id.hex(): sorted(e for e, rows in have.items() if rows[a:b].any())
-            for q, a, b in zip(requests, bounds[:-1], bounds[1:], strict=True)}
+            for q, a, b in zip(requests, bounds[:-1], bounds[1:], strict=True) if start <= a and b <= stop}
 
 
 def _ms(a: float, b: float) -> float:

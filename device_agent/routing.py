@@ -27,7 +27,12 @@ class Route:
 
     experts: np.ndarray  # [N, k] int64
     weights: np.ndarray  # [N, k] float32, sum to 1 per row
-    rerouted: dict[int, int]  # expert the routing wanted but that was unavailable -> inputs moved
+    unavailable: np.ndarray  # [N, k'] int64: experts the routing wanted that were not live, -1 elsewhere
+
+    def rerouted(self, rows: slice = slice(None)) -> dict[int, int]:
+        """Expert the routing wanted but that was unavailable -> how many of `rows` were moved."""
+        wanted = self.unavailable[rows]
+        return dict(sorted(Counter(int(e) for e in wanted[wanted >= 0]).items()))
 
 
 def gate_route(gate_logits: np.ndarray, k: int, live: Collection[int]) -> Route:
@@ -35,7 +40,7 @@ def gate_route(gate_logits: np.ndarray, k: int, live: Collection[int]) -> Route:
     ids = np.array(sorted(live), dtype=np.int64)
     if len(ids) == gate_logits.shape[1]:
         experts, weights = top_k_route(gate_logits, k)
-        return Route(experts, weights, {})
+        return Route(experts, weights, _unavailable(experts, ids))
     chosen, weights = top_k_route(gate_logits[:, ids], min(k, len(ids)))
     wanted, _ = top_k_route(gate_logits, k)
     return Route(ids[chosen], weights, _unavailable(wanted, ids))
@@ -48,7 +53,7 @@ def random_live_route(n: int, num_experts: int, k: int, live: Collection[int],
     experts, weights = random_route(n, num_experts, k, rng)
     ids = np.array(sorted(live), dtype=np.int64)
     if np.isin(experts, ids).all():
-        return Route(experts, weights, {})
+        return Route(experts, weights, _unavailable(experts, ids))
     k_live = min(k, len(ids))
     rows = []
     for row in experts:
@@ -59,9 +64,9 @@ def random_live_route(n: int, num_experts: int, k: int, live: Collection[int],
                  _unavailable(experts, ids))
 
 
-def _unavailable(wanted: np.ndarray, live: np.ndarray) -> dict[int, int]:
-    """How many inputs wanted each expert that is not live."""
-    return dict(sorted(Counter(int(e) for e in wanted[~np.isin(wanted, live)]).items()))
+def _unavailable(wanted: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """`wanted` with -1 where the expert is live."""
+    return np.where(np.isin(wanted, live), -1, wanted).astype(np.int64)
 
 
 class Suspects:

@@ -6,10 +6,11 @@ is full) or queues it. The worker takes the oldest request plus as many queued o
 `max_batch` rows, runs them as ONE model call, and publishes one RESPONSE per request. The same
 server serves the expert (`expert/{id}/req`, latents) and local inference (`infer/{me}/req`, pixels).
 
-A computation that waits for something else (an inference waiting for its peer experts) returns a
-`Deferred` instead of probabilities: the worker parks it and goes on with the queue, and finishes
-it when it is ready (`wake()` tells the worker) or its time is up. So one slow or frozen peer
-delays only the inferences that asked it, never the ones queued behind them.
+A computation that waits for something else (an inference waiting for its peer experts) returns
+one `Deferred` per request instead of probabilities: the worker parks them and goes on with the
+queue, and answers each request when its own part is ready (`wake()` tells the worker) or its
+time is up. So one slow or frozen peer delays only the requests that asked it: neither those
+queued behind them nor those computed in the same batch.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ class Served:
     row_shape: tuple[int, ...]  # one input without the batch dim
     encodings: tuple[TensorEncoding, ...]
     # (inputs [n, *row_shape] of one batch, the requests they came from, in order) -> float32 probs [n, C],
-    # or a Deferred that gives them later
-    compute: Callable[[np.ndarray, Sequence[ExpertRequest]], np.ndarray | Deferred]
+    # or one Deferred per request (in order) that gives its rows' probabilities later
+    compute: Callable[[np.ndarray, Sequence[ExpertRequest]], np.ndarray | list[Deferred]]
     to_input: Callable[[ExpertRequest], np.ndarray] = lambda request: request.latent  # -> compute's
     # input; ValueError means BAD_REQUEST (its text is the reason)
 
@@ -101,7 +102,7 @@ class RequestServer:
         self._publish, self._events = publish, events
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
-        self._parked: list[_Parked] = []  # at most limits.queue_size
+        self._parked: list[_Parked] = []  # one request each, at most limits.queue_size
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name=f"{served.kind}-server", daemon=True)
 
@@ -253,9 +254,9 @@ class RequestServer:
         except Exception as e:  # noqa: BLE001 -- a runtime can raise anything; requesters must still hear
             self._failed(jobs, e)
             return
-        if isinstance(out, Deferred):
+        if isinstance(out, list):
             with self._cond:
-                self._parked.append(_Parked(jobs, out, start))
+                self._parked += [_Parked([job], deferred, start) for job, deferred in zip(jobs, out, strict=True)]
             return
         self._answer(jobs, out, start)
 

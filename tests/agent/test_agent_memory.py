@@ -161,11 +161,11 @@ def test_error_answers_leave_the_expert_out(code: ErrorCode, bundles: dict[int, 
         erring.close()
 
 
-class SlowExpert:
-    """An expert runtime that takes `delay_s` per call and records its batch sizes."""
+class Slow:
+    """A runtime that takes `delay_s` more per call and records its batch sizes."""
 
-    def __init__(self, models: DeviceModels, delay_s: float) -> None:
-        self.inner, self.delay_s, self.batches = models.expert, delay_s, []
+    def __init__(self, inner: Runtime, delay_s: float) -> None:
+        self.inner, self.delay_s, self.batches = inner, delay_s, []
         self.name = "slow"
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -174,11 +174,11 @@ class SlowExpert:
         return self.inner.run(x)
 
 
-def serve_slowly(bundles: dict[int, Bundle], limits: ServerLimits, requests: int) -> tuple[Agent, SlowExpert, list]:
+def serve_slowly(bundles: dict[int, Bundle], limits: ServerLimits, requests: int) -> tuple[Agent, Slow, list]:
     """Send `requests` 2-row requests at once to a device whose expert takes 30 ms per call."""
     broker = MemoryBroker()
     models = DeviceModels.open(bundles[1])
-    slow = SlowExpert(models, 0.03)
+    slow = Slow(models.expert, 0.03)
     models = DeviceModels(models.extractor, models.gate, slow, models.format)
     # check_samples=False: the start-up check's own expert call would count among the batches
     agent = Agent(bundles[1], broker.transport("device-1"), models, AgentConfig(limits=limits, check_samples=False))
@@ -635,3 +635,35 @@ def test_an_agent_refuses_to_start_when_its_models_do_not_reproduce_the_samples(
             Agent(wrong, broker.transport("device-0"), DeviceModels.open(wrong))
     for precision, format in (("fp32", "onnx"), ("int8", "onnx"), ("int8", "tflite")):  # the bundles' own pass
         Agent(bundles[0], broker.transport("device-0"), DeviceModels.open(bundles[0], precision, format))
+
+
+def test_a_frozen_peer_delays_only_the_requests_of_a_batch_that_asked_it(
+        bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    """Requests micro-batched into one inference: each is answered when the peers its own rows asked have
+    answered, so those that did not choose the frozen expert do not wait for it."""
+    deadline_s = 1.5
+    local = LocalNMoE(bundles, "fp32")
+    needs_2, without_2 = images_by_need(local, 0, 2, images)
+    plain = DeviceModels.open(bundles[0])
+    slow = Slow(plain.extractor, 0.2)  # the requests sent during the first one's extraction queue up: one batch
+    models = {0: DeviceModels(slow, plain.gate, plain.expert, plain.format)}
+    broker = MemoryBroker()
+    config = AgentConfig(deadline_ms=int(deadline_s * 1000), suspect_ms=60_000)
+    with running(memory_fleet({e: bundles[e] for e in (0, 1)}, broker, config=config, models=models)) as agents:
+        frozen = fake_peer(broker.transport("device-2"), "device-2", 2, agents[0].model_version, lambda r: None)
+        assert agents[0].wait_for_experts({2}, 5)
+        app = TimedApp(broker.transport("app"), "device-0", 0, agents[0].model_version)
+        slow.batches.clear()
+        first = app.send(without_2[0])
+        end = time.monotonic() + 5
+        while not slow.batches and time.monotonic() < end:  # the worker is extracting the first one
+            time.sleep(0.001)
+        batch = [app.send(needs_2[0]), *(app.send(image) for image in without_2[1:4])]
+        first_s = app.latency(*first)
+        unrelated_s = [app.latency(*sent) for sent in batch[1:]]
+        slow_s = app.latency(*batch[0])
+        app.client.close()
+        frozen.close()
+    assert slow.batches[:2] == [1, 4]  # the four requests were extracted in one model call
+    assert slow_s >= 0.95 * deadline_s
+    assert max(unrelated_s) < first_s + 0.3 * deadline_s, (first_s, unrelated_s)

@@ -184,8 +184,8 @@ def test_accounts_from_a_count_and_from_bundles(tmp_path: Path) -> None:
         fleet_accounts(0)
     for folder, device_id, expert in [("device-1", "pi-b", 1), ("device-0", "pi-a", 0)]:
         manifest = Manifest(
-            schema_version=SCHEMA_VERSION, device_id=device_id, expert_id=expert, num_experts=2, top_k=1,
-            latent_dim=4, num_classes=2, class_names=["a", "b"], routing="gate",
+            schema_version=SCHEMA_VERSION, model_version="m1", device_id=device_id, expert_id=expert,
+            num_experts=2, top_k=1, latent_dim=4, num_classes=2, class_names=["a", "b"], routing="gate",
             input=InputSpec([1, 2, 2], "uint8", 1 / 255, [0.5], [0.25], "NCHW"), models=[],
             provenance={}, samples=None)
         (tmp_path / folder).mkdir()

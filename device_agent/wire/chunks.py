@@ -18,11 +18,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from device_agent.wire.events import Counters
+from device_agent.wire.frames import MAGIC
 from device_agent.wire.tensor_codec import ProtocolError, byte_view
 
 CHUNK_KIND = 6
 CHUNK_VERSION = 2
-MAGIC = b"NM"
 MAX_MESSAGE = 64 << 20  # largest reassembled training message
 MAX_CHUNKS = 65_535
 _REMEMBER_DONE = 1024  # finished transfers remembered, so a late redelivered chunk is a duplicate

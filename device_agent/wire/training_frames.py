@@ -23,14 +23,12 @@ from typing import Any
 import numpy as np
 
 from device_agent.wire.chunks import MAX_MESSAGE
-from device_agent.wire.tensor_codec import ProtocolError, byte_view, decode_tensor, encode_tensor
+from device_agent.wire.frames import MAGIC, open_frame, pack_frame
+from device_agent.wire.tensor_codec import ProtocolError, byte_view, encode_tensor
 
-VERSION = 2
-MAGIC = b"NM"
 MAX_HEADER = 16_384
 MAX_TENSORS = 1024
 MAX_ERROR = 1024
-_FRAME_HEAD = struct.Struct("<2sBB16s")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _MAX_SEED = (1 << 63) - 1
@@ -41,6 +39,9 @@ class TrainKind(IntEnum):
 
     COMMAND = 4
     RESULT = 5
+
+
+KINDS: dict[int, int] = {TrainKind.COMMAND: 2, TrainKind.RESULT: 2}  # kind -> the version that has it
 
 
 class Op(StrEnum):
@@ -110,8 +111,6 @@ def encode_training(msg: TrainMessage) -> bytes:
                 "error": msg.error}
     else:
         raise ProtocolError(f"not a training message: {type(msg).__name__}")
-    if len(msg.task_id) != 16:
-        raise ProtocolError("task id must be 16 bytes")
     _check_header(kind, head)
     try:
         text = json.dumps(head, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
@@ -119,70 +118,46 @@ def encode_training(msg: TrainMessage) -> bytes:
         raise ProtocolError(f"header is not JSON-serializable: {e}") from e
     if len(text) > MAX_HEADER:
         raise ProtocolError(f"header larger than {MAX_HEADER} bytes")
-    parts = [_FRAME_HEAD.pack(MAGIC, VERSION, kind, msg.task_id), struct.pack("<I", len(text)), text,
-             struct.pack("<H", _check_count(len(msg.tensors)))]
+    parts = [struct.pack("<I", len(text)), text, struct.pack("<H", _check_count(len(msg.tensors)))]
     for name in sorted(msg.tensors):
         raw = _check_name(name).encode("ascii")
-        parts += [bytes([len(raw)]), raw, encode_tensor(np.ascontiguousarray(msg.tensors[name], np.float32), MAX_MESSAGE)]
-    frame = b"".join(parts)
-    if len(frame) > MAX_MESSAGE:
-        raise ProtocolError(f"training message larger than {MAX_MESSAGE} bytes")
-    return frame
+        parts += [bytes([len(raw)]), raw, encode_tensor(np.ascontiguousarray(msg.tensors[name], np.float32),
+                                                        MAX_MESSAGE)]
+    return pack_frame(kind, msg.task_id, b"".join(parts), KINDS[kind], MAX_MESSAGE)
 
 
 def is_training(payload: bytes | bytearray | memoryview) -> bool:
     """Whether `payload` starts like a COMMAND or RESULT frame."""
     view = byte_view(payload)
-    return len(view) >= 4 and bytes(view[:2]) == MAGIC and view[2] == VERSION and view[3] in (4, 5)
+    return len(view) >= 4 and bytes(view[:2]) == MAGIC and view[2] >= 2 and view[3] in KINDS
 
 
 def decode_training(payload: bytes | bytearray | memoryview) -> TrainMessage:
     """Parse one COMMAND or RESULT frame."""
-    view = byte_view(payload)
-    if len(view) > MAX_MESSAGE:
-        raise ProtocolError("training message too large")
-    if not is_training(view) or len(view) < _FRAME_HEAD.size + 4:
-        raise ProtocolError("not a training frame (or truncated header)")
-    _, _, kind, task_id = _FRAME_HEAD.unpack_from(view)
-    pos = _FRAME_HEAD.size
-    (h,) = struct.unpack_from("<I", view, pos)
-    pos += 4
-    if not 2 <= h <= MAX_HEADER or len(view) - pos < h + 2:
-        raise ProtocolError("bad or truncated header length")
+    frame = open_frame(payload, KINDS, MAX_MESSAGE)
+    head_text = frame.text("<I", "header", MAX_HEADER)
     try:
-        head = json.loads(bytes(view[pos:pos + h]).decode("utf-8"), object_pairs_hook=_unique,
-                          parse_constant=_reject_constant)
+        head = json.loads(head_text, object_pairs_hook=_unique, parse_constant=_reject_constant)
     except ProtocolError:
         raise
     except (ValueError, RecursionError) as e:
-        raise ProtocolError("header is not UTF-8 JSON") from e
-    pos += h
+        raise ProtocolError("header is not JSON") from e
     if not isinstance(head, dict):
         raise ProtocolError("header must be a JSON object")
-    _check_header(TrainKind(kind), head)
-    (count,) = struct.unpack_from("<H", view, pos)
-    pos += 2
+    kind = TrainKind(frame.kind)
+    _check_header(kind, head)
+    (count,) = frame.take("<H", "tensor count")
     tensors: dict[str, np.ndarray] = {}
     for _ in range(_check_count(count)):
-        if len(view) - pos < 1:
-            raise ProtocolError("truncated tensor name")
-        n = view[pos]
-        raw = bytes(view[pos + 1:pos + 1 + n])
-        if len(raw) != n:
-            raise ProtocolError("truncated tensor name")
-        try:
-            name = _check_name(raw.decode("ascii"))
-        except UnicodeDecodeError as e:
-            raise ProtocolError("tensor name is not ASCII") from e
+        name = _check_name(frame.text("<B", "tensor name", 255))
         if name in tensors:
             raise ProtocolError(f"duplicate tensor {name!r}")
-        array, encoding, pos = decode_tensor(view, pos + 1 + n, MAX_MESSAGE)
+        array, encoding = frame.tensor()
         if encoding != "fp32":
             raise ProtocolError(f"tensor {name!r} must be float32")
         tensors[name] = array
-    if pos != len(view):
-        raise ProtocolError("trailing bytes after frame")
-    common = (task_id, Op(head["op"]), head["run"], head["job"], head["round"])
+    frame.end()
+    common = (frame.correlation_id, Op(head["op"]), head["run"], head["job"], head["round"])
     if kind == TrainKind.COMMAND:
         return Command(*common, head["seed"], head["deadline_ms"], head["config"], tuple(head["upload"]), tensors)
     return Result(*common, Status(head["status"]), head["num_examples"], head["metrics"], head["error"], tensors)

@@ -35,7 +35,7 @@ from device_agent.wire.protocol import Topics
 from toolkit.artifacts import ArtifactError, load_nmoe
 from toolkit.federated_data import prepare, raw_images
 from toolkit.fleet.agent_processes import AgentLaunch, AgentProcesses
-from toolkit.fleet.trial_driver import INTERRUPTED, NOT_SERVED, OPERATOR, TrialDriver, TrialError
+from toolkit.fleet.trial_driver import OPERATOR, RequestStatus, TrialDriver, TrialError
 from toolkit.fleet.trial_report import TrialRecord, summarize, write_outputs
 from toolkit.progress import progress_bar
 
@@ -361,7 +361,7 @@ class Feeder:
         pid, self.killed[device] = self.agents.pid(device), round(self.driver.elapsed(), 6)
         self.agents.kill(device)
         self.driver.events.emit("kill", device=device, pid=pid, at_s=self.killed[device])
-        self.driver.abandon(NOT_SERVED, device)
+        self.driver.abandon(RequestStatus.NOT_SERVED, device)
 
     def _restart_broker(self, planned_s: float) -> None:
         """Pause the feeding until the requests in flight are settled (no QoS 0 message crosses the outage),
@@ -486,7 +486,7 @@ def _feed(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan
         finally:
             facts["killed"], facts["broker_restarts"] = feeder.killed, feeder.restarts
             facts["broker_pids"] += [r["broker_pid"] for r in feeder.restarts if "broker_pid" in r]
-            driver.abandon(INTERRUPTED)
+            driver.abandon(RequestStatus.INTERRUPTED)
 
 
 def options_dict(options: TrialOptions) -> dict[str, Any]:

@@ -28,7 +28,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from device_agent.nmoe_local import Prediction
-from toolkit.fleet.trial_driver import ANSWERED, ERROR, INTERRUPTED, NOT_SERVED, TIMEOUT, Request
+from toolkit.fleet.trial_driver import Request, RequestStatus
+
+ANSWERED, ERROR, TIMEOUT = RequestStatus.ANSWERED, RequestStatus.ERROR, RequestStatus.TIMEOUT
+NOT_SERVED, INTERRUPTED = RequestStatus.NOT_SERVED, RequestStatus.INTERRUPTED
 
 PATHS = ("local", "remote")
 DPI = 110

@@ -36,7 +36,9 @@ from toolkit.artifacts import ArtifactError, load_nmoe
 from toolkit.federated_data import prepare, raw_images
 from toolkit.fleet.agent_processes import AgentLaunch, AgentProcesses
 from toolkit.fleet.trial_driver import OPERATOR, RequestStatus, TrialDriver, TrialError
-from toolkit.fleet.trial_report import TrialRecord, summarize, write_outputs
+from toolkit.fleet.trial_record import BrokerRestart, TrialFacts, TrialRecord, options_json
+from toolkit.fleet.trial_report import write_outputs
+from toolkit.fleet.trial_summary import TrialSummary, summarize
 from toolkit.progress import progress_bar
 
 ONLINE_TIMEOUT_S = 120.0  # ten agents importing onnxruntime on two cores take ~10 s
@@ -114,7 +116,7 @@ class TrialResult:
     """Where the outputs are, the summary, and whether the trial was interrupted."""
 
     out: Path
-    summary: dict[str, Any]
+    summary: TrialSummary
     interrupted: bool
 
     @property
@@ -326,7 +328,7 @@ class Feeder:
         self.driver, self.agents, self.broker, self.fleet, self.samples = driver, agents, broker, fleet, samples
         self.options, self.bar = options, bar
         self.killed: dict[str, float] = {}  # device -> seconds into the feeding
-        self.restarts: list[dict[str, Any]] = []  # at_s, then broker_pid, driver_reconnect_s, outage_s
+        self.restarts: list[BrokerRestart] = []
         self.delay = 0.0  # how far the rest of the plan is shifted by the broker restarts' pauses
 
     def run(self, plan: list[Step]) -> float:
@@ -370,19 +372,19 @@ class Feeder:
         assert self.broker.restart is not None, "run_trial refuses --restart-broker-after with --broker"
         self._wait(None)
         since, stopped = time.time(), time.monotonic()
-        restart: dict[str, Any] = {"at_s": round(self.driver.elapsed(), 6)}
+        restart = BrokerRestart(round(self.driver.elapsed(), 6))
         self.restarts.append(restart)
-        self.driver.events.emit("broker_restart", at_s=restart["at_s"])
-        restart["broker_pid"] = self.broker.restart()
+        self.driver.events.emit("broker_restart", at_s=restart.at_s)
+        restart.broker_pid = self.broker.restart()
         live = set(self.fleet.bundles) - set(self.killed)
         try:
-            restart["driver_reconnect_s"] = round(self.driver.wait_reconnected(stopped, RESTART_TIMEOUT_S), 3)
+            restart.driver_reconnect_s = round(self.driver.wait_reconnected(stopped, RESTART_TIMEOUT_S), 3)
             self.driver.wait_online(live, since, RESTART_TIMEOUT_S,
                                     lambda: _check_alive(self.agents, "after the broker restart", self.killed))
         except TrialError as e:
-            raise TrialError(f"the broker restart at {restart['at_s']:.2f} s: {e}") from None
-        restart["outage_s"] = round(time.monotonic() - stopped, 3)
-        self.driver.events.emit("broker_back", **restart)
+            raise TrialError(f"the broker restart at {restart.at_s:.2f} s: {e}") from None
+        restart.outage_s = round(time.monotonic() - stopped, 3)
+        self.driver.events.emit("broker_back", **asdict(restart))
         self.delay = self.driver.elapsed() - planned_s
 
     def _wait(self, at_s: float | None) -> None:
@@ -432,63 +434,56 @@ def run_trial(options: TrialOptions) -> TrialResult:
     expected = in_process(fleet, samples, options.runtime)
     prepare_out(options.out)
     events = EventLog(options.out / "events.jsonl")
-    events.emit("start", options=options_dict(options), devices=fleet.experts, precision=fleet.precision)
+    events.emit("start", options=options_json(options), devices=fleet.experts, precision=fleet.precision)
     driver = TrialDriver(Topics(), model_version(next(iter(fleet.bundles.values()))), events)
-    facts: dict[str, Any] = {"planned": sum(s.kind == StepKind.SEND for s in plan), "interrupted": False}
+    facts = TrialFacts(planned=sum(s.kind == StepKind.SEND for s in plan))
     with stop_signals(driver):  # also while the outputs are written: a late signal must not lose them
         try:
             _run(options, fleet, samples, plan, driver, facts)
         except KeyboardInterrupt:
-            facts["interrupted"] = True
+            facts.interrupted = True
         finally:
-            events.emit("stop", interrupted=facts["interrupted"])
+            events.emit("stop", interrupted=facts.interrupted)
             events.close()
         first = next(iter(fleet.bundles.values())).manifest
         record = TrialRecord(
-            options_dict(options), fleet.experts, first.num_experts, int(np.prod(first.input.shape)),
-            {d: s.labels for d, s in samples.items()}, expected, driver.requests, driver.presence_changes(),
-            {**facts, "precision": fleet.precision, "run_dir": str(fleet.run_dir), "method": fleet.method,
-             "model_version": driver.model_version, "driver": driver.counters.snapshot()},
-            options.out / "events")
+            options, fleet.experts, first.num_experts, int(np.prod(first.input.shape)), fleet.precision,
+            fleet.run_dir, fleet.method, driver.model_version, {d: s.labels for d, s in samples.items()}, expected,
+            driver.requests, driver.presence_changes(), facts, driver.counters.snapshot(), options.out / "events")
         summary = summarize(record)
         write_outputs(summary, options.out)
-    return TrialResult(options.out, summary, facts["interrupted"])
+    return TrialResult(options.out, summary, facts.interrupted)
 
 
 def _run(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan: list[Step], driver: TrialDriver,
-         facts: dict[str, Any]) -> None:
+         facts: TrialFacts) -> None:
     """Broker, driver connection, agents, feeding; all stopped on the way out, in reverse order."""
     with ExitStack() as stack:
         broker = stack.enter_context(fleet_broker(options, fleet, options.out))
-        facts["broker"], facts["broker_pids"] = broker.url, [] if broker.pid is None else [broker.pid]
+        facts.broker, facts.broker_pids = broker.url, [] if broker.pid is None else [broker.pid]
         stack.enter_context(connected(driver, broker.url, broker.credential(OPERATOR)))
         agents = stack.enter_context(AgentProcesses())
         since = time.time()
         for launch in agent_launches(options, fleet, broker, options.out):
             agents.start(launch)
-        facts["pids"] = {d: agents.pid(d) for d in fleet.bundles}
+        facts.pids = {d: agents.pid(d) for d in fleet.bundles}
         try:
             driver.wait_online(set(fleet.bundles), since, ONLINE_TIMEOUT_S,
                                lambda: _check_alive(agents, "before the trial started"))
-            facts["online_s"] = round(time.time() - since, 3)
-            driver.events.emit("online", devices=sorted(fleet.bundles), after_s=facts["online_s"])
+            facts.online_s = round(time.time() - since, 3)
+            driver.events.emit("online", devices=sorted(fleet.bundles), after_s=facts.online_s)
             _feed(options, fleet, samples, plan, driver, agents, broker, facts)
         finally:
-            facts["exit_status"] = agents.stop()
+            facts.exit_status = agents.stop()
 
 
 def _feed(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan: list[Step], driver: TrialDriver,
-          agents: AgentProcesses, broker: BrokerAccess, facts: dict[str, Any]) -> None:
-    with progress_bar(facts["planned"], "trial", "req", options.show_progress) as bar:
+          agents: AgentProcesses, broker: BrokerAccess, facts: TrialFacts) -> None:
+    with progress_bar(facts.planned, "trial", "req", options.show_progress) as bar:
         feeder = Feeder(driver, agents, broker, fleet, samples, options, bar)
         try:
-            facts["feeding_s"] = feeder.run(plan)
+            facts.feeding_s = feeder.run(plan)
         finally:
-            facts["killed"], facts["broker_restarts"] = feeder.killed, feeder.restarts
-            facts["broker_pids"] += [r["broker_pid"] for r in feeder.restarts if "broker_pid" in r]
+            facts.killed, facts.broker_restarts = feeder.killed, feeder.restarts
+            facts.broker_pids += [r.broker_pid for r in feeder.restarts if r.broker_pid is not None]
             driver.abandon(RequestStatus.INTERRUPTED)
-
-
-def options_dict(options: TrialOptions) -> dict[str, Any]:
-    """The options as JSON values."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}

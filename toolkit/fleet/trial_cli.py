@@ -6,8 +6,12 @@ import argparse
 import datetime
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from device_agent.cli import positive_int
+
+if TYPE_CHECKING:
+    from toolkit.fleet.trial_summary import TrialSummary
 
 HELP = """\
 Run a local field trial of a fleet's bundles over a real MQTT broker, and report how it went.
@@ -68,7 +72,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `nmoe trial`."""
     p = subparsers.add_parser("trial", help="run the fleet's agents over MQTT on local test data and report",
                               description=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,7 +139,7 @@ def _trial(args: argparse.Namespace) -> int:
     return 0 if _healthy(result.summary) else 1
 
 
-def _healthy(summary: dict) -> bool:
+def _healthy(summary: TrialSummary) -> bool:
     """No request to a live device failed, and fp32 latents gave LocalNMoE's predictions."""
-    exact = summary["exactness"]["exact"] or summary["fleet"]["latent_encoding"] != "fp32"
-    return summary["counts"]["failed"] == 0 and exact
+    exact = summary.exactness.exact or summary.fleet.latent_encoding != "fp32"
+    return summary.counts.failed == 0 and exact

@@ -76,6 +76,15 @@ class Request:
     probs: np.ndarray | None = field(default=None, repr=False)
 
 
+@dataclass(frozen=True)
+class PresenceChange:
+    """A presence the driver received."""
+
+    at_s: float  # seconds after the feeding started (negative: before it)
+    device: str
+    status: str  # online / offline
+
+
 class TrialDriver:
     """Sends the trial's requests over one `Transport` and keeps every request's fate."""
 
@@ -164,10 +173,10 @@ class TrialDriver:
         with self._cond:
             return {d for d, p in self._presence.items() if p.status == "online" and (p.ts or 0) >= since}
 
-    def presence_changes(self) -> list[tuple[float, str, str]]:
-        """Every presence received: (seconds after the feeding started, device, online/offline)."""
+    def presence_changes(self) -> list[PresenceChange]:
+        """Every presence received, in order."""
         with self._cond:
-            return [(round(t - self.t0, 6), d, status) for t, d, status in self._changes]
+            return [PresenceChange(round(t - self.t0, 6), d, status) for t, d, status in self._changes]
 
     # requests --------------------------------------------------------------------------------
 

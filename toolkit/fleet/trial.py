@@ -141,13 +141,16 @@ def load_fleet(options: TrialOptions) -> Fleet:
         raise TrialError(f"{options.bundles}: the bundles come from different runs, methods or models, or "
                          "repeat a device id; export them together")
     run_dir, method, _ = origins.pop()
+    if run_dir is None or method is None:
+        raise TrialError(f"{options.bundles}: the manifests do not name the run they were exported from "
+                         "(provenance.run_dir and provenance.method); the trial reads its test samples there")
     missing = sorted(set(range(loaded[0].manifest.num_experts)) - {b.manifest.expert_id for b in loaded})
     if missing:
         raise TrialError(f"{options.bundles}: no bundle holds expert(s) {missing}; a trial needs the whole fleet")
     if options.kill_device is not None and options.kill_device not in bundles:
         raise TrialError(f"--kill-device {options.kill_device}: no such device in {options.bundles} "
                          f"(devices: {', '.join(bundles)})")
-    return Fleet(bundles, _precision(loaded, options), Path(run_dir), method)
+    return Fleet(bundles, _precision(loaded, options), Path(run_dir), str(method))
 
 
 def _precision(bundles: list[Bundle], options: TrialOptions) -> str:
@@ -183,21 +186,21 @@ def feeding_plan(options: TrialOptions, samples: dict[str, Samples]) -> list[Ste
     period, devices = 1 / options.rate, list(samples)
     steps = [Step(i * period + k * period / len(devices), StepKind.SEND, d, i)
              for k, d in enumerate(devices) for i in range(len(samples[d].labels))]
-    duration = max(s.at_s for s in steps)
+    feeding = (max(s.at_s for s in steps), max(len(s.labels) for s in samples.values()), options.rate)
     if options.kill_device is not None:
-        steps.append(Step(_within("--kill-after", options.kill_after or 0.0, duration, options), StepKind.KILL,
+        steps.append(Step(_within("--kill-after", options.kill_after or 0.0, *feeding), StepKind.KILL,
                           options.kill_device))
     if options.restart_broker_after is not None:
-        steps.append(Step(_within("--restart-broker-after", options.restart_broker_after, duration, options),
+        steps.append(Step(_within("--restart-broker-after", options.restart_broker_after, *feeding),
                           StepKind.RESTART_BROKER))
     return sorted(steps, key=lambda s: (s.at_s, s.kind == StepKind.SEND))
 
 
-def _within(flag: str, at_s: float, duration: float, options: TrialOptions) -> float:
+def _within(flag: str, at_s: float, duration: float, samples: int, rate: float) -> float:
     """`at_s`, or TrialError unless it lies within the feeding (0 <= at_s < duration)."""
     if not 0 <= at_s < duration:
         raise TrialError(f"{flag} {at_s:g} must be within the feeding, which lasts {duration:.2f} s "
-                         f"({options.samples} samples at {options.rate:g}/s)")
+                         f"({samples} samples at {rate:g}/s)")
     return at_s
 
 
@@ -323,10 +326,10 @@ def _last_line(path: Path) -> str:
 class Feeder:
     """Runs the feeding plan on the driver: sends, kills and broker restarts on time, expires late requests."""
 
-    def __init__(self, driver: TrialDriver, agents: AgentProcesses, broker: BrokerAccess, fleet: Fleet,
-                 samples: dict[str, Samples], options: TrialOptions, bar: Any) -> None:
-        self.driver, self.agents, self.broker, self.fleet, self.samples = driver, agents, broker, fleet, samples
-        self.options, self.bar = options, bar
+    def __init__(self, driver: TrialDriver, agents: AgentProcesses, broker: BrokerAccess, experts: dict[str, int],
+                 samples: dict[str, Samples], deadline_ms: int, bar: Any) -> None:
+        self.driver, self.agents, self.broker, self.experts, self.samples = driver, agents, broker, experts, samples
+        self.deadline_ms, self.bar = deadline_ms, bar
         self.killed: dict[str, float] = {}  # device -> seconds into the feeding
         self.restarts: list[BrokerRestart] = []
         self.delay = 0.0  # how far the rest of the plan is shifted by the broker restarts' pauses
@@ -355,8 +358,8 @@ class Feeder:
         if device in self.killed:
             self.driver.skip(device, label, index, round(self.driver.elapsed(), 6))
             return
-        ms = self.options.deadline_ms
-        self.driver.send(device, self.fleet.experts[device], s.images[index], label, index,
+        ms = self.deadline_ms
+        self.driver.send(device, self.experts[device], s.images[index], label, index,
                          START_WITHIN * ms, (START_WITHIN + 1) * ms / 1000 + WAIT_SLACK_S)
 
     def _kill(self, device: str) -> None:
@@ -376,7 +379,7 @@ class Feeder:
         self.restarts.append(restart)
         self.driver.events.emit("broker_restart", at_s=restart.at_s)
         restart.broker_pid = self.broker.restart()
-        live = set(self.fleet.bundles) - set(self.killed)
+        live = set(self.experts) - set(self.killed)
         try:
             restart.driver_reconnect_s = round(self.driver.wait_reconnected(stopped, RESTART_TIMEOUT_S), 3)
             self.driver.wait_online(live, since, RESTART_TIMEOUT_S,
@@ -480,7 +483,7 @@ def _run(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan:
 def _feed(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan: list[Step], driver: TrialDriver,
           agents: AgentProcesses, broker: BrokerAccess, facts: TrialFacts) -> None:
     with progress_bar(facts.planned, "trial", "req", options.show_progress) as bar:
-        feeder = Feeder(driver, agents, broker, fleet, samples, options, bar)
+        feeder = Feeder(driver, agents, broker, fleet.experts, samples, options.deadline_ms, bar)
         try:
             facts.feeding_s = feeder.run(plan)
         finally:

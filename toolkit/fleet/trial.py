@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from broker.accounts import Device
+from broker.accounts import Device, FleetCredential
 from broker.layout import FleetLayout
 from broker.process import BrokerOptions, RunningBroker, start_broker
 from device_agent.bundle import Bundle, BundleError, load_bundle
@@ -31,7 +31,7 @@ from device_agent.device_models import model_version
 from device_agent.nmoe_local import LocalNMoE, Prediction
 from device_agent.wire.events import EventLog
 from device_agent.wire.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
-from device_agent.wire.protocol import Topics
+from device_agent.wire.protocol import ProtocolError, Topics
 from toolkit.artifacts import ArtifactError, load_nmoe
 from toolkit.federated_data import prepare, raw_images
 from toolkit.fleet.agent_processes import AgentLaunch, AgentProcesses
@@ -47,7 +47,6 @@ RESTART_TIMEOUT_S = 30.0  # after a broker restart: for the driver to reconnect,
 START_WITHIN = 2  # an agent must start a request within START_WITHIN x --deadline-ms ...
 WAIT_SLACK_S = 0.5  # ... and the driver waits that, plus --deadline-ms for the peers, plus this
 TRIAL_OUTPUTS = ("trial.json", "events.jsonl", "report.html", "events", "logs", "fleet")
-Credential = tuple[str, Path]  # (username, password file)
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,12 @@ class TrialOptions:
     samples: int = 50
     rate: float = 10.0  # requests per second per device
     auth: bool = False
+    tls: bool = False  # the trial's own mosquitto is TLS-only, with a generated fleet CA
+    tls_ca: Path | None = None  # with an mqtts:// --broker: the CA that verifies it (None: the system's) ...
+    tls_cert: Path | None = None  # ... and a client certificate and key for the driver and every agent
+    tls_key: Path | None = None
+    prefix: str = "nmoe"  # topics {prefix}/{fleet}/...
+    fleet: str = "default"  # the fleet id (also in the client ids)
     kill_device: str | None = None
     kill_after: float | None = None
     restart_broker_after: float | None = None  # seconds into the feeding; only with the trial's own broker
@@ -125,6 +130,34 @@ class TrialResult:
 
 
 # setup -------------------------------------------------------------------------------------------
+
+
+def check_options(options: TrialOptions) -> None:
+    """TrialError (or BrokerUrlError) for options that cannot work together, before anything starts."""
+    try:
+        Topics(options.prefix, options.fleet)
+    except ProtocolError as e:
+        raise TrialError(f"--prefix/--fleet: {e}") from None
+    tls_files = {"--tls-ca": options.tls_ca, "--tls-cert": options.tls_cert, "--tls-key": options.tls_key}
+    given = [flag for flag, path in tls_files.items() if path is not None]
+    if options.broker is None:
+        if given:
+            raise TrialError(f"{given[0]} is for an mqtts:// --broker; the trial's own broker makes its CA and "
+                             "certificates with --tls")
+        return
+    url = BrokerUrl.parse(options.broker)  # BrokerUrlError
+    if options.restart_broker_after is not None:
+        raise TrialError("--restart-broker-after restarts the trial's own mosquitto: not with --broker")
+    if options.tls:
+        raise TrialError("--tls makes the trial's own mosquitto TLS-only: with --broker, give an mqtts:// URL "
+                         "(and --tls-ca)")
+    if given and not url.tls:
+        raise TrialError(f"{given[0]} needs an mqtts:// broker URL, got {options.broker}")
+    if (options.tls_cert is None) != (options.tls_key is None):
+        raise TrialError("--tls-cert and --tls-key go together")
+    for flag, path in tls_files.items():
+        if path is not None and not path.is_file():
+            raise TrialError(f"{flag} {path}: no such file")
 
 
 def load_fleet(options: TrialOptions) -> Fleet:
@@ -230,7 +263,7 @@ class BrokerAccess:
     """How the trial reaches its broker."""
 
     url: str
-    credential: Callable[[str], Credential | None]  # account -> its login (None without --auth)
+    credential: Callable[[str], FleetCredential]  # account -> how it logs in (password, TLS files)
     pid: int | None = None  # the mosquitto the trial started
     restart: Callable[[], int] | None = None  # restart the trial's mosquitto; its new pid (None: --broker)
 
@@ -248,9 +281,8 @@ class OwnBroker:
         self.running = start_broker(replace(self.running.options, port=self.running.port))
         return self.running.process.pid
 
-    def credential(self, account: str) -> Credential | None:
-        found = self.running.credentials.get(account)
-        return None if found is None or found.password_file is None else (account, found.password_file)
+    def credential(self, account: str) -> FleetCredential:
+        return self.running.credentials.get(account) or FleetCredential(account)
 
     def stop(self) -> None:
         self.running.stop()
@@ -259,25 +291,28 @@ class OwnBroker:
 @contextmanager
 def fleet_broker(options: TrialOptions, fleet: Fleet, out: Path) -> Iterator[BrokerAccess]:
     """A mosquitto started in OUT/fleet (the running one is stopped on exit), or the given --broker with
-    the passwords `nmoe broker --auth` keeps in its fleet dir."""
+    the passwords `nmoe broker --auth` keeps in its fleet dir and the --tls-* files."""
     if options.broker is not None:
         layout = FleetLayout.of(options.fleet_dir or Path("fleet"))
-        yield BrokerAccess(options.broker, lambda account: _stored_credential(layout, account) if options.auth else None)
+        yield BrokerAccess(options.broker, lambda account: FleetCredential(
+            account, _stored_password(layout, account) if options.auth else None, options.tls_ca, options.tls_cert,
+            options.tls_key))
         return
     accounts = tuple(Device(d, e) for d, e in fleet.experts.items())
-    broker = OwnBroker(BrokerOptions(out / "fleet", port=0, auth=options.auth, accounts=accounts))
+    broker = OwnBroker(BrokerOptions(out / "fleet", port=0, auth=options.auth, tls=options.tls, accounts=accounts,
+                                     prefix=options.prefix, fleet=options.fleet))
     try:
         yield BrokerAccess(broker.running.url, broker.credential, broker.running.process.pid, broker.restart)
     finally:
         broker.stop()
 
 
-def _stored_credential(layout: FleetLayout, account: str) -> Credential:
+def _stored_password(layout: FleetLayout, account: str) -> Path:
     path = layout.password(account)
     if not path.is_file():
         raise TrialError(f"{path} does not exist: with --broker and --auth, --fleet-dir must be the fleet dir of "
                          "`nmoe broker --auth --bundles BUNDLES` (default ./fleet)")
-    return account, path
+    return path
 
 
 def agent_launches(options: TrialOptions, fleet: Fleet, broker: BrokerAccess, out: Path) -> list[AgentLaunch]:
@@ -286,21 +321,34 @@ def agent_launches(options: TrialOptions, fleet: Fleet, broker: BrokerAccess, ou
     for device, bundle in fleet.bundles.items():
         args = ["--bundle", str(bundle.path), "--broker", broker.url, "--runtime", options.runtime,
                 "--precision", fleet.precision, "--latent-encoding", options.latent_encoding,
-                "--deadline-ms", str(options.deadline_ms), "--events", str(out / "events" / f"{device}.jsonl")]
-        login = broker.credential(device)
-        if login is not None:
-            args += ["--username", login[0], "--password-file", str(login[1])]
+                "--deadline-ms", str(options.deadline_ms), "--prefix", options.prefix, "--fleet", options.fleet,
+                "--events", str(out / "events" / f"{device}.jsonl"), *_login_args(broker.credential(device))]
         launches.append(AgentLaunch(device, tuple(args), out / "logs" / f"{device}.log"))
     return launches
 
 
+def _login_args(login: FleetCredential) -> list[str]:
+    """`nmoe agent` options for what `login` holds: user name and password file, TLS files."""
+    args = [] if login.password_file is None else ["--username", login.username, "--password-file",
+                                                   str(login.password_file)]
+    for flag, path in (("--tls-ca", login.ca_file), ("--tls-cert", login.cert_file), ("--tls-key", login.key_file)):
+        args += [] if path is None else [flag, str(path)]
+    return args
+
+
 @contextmanager
-def connected(driver: TrialDriver, url: str, login: Credential | None) -> Iterator[TrialDriver]:
+def connected(driver: TrialDriver, url: str, login: FleetCredential, fleet: str) -> Iterator[TrialDriver]:
     """The driver connected to the broker (as `operator` with --auth); disconnected on exit."""
-    username, password = (None, None) if login is None else (login[0], login[1].read_text().strip())
+    password = None if login.password_file is None else login.password()
+    settings = MqttSettings(BrokerUrl.parse(url), f"{fleet}-{OPERATOR}-trial",
+                            None if password is None else login.username, password, login.ca_file, login.cert_file,
+                            login.key_file)
+    try:
+        transport = MqttTransport(settings)
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        raise TrialError(f"cannot use the TLS files {login.ca_file}, {login.cert_file}, {login.key_file}: {e}") from None
     try:  # a failed connect closes the transport too: it would retry in the background forever
-        driver.connect(MqttTransport(MqttSettings(BrokerUrl.parse(url), f"default-{OPERATOR}-trial", username,
-                                                  password)), CONNECT_TIMEOUT_S)
+        driver.connect(transport, CONNECT_TIMEOUT_S)
         yield driver
     finally:
         driver.close()
@@ -427,10 +475,7 @@ def stop_signals(driver: TrialDriver) -> Iterator[None]:
 
 def run_trial(options: TrialOptions) -> TrialResult:
     """Run the trial and write its outputs (also, partially, after Ctrl-C or SIGTERM)."""
-    if options.broker is not None:
-        BrokerUrl.parse(options.broker)  # BrokerUrlError before anything starts
-        if options.restart_broker_after is not None:
-            raise TrialError("--restart-broker-after restarts the trial's own mosquitto: not with --broker")
+    check_options(options)
     fleet = load_fleet(options)
     samples = load_samples(fleet, options.samples)
     plan = feeding_plan(options, samples)
@@ -438,7 +483,7 @@ def run_trial(options: TrialOptions) -> TrialResult:
     prepare_out(options.out)
     events = EventLog(options.out / "events.jsonl")
     events.emit("start", options=options_json(options), devices=fleet.experts, precision=fleet.precision)
-    driver = TrialDriver(Topics(), model_version(next(iter(fleet.bundles.values()))), events)
+    driver = TrialDriver(Topics(options.prefix, options.fleet), model_version(next(iter(fleet.bundles.values()))), events)
     facts = TrialFacts(planned=sum(s.kind == StepKind.SEND for s in plan))
     with stop_signals(driver):  # also while the outputs are written: a late signal must not lose them
         try:
@@ -464,7 +509,7 @@ def _run(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan:
     with ExitStack() as stack:
         broker = stack.enter_context(fleet_broker(options, fleet, options.out))
         facts.broker, facts.broker_pids = broker.url, [] if broker.pid is None else [broker.pid]
-        stack.enter_context(connected(driver, broker.url, broker.credential(OPERATOR)))
+        stack.enter_context(connected(driver, broker.url, broker.credential(OPERATOR), options.fleet))
         agents = stack.enter_context(AgentProcesses())
         since = time.time()
         for launch in agent_launches(options, fleet, broker, options.out):

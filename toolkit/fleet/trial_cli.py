@@ -17,9 +17,11 @@ HELP = """\
 Run a local field trial of a fleet's bundles over a real MQTT broker, and report how it went.
 
   1. starts mosquitto in OUT/fleet on a free port (or uses --broker); with --auth every device
-     gets its own account and the trial driver connects as `operator` (docs/broker.md);
-  2. starts one `nmoe agent` process per bundle BUNDLES/device-*/ and waits until every agent's
-     presence is online;
+     gets its own account and the trial driver connects as `operator` (docs/broker.md); with
+     --tls it listens for TLS only (mqtts://), with a fleet CA and a certificate per account made
+     in OUT/fleet, which the driver and the agents use;
+  2. starts one `nmoe agent` process per bundle BUNDLES/device-*/ (with the trial's --prefix,
+     --fleet, credentials and TLS files) and waits until every agent's presence is online;
   3. feeds each device its OWN personalized test images (the first N of its split in the run dir
      the bundles were exported from) as inference requests on infer/{device}/req, one image per
      request, --rate requests per second per device, all devices at once; an agent must start a
@@ -41,11 +43,21 @@ The report gives accuracy per device and overall (over MQTT vs in-process), late
 by path (local: only the device's own expert answered; remote: at least one peer expert did), from
 the driver's round trips and the agents' own timings, bytes on the wire between agents per
 inference vs the raw input, the routing matrix, re-routes and failures, and the exactness check:
-with fp32 latents every prediction must equal LocalNMoE's (mismatches are counted per device).
+every answered prediction is compared with LocalNMoE's, per device. An input whose chosen experts
+did not all answer (an expert re-routed, timed out or busy, or replaced by the device's own) is
+counted as degraded and may legitimately differ; with fp32 latents the check fails only on a
+mismatch among the inputs whose chosen experts all answered.
+
+With --broker, the broker is yours: --auth reads the passwords `nmoe broker --auth` keeps in
+--fleet-dir, and an mqtts:// URL is verified with --tls-ca (default: the system's CAs), with
+--tls-cert/--tls-key as the client certificate of the driver and every agent. --prefix and --fleet
+name the topics ({prefix}/{fleet}/..., docs/protocol.md), as for `nmoe agent` and `nmoe broker`.
 
 Ctrl-C or SIGTERM stops everything cleanly and still writes the partial results.
-Exit status: 0 done; 1 a request to a live device failed, or an exactness mismatch with fp32
-latents; 2 unusable options or bundles (one `nmoe: error:` line); 130 interrupted.
+Exit status: 0 done; 1 a request to a live device failed, or, with fp32 latents, a prediction
+differs from LocalNMoE's for an input whose chosen experts all answered (mismatches among degraded
+inputs are reported, not counted); 2 unusable options or bundles (one `nmoe: error:` line);
+130 interrupted.
 """
 
 EPILOG = """\
@@ -55,9 +67,11 @@ examples:
   nmoe trial --bundles runs/quick-bundles --kill-device device-3 --kill-after 2
   nmoe trial --bundles runs/quick-bundles --restart-broker-after 2          # the broker restarts mid-run
   nmoe trial --bundles runs/quick-bundles --auth --latent-encoding int8
+  nmoe trial --bundles runs/quick-bundles --auth --tls --prefix lab --fleet bench1
   nmoe trial --bundles runs/quick-bundles --runtime tflite --precision int8 --deadline-ms 500
   nmoe broker --auth --bundles runs/quick-bundles &                         # your own broker:
   nmoe trial --bundles runs/quick-bundles --broker mqtt://127.0.0.1:1883 --auth --fleet-dir fleet
+  nmoe trial --bundles runs/quick-bundles --broker mqtts://127.0.0.1:8883 --tls-ca fleet/tls/ca.crt
 """
 
 
@@ -84,6 +98,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--fleet-dir", type=Path, metavar="DIR",
                    help="with --broker and --auth: the broker's fleet dir holding credentials/ (default: ./fleet)")
     p.add_argument("--auth", action="store_true", help="per-device accounts and an ACL; the driver is `operator`")
+    p.add_argument("--tls", action="store_true",
+                   help="the trial's own mosquitto speaks TLS only, with a generated fleet CA (not with --broker)")
+    p.add_argument("--tls-ca", type=Path, metavar="F",
+                   help="with an mqtts:// --broker: CA certificate(s) to verify it (default: the system's)")
+    p.add_argument("--tls-cert", type=Path, metavar="F",
+                   help="with an mqtts:// --broker: client certificate of the driver and every agent")
+    p.add_argument("--tls-key", type=Path, metavar="F", help="that certificate's private key")
+    p.add_argument("--prefix", default="nmoe", metavar="P", help="topic prefix (default: nmoe)")
+    p.add_argument("--fleet", default="default", metavar="F", help="fleet id (default: default)")
     p.add_argument("--samples", type=positive_int, default=50, metavar="N",
                    help="test images per device (default: 50; fewer if its split is smaller)")
     p.add_argument("--rate", type=_positive_float, default=10.0, metavar="R",
@@ -120,7 +143,8 @@ def _trial(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"trial-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     options = TrialOptions(
         args.bundles, out, broker=args.broker, fleet_dir=args.fleet_dir, samples=args.samples, rate=args.rate,
-        auth=args.auth, kill_device=args.kill_device, kill_after=args.kill_after,
+        auth=args.auth, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        prefix=args.prefix, fleet=args.fleet, kill_device=args.kill_device, kill_after=args.kill_after,
         restart_broker_after=args.restart_broker_after, latent_encoding=args.latent_encoding,
         precision=args.precision, runtime=args.runtime, deadline_ms=args.deadline_ms, show_progress=not args.quiet)
     try:

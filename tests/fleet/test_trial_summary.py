@@ -94,9 +94,10 @@ def test_counts_accuracy_and_exactness(record: TrialRecord) -> None:
                                      "device-1": Accuracy(3, 4, 66.67, 100.0, 75.0)}
     assert s.accuracy.overall == Accuracy(5, 9, 60.0, 100.0, 77.78)
     x = s.exactness
-    assert (x.compared, x.mismatches, x.mismatches_intact, x.degraded, x.max_abs_prob_diff, x.exact) == \
-        (5, 2, 1, 3, 0.5, False)
-    assert x.per_device == {"device-0": ExactnessCounts(2, 1, 1, 0, 0.5), "device-1": ExactnessCounts(3, 1, 0, 3, 0.25)}
+    assert (x.compared, x.mismatches, x.mismatches_intact, x.degraded, x.max_abs_prob_diff, x.unverified,
+            x.mismatches_unverified, x.exact) == (5, 2, 1, 2, 0.5, 1, 0, False)
+    assert x.per_device == {"device-0": ExactnessCounts(2, 1, 1, 0, 0.5, 0, 0),
+                            "device-1": ExactnessCounts(3, 1, 0, 2, 0.25, 1, 0)}
 
 
 def test_paths_latency_bytes_and_routing(record: TrialRecord) -> None:
@@ -104,7 +105,7 @@ def test_paths_latency_bytes_and_routing(record: TrialRecord) -> None:
     rows = {(r.device, r.index): r for r in s.requests}
     assert [rows[k].path for k in (("device-0", 0), ("device-1", 0), ("device-1", 2))] == \
         [RequestPath.REMOTE, RequestPath.LOCAL, RequestPath.UNKNOWN]
-    assert [rows[k].intact for k in (("device-0", 1), ("device-1", 0), ("device-1", 2))] == [True, False, False]
+    assert [rows[k].intact for k in (("device-0", 1), ("device-1", 0), ("device-1", 2))] == [True, False, None]
     assert rows["device-0", 0].agent_ms == 4 and rows["device-1", 2].agent_ms is None
     e2e = s.latency_ms.end_to_end
     assert e2e.all == Stats(5, 30.0, 30.0, 48.0, 49.6)
@@ -137,7 +138,8 @@ def test_timing_agents_fleet_and_driver(record: TrialRecord) -> None:
 
 def test_trial_json_is_plain_json_with_the_documented_sections(record: TrialRecord, tmp_path: Path) -> None:
     j = json.loads(json.dumps(summarize(record).to_json()))
-    assert list(j) == ["fleet", "timing", "counts", "accuracy", "exactness", "latency_ms", "bytes", "routing",
+    assert j["version"] == 2
+    assert list(j) == ["version", "fleet", "timing", "counts", "accuracy", "exactness", "latency_ms", "bytes", "routing",
                        "reroutes", "failures", "agents", "driver", "requests"]
     assert j["requests"][0] == {
         "device": "device-0", "index": 0, "label": 0, "status": "answered", "detail": "", "predicted": 0, "expected": 0,
@@ -145,7 +147,9 @@ def test_trial_json_is_plain_json_with_the_documented_sections(record: TrialReco
         "agent_ms": 4, "request_bytes": 100, "reply_bytes": 40, "id": "device-0-0"}
     assert j["latency_ms"]["end_to_end"]["local"] == {"n": 2, "mean": 35.0, "median": 35.0, "p95": 39.5, "p99": 39.9}
     assert j["exactness"]["per_device"]["device-1"] == {"compared": 3, "mismatches": 1, "mismatches_intact": 0,
-                                                        "degraded": 3, "max_abs_prob_diff": 0.25}
+                                                        "degraded": 2, "max_abs_prob_diff": 0.25, "unverified": 1,
+                                                        "mismatches_unverified": 0}
+    assert j["requests"][7]["intact"] is None and (j["fleet"]["remote"], j["fleet"]["absent"]) == (False, {})
     assert j["failures"][1] == {"device": "device-0", "index": 3, "status": "timeout", "detail": "", "sent_s": 0.3}
 
 
@@ -153,8 +157,10 @@ def test_text_and_page_show_the_numbers(record: TrialRecord) -> None:
     s = summarize(record)
     text = summary_text(s)
     assert "answered 5/8 sent, failed 2, not served 1\n" in text
-    assert "exactness vs LocalNMoE: 2 mismatch(es) in 5 (1 among the 2 with every chosen expert answering)" in text
-    assert "local 35.00/39.50/39.90 ms (n=2); remote 15.00/19.50/19.90 ms (n=2)" in text
+    assert ("exactness vs LocalNMoE: 2 mismatch(es) in 5 (1 among the 2 with every chosen expert answering, 0 among "
+            "the 1 no agent event describes)") in text
+    assert "local 35.00/39.50/39.90 ms (n=2); remote 15.00/19.50/19.90 ms (n=2); all 30.00/48.00/49.60 ms (n=5)" in text
+    assert "absent" not in text
     assert "killed device-1 at 0.30 s; offline presence after 10.00 ms" in text
     page = render_html(replace(s, timing=replace(s.timing, interrupted=True)))
     assert "interrupted 1, not sent 2" in page and len(re.findall(r"src='data:image/png;base64,", page)) == 5
@@ -169,6 +175,29 @@ def test_the_exit_verdict_counts_failures_and_fp32_mismatches_among_intact_input
     assert _healthy(replace(no_failures, exactness=replace(s.exactness, mismatches_intact=0, exact=True)))
     fp16 = replace(no_failures, fleet=replace(s.fleet, latent_encoding="fp16"))
     assert _healthy(fp16)  # fp16 latents may change predictions
+
+
+def test_a_mismatch_no_agent_event_describes_counts_against_exactness(record: TrialRecord) -> None:
+    unverified = record.requests[7]
+    assert unverified.id == "device-1-2" and unverified.predicted == 0
+    unverified.predicted = 3  # LocalNMoE says 0; no agent event says whether its experts all answered
+    fixed = replace(record, requests=[r for r in record.requests if r.id != "device-0-1"])  # the intact mismatch
+    x = summarize(fixed).exactness
+    assert (x.mismatches, x.mismatches_intact, x.mismatches_unverified, x.exact) == (2, 0, 1, False)
+    unverified.predicted = 0
+    assert summarize(fixed).exactness.exact
+
+
+def test_absent_devices_of_a_remote_fleet_are_named_and_fail_the_verdict(record: TrialRecord) -> None:
+    remote = replace(record, options=replace(record.options, remote=True, broker="mqtt://h:1"),
+                     facts=replace(record.facts, absent={"device-1": "offline"}, killed={}))
+    s = summarize(remote)
+    assert (s.fleet.remote, s.fleet.absent) == (True, {"device-1": "offline"})
+    assert "  absent, not fed: device-1 (offline)" in summary_text(s).splitlines()
+    healthy_otherwise = replace(s, counts=replace(s.counts, failed=0),
+                                exactness=replace(s.exactness, mismatches_intact=0, exact=True))
+    assert not _healthy(healthy_otherwise)
+    assert _healthy(replace(healthy_otherwise, fleet=replace(s.fleet, absent={})))
 
 
 def test_read_events_skips_a_torn_last_line_and_a_missing_file(tmp_path: Path) -> None:

@@ -66,6 +66,10 @@ class TrialOptions:
     tls_key: Path | None = None
     prefix: str = "nmoe"  # topics {prefix}/{fleet}/...
     fleet: str = "default"  # the fleet id (also in the client ids)
+    remote: bool = False  # the agents already run (on their devices): start nothing, feed those present
+    username: str | None = None  # with remote: the driver's own login instead of --auth's operator
+    password_file: Path | None = None
+    online_timeout: float = ONLINE_TIMEOUT_S  # for every device's presence
     kill_device: str | None = None
     kill_after: float | None = None
     restart_broker_after: float | None = None  # seconds into the feeding; only with the trial's own broker
@@ -138,6 +142,7 @@ def check_options(options: TrialOptions) -> None:
         Topics(options.prefix, options.fleet)
     except ProtocolError as e:
         raise TrialError(f"--prefix/--fleet: {e}") from None
+    _check_remote(options)
     tls_files = {"--tls-ca": options.tls_ca, "--tls-cert": options.tls_cert, "--tls-key": options.tls_key}
     given = [flag for flag, path in tls_files.items() if path is not None]
     if options.broker is None:
@@ -158,6 +163,21 @@ def check_options(options: TrialOptions) -> None:
     for flag, path in tls_files.items():
         if path is not None and not path.is_file():
             raise TrialError(f"{flag} {path}: no such file")
+
+
+def _check_remote(options: TrialOptions) -> None:
+    """--remote and the driver's own login: what they need and refuse."""
+    if options.remote and options.broker is None:
+        raise TrialError("--remote drives agents that already run: give their broker with --broker URL")
+    if options.remote and options.kill_device is not None:
+        raise TrialError("--kill-device: a --remote trial starts no agent, so it has none to kill")
+    if (options.username is None) != (options.password_file is None):
+        raise TrialError("--username and --password-file go together")
+    if options.username is not None and not options.remote:
+        raise TrialError("--username/--password-file log the driver in to a --remote fleet's broker; the agents a "
+                         "local trial starts log in with --auth")
+    if options.username is not None and options.auth:
+        raise TrialError("--username/--password-file or --auth (the operator's password in --fleet-dir), not both")
 
 
 def load_fleet(options: TrialOptions) -> Fleet:
@@ -294,9 +314,7 @@ def fleet_broker(options: TrialOptions, fleet: Fleet, out: Path) -> Iterator[Bro
     the passwords `nmoe broker --auth` keeps in its fleet dir and the --tls-* files."""
     if options.broker is not None:
         layout = FleetLayout.of(options.fleet_dir or Path("fleet"))
-        yield BrokerAccess(options.broker, lambda account: FleetCredential(
-            account, _stored_password(layout, account) if options.auth else None, options.tls_ca, options.tls_cert,
-            options.tls_key))
+        yield BrokerAccess(options.broker, lambda account: _given_login(options, layout, account))
         return
     accounts = tuple(Device(d, e) for d, e in fleet.experts.items())
     broker = OwnBroker(BrokerOptions(out / "fleet", port=0, auth=options.auth, tls=options.tls, accounts=accounts,
@@ -305,6 +323,15 @@ def fleet_broker(options: TrialOptions, fleet: Fleet, out: Path) -> Iterator[Bro
         yield BrokerAccess(broker.running.url, broker.credential, broker.running.process.pid, broker.restart)
     finally:
         broker.stop()
+
+
+def _given_login(options: TrialOptions, layout: FleetLayout, account: str) -> FleetCredential:
+    """With --broker: the driver's --username/--password-file, or the account's password in --fleet-dir with
+    --auth; and the --tls-* files."""
+    tls = (options.tls_ca, options.tls_cert, options.tls_key)
+    if account == OPERATOR and options.username is not None:
+        return FleetCredential(options.username, options.password_file, *tls)
+    return FleetCredential(account, _stored_password(layout, account) if options.auth else None, *tls)
 
 
 def _stored_password(layout: FleetLayout, account: str) -> Path:
@@ -354,6 +381,20 @@ def connected(driver: TrialDriver, url: str, login: FleetCredential, fleet: str)
         driver.close()
 
 
+def absent_devices(driver: TrialDriver, devices: Collection[str], timeout_s: float) -> dict[str, str]:
+    """A remote fleet: wait up to `timeout_s` for every device's presence; the devices that cannot take part (no
+    presence, offline, another model version than the bundles') and why. TrialError when none can."""
+    absent = {}
+    for device, p in driver.wait_present(set(devices), timeout_s).items():
+        if p is None or p.status != "online":
+            absent[device] = f"no presence within {timeout_s:g} s" if p is None else "offline"
+        elif p.model != driver.model_version:
+            absent[device] = f"runs model {str(p.model)[:12]}, not the bundles' {driver.model_version[:12]}"
+    if len(absent) == len(devices):
+        raise TrialError("no device of the fleet can take part: " + "; ".join(f"{d} {why}" for d, why in absent.items()))
+    return absent
+
+
 def _check_alive(agents: AgentProcesses, when: str, killed: Collection[str] = ()) -> None:
     """TrialError naming an agent (not one the trial killed) that exited `when`, with the last line of its log."""
     exited = {d: status for d, status in agents.exited().items() if d not in killed}
@@ -374,10 +415,12 @@ def _last_line(path: Path) -> str:
 class Feeder:
     """Runs the feeding plan on the driver: sends, kills and broker restarts on time, expires late requests."""
 
-    def __init__(self, driver: TrialDriver, agents: AgentProcesses, broker: BrokerAccess, experts: dict[str, int],
-                 samples: dict[str, Samples], deadline_ms: int, bar: Any) -> None:
+    def __init__(self, driver: TrialDriver, agents: AgentProcesses | None, broker: BrokerAccess,
+                 experts: dict[str, int], samples: dict[str, Samples], deadline_ms: int, bar: Any,
+                 absent: Collection[str] = ()) -> None:
+        """`agents`: the processes the trial started (None: a remote fleet); `absent`: devices not fed."""
         self.driver, self.agents, self.broker, self.experts, self.samples = driver, agents, broker, experts, samples
-        self.deadline_ms, self.bar = deadline_ms, bar
+        self.deadline_ms, self.bar, self.absent = deadline_ms, bar, absent
         self.killed: dict[str, float] = {}  # device -> seconds into the feeding
         self.restarts: list[BrokerRestart] = []
         self.delay = 0.0  # how far the rest of the plan is shifted by the broker restarts' pauses
@@ -403,7 +446,7 @@ class Feeder:
     def _send(self, device: str, index: int) -> None:
         s = self.samples[device]
         label = int(s.labels[index])
-        if device in self.killed:
+        if device in self.killed or device in self.absent:
             self.driver.skip(device, label, index, round(self.driver.elapsed(), 6))
             return
         ms = self.deadline_ms
@@ -411,6 +454,7 @@ class Feeder:
                          START_WITHIN * ms, (START_WITHIN + 1) * ms / 1000 + WAIT_SLACK_S)
 
     def _kill(self, device: str) -> None:
+        assert self.agents is not None, "check_options refuses --kill-device with --remote"
         pid, self.killed[device] = self.agents.pid(device), round(self.driver.elapsed(), 6)
         self.agents.kill(device)
         self.driver.events.emit("kill", device=device, pid=pid, at_s=self.killed[device])
@@ -420,18 +464,19 @@ class Feeder:
         """Pause the feeding until the requests in flight are settled (no QoS 0 message crosses the outage),
         restart the broker, wait until the driver and every live agent are back, and shift the rest of
         the plan by the pause."""
-        assert self.broker.restart is not None, "run_trial refuses --restart-broker-after with --broker"
+        agents, restart_broker = self.agents, self.broker.restart
+        assert restart_broker is not None and agents is not None, "check_options refuses it with --broker"
         self._wait(None)
         since, stopped = time.time(), time.monotonic()
         restart = BrokerRestart(round(self.driver.elapsed(), 6))
         self.restarts.append(restart)
         self.driver.events.emit("broker_restart", at_s=restart.at_s)
-        restart.broker_pid = self.broker.restart()
+        restart.broker_pid = restart_broker()
         live = set(self.experts) - set(self.killed)
         try:
             restart.driver_reconnect_s = round(self.driver.wait_reconnected(stopped, RESTART_TIMEOUT_S), 3)
             self.driver.wait_online(live, since, RESTART_TIMEOUT_S,
-                                    lambda: _check_alive(self.agents, "after the broker restart", self.killed))
+                                    lambda: _check_alive(agents, "after the broker restart", self.killed))
         except TrialError as e:
             raise TrialError(f"the broker restart at {restart.at_s:.2f} s: {e}") from None
         restart.outage_s = round(time.monotonic() - stopped, 3)
@@ -510,13 +555,21 @@ def _run(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan:
         broker = stack.enter_context(fleet_broker(options, fleet, options.out))
         facts.broker, facts.broker_pids = broker.url, [] if broker.pid is None else [broker.pid]
         stack.enter_context(connected(driver, broker.url, broker.credential(OPERATOR), options.fleet))
+        if options.remote:
+            since = time.time()
+            facts.absent = absent_devices(driver, fleet.experts, options.online_timeout)
+            facts.online_s = round(time.time() - since, 3)
+            driver.events.emit("online", devices=sorted(set(fleet.bundles) - set(facts.absent)), absent=facts.absent,
+                               after_s=facts.online_s)
+            _feed(options, fleet, samples, plan, driver, None, broker, facts)
+            return
         agents = stack.enter_context(AgentProcesses())
         since = time.time()
         for launch in agent_launches(options, fleet, broker, options.out):
             agents.start(launch)
         facts.pids = {d: agents.pid(d) for d in fleet.bundles}
         try:
-            driver.wait_online(set(fleet.bundles), since, ONLINE_TIMEOUT_S,
+            driver.wait_online(set(fleet.bundles), since, options.online_timeout,
                                lambda: _check_alive(agents, "before the trial started"))
             facts.online_s = round(time.time() - since, 3)
             driver.events.emit("online", devices=sorted(fleet.bundles), after_s=facts.online_s)
@@ -526,9 +579,9 @@ def _run(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan:
 
 
 def _feed(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan: list[Step], driver: TrialDriver,
-          agents: AgentProcesses, broker: BrokerAccess, facts: TrialFacts) -> None:
+          agents: AgentProcesses | None, broker: BrokerAccess, facts: TrialFacts) -> None:
     with progress_bar(facts.planned, "trial", "req", options.show_progress) as bar:
-        feeder = Feeder(driver, agents, broker, fleet.experts, samples, options.deadline_ms, bar)
+        feeder = Feeder(driver, agents, broker, fleet.experts, samples, options.deadline_ms, bar, set(facts.absent))
         try:
             facts.feeding_s = feeder.run(plan)
         finally:

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from toolkit.fleet.trial_summary import TrialSummary
 
 HELP = """\
-Run a local field trial of a fleet's bundles over a real MQTT broker, and report how it went.
+Run a field trial of a fleet's bundles over a real MQTT broker, and report how it went: a local
+one (it starts the broker and the agents) or, with --remote, one of agents that already run.
 
   1. starts mosquitto in OUT/fleet on a free port (or uses --broker); with --auth every device
      gets its own account and the trial driver connects as `operator` (docs/broker.md); with
@@ -36,8 +37,9 @@ Run a local field trial of a fleet's bundles over a real MQTT broker, and report
      driver and the agents reconnect by themselves, and the feeding resumes, shifted by the pause,
      once every live agent's presence is online again (not with --broker);
   6. stops the agents (SIGTERM, then SIGKILL after 5 s) and the broker, computes the same samples
-     in-process with LocalNMoE, and writes OUT/trial.json (every number), OUT/events.jsonl (the
-     driver's events), OUT/events/<device>.jsonl (each agent's), OUT/logs/ and OUT/report.html.
+     in-process with LocalNMoE, and writes OUT/trial.json (every number; docs/trial.md),
+     OUT/events.jsonl (the driver's events), OUT/events/<device>.jsonl (each agent's), OUT/logs/
+     and OUT/report.html.
 
 The report gives accuracy per device and overall (over MQTT vs in-process), latency median/p95/p99
 by path (local: only the device's own expert answered; remote: at least one peer expert did), from
@@ -46,7 +48,19 @@ inference vs the raw input, the routing matrix, re-routes and failures, and the 
 every answered prediction is compared with LocalNMoE's, per device. An input whose chosen experts
 did not all answer (an expert re-routed, timed out or busy, or replaced by the device's own) is
 counted as degraded and may legitimately differ; with fp32 latents the check fails only on a
-mismatch among the inputs whose chosen experts all answered.
+mismatch among the inputs whose chosen experts all answered. Which experts answered comes from
+the agents' event logs: an answered input no event describes (a --remote fleet's, whose logs
+stay on the devices) counts as if its chosen experts all answered.
+
+--remote: the agents already run, on their devices or elsewhere (`nmoe agent`, with their own
+accounts). The trial starts nothing: it connects to --broker (as `operator` with --auth
+--fleet-dir, or with --username/--password-file), waits up to --online-timeout for the presence of
+every device of BUNDLES (retained presences count), and feeds those online with the bundles' model
+version. The others are named in the summary and the report as absent (no presence, offline, or
+another model version), their samples as not served, and the exit status is 1. --precision and
+--runtime say what the agents run (LocalNMoE computes the reference with them), --latent-encoding
+what they send; --kill-device and --restart-broker-after are refused (the trial owns no agent and
+no broker). The report lacks the agents' own timings, paths and bytes (their logs stay with them).
 
 With --broker, the broker is yours: --auth reads the passwords `nmoe broker --auth` keeps in
 --fleet-dir, and an mqtts:// URL is verified with --tls-ca (default: the system's CAs), with
@@ -56,8 +70,8 @@ name the topics ({prefix}/{fleet}/..., docs/protocol.md), as for `nmoe agent` an
 Ctrl-C or SIGTERM stops everything cleanly and still writes the partial results.
 Exit status: 0 done; 1 a request to a live device failed, or, with fp32 latents, a prediction
 differs from LocalNMoE's for an input whose chosen experts all answered (mismatches among degraded
-inputs are reported, not counted); 2 unusable options or bundles (one `nmoe: error:` line);
-130 interrupted.
+inputs are reported, not counted), or a device of a --remote fleet was absent; 2 unusable options
+or bundles (one `nmoe: error:` line); 130 interrupted.
 """
 
 EPILOG = """\
@@ -72,6 +86,7 @@ examples:
   nmoe broker --auth --bundles runs/quick-bundles &                         # your own broker:
   nmoe trial --bundles runs/quick-bundles --broker mqtt://127.0.0.1:1883 --auth --fleet-dir fleet
   nmoe trial --bundles runs/quick-bundles --broker mqtts://127.0.0.1:8883 --tls-ca fleet/tls/ca.crt
+  nmoe trial --bundles runs/quick-bundles --remote --broker mqtt://broker.lan:1883 --auth --fleet-dir fleet
 """
 
 
@@ -105,6 +120,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--tls-cert", type=Path, metavar="F",
                    help="with an mqtts:// --broker: client certificate of the driver and every agent")
     p.add_argument("--tls-key", type=Path, metavar="F", help="that certificate's private key")
+    p.add_argument("--remote", action="store_true",
+                   help="the agents already run: start nothing, feed the devices present on --broker")
+    p.add_argument("--username", metavar="U", help="with --remote: the driver's broker user name")
+    p.add_argument("--password-file", type=Path, metavar="F", help="with --remote: file holding its password")
+    p.add_argument("--online-timeout", type=_positive_float, default=120.0, metavar="S",
+                   help="how long to wait for every device's presence (default: 120)")
     p.add_argument("--prefix", default="nmoe", metavar="P", help="topic prefix (default: nmoe)")
     p.add_argument("--fleet", default="default", metavar="F", help="fleet id (default: default)")
     p.add_argument("--samples", type=positive_int, default=50, metavar="N",
@@ -144,7 +165,8 @@ def _trial(args: argparse.Namespace) -> int:
     options = TrialOptions(
         args.bundles, out, broker=args.broker, fleet_dir=args.fleet_dir, samples=args.samples, rate=args.rate,
         auth=args.auth, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        prefix=args.prefix, fleet=args.fleet, kill_device=args.kill_device, kill_after=args.kill_after,
+        prefix=args.prefix, fleet=args.fleet, remote=args.remote, username=args.username,
+        password_file=args.password_file, online_timeout=args.online_timeout, kill_device=args.kill_device, kill_after=args.kill_after,
         restart_broker_after=args.restart_broker_after, latent_encoding=args.latent_encoding,
         precision=args.precision, runtime=args.runtime, deadline_ms=args.deadline_ms, show_progress=not args.quiet)
     try:
@@ -164,6 +186,7 @@ def _trial(args: argparse.Namespace) -> int:
 
 
 def _healthy(summary: TrialSummary) -> bool:
-    """No request to a live device failed, and fp32 latents gave LocalNMoE's predictions."""
+    """No request to a live device failed, fp32 latents gave LocalNMoE's predictions, and every device of a
+    remote fleet took part."""
     exact = summary.exactness.exact or summary.fleet.latent_encoding != "fp32"
-    return summary.counts.failed == 0 and exact
+    return summary.counts.failed == 0 and exact and not summary.fleet.absent

@@ -44,7 +44,7 @@ class RequestStatus(StrEnum):
     ANSWERED = "answered"  # the combined probabilities came back
     ERROR = "error"  # the agent answered with an error code
     TIMEOUT = "timeout"  # no answer within the driver's wait
-    NOT_SERVED = "not_served"  # the device was killed (never sent, or in flight then)
+    NOT_SERVED = "not_served"  # the device was killed (never sent, or in flight then) or is absent
     INTERRUPTED = "interrupted"  # the trial was stopped while it was in flight
 
     @property
@@ -141,6 +141,13 @@ class TrialDriver:
             missing = devices - self.online(since)
             raise TrialError(f"{', '.join(sorted(missing))} did not come online within {timeout_s:.0f} s "
                              "(see the agents' logs)")
+
+    def wait_present(self, devices: set[str], timeout_s: float) -> dict[str, Presence | None]:
+        """Wait until each device's latest presence (a retained one counts) is online, at most `timeout_s`;
+        then each device's latest presence (None: none received)."""
+        self._wait_for(lambda: devices <= self.online(0.0), timeout_s)
+        with self._cond:
+            return {d: self._presence.get(d) for d in sorted(devices)}
 
     def _wait_for(self, ready: Callable[[], bool], timeout_s: float, check: Callable[[], None] = lambda: None) -> bool:
         """Wait until `ready()` (checked under the lock) or the timeout, running `check()` every POLL_S;

@@ -39,6 +39,7 @@ class TrialFacts:
     killed: dict[str, float] = field(default_factory=dict)  # device -> seconds into the feeding
     broker_restarts: list[BrokerRestart] = field(default_factory=list)
     exit_status: dict[str, int] = field(default_factory=dict)  # device -> its agent's exit status
+    absent: dict[str, str] = field(default_factory=dict)  # a remote fleet's devices not fed -> why
 
 
 @dataclass(frozen=True)

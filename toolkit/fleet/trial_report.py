@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from toolkit.fleet.trial_driver import RequestStatus
-from toolkit.fleet.trial_summary import PATHS, RequestPath, TrialSummary
+from toolkit.fleet.trial_summary import RequestPath, TrialSummary
 
 DPI = 110
 PATH_COLORS = {RequestPath.LOCAL: "tab:blue", RequestPath.REMOTE: "tab:orange", RequestPath.UNKNOWN: "tab:gray"}
@@ -39,14 +39,18 @@ def summary_text(summary: TrialSummary) -> str:
         + (f", interrupted {c.interrupted}, not sent {c.not_sent}" if t.interrupted else ""),
         f"  accuracy {_fmt(a.accuracy, '%')} (in-process on the same samples {_fmt(a.in_process_accuracy, '%')})",
         (f"  exactness vs LocalNMoE: {x.mismatches} mismatch(es) in {x.compared} "
-         f"({x.mismatches_intact} among the {x.compared - x.degraded} with every chosen expert answering)"),
+         f"({x.mismatches_intact} among the {x.compared - x.degraded - x.unverified} with every chosen expert "
+         "answering" + (f", {x.mismatches_unverified} among the {x.unverified} no agent event describes"
+                        if x.unverified else "") + ")"),
         "  end-to-end latency median/p95/p99: " + "; ".join(
             f"{p} {_fmt(s.median)}/{_fmt(s.p95)}/{_fmt(s.p99)} ms (n={s.n})"
-            for p, s in ((RequestPath.LOCAL, lat.local), (RequestPath.REMOTE, lat.remote))),
+            for p, s in lat.items()),
         (f"  bytes between agents per inference: {_fmt(b.between_agents_per_inference.all)} "
          f"(remote path {_fmt(b.between_agents_per_inference.remote)}) vs raw input {b.raw_input}"),
         f"  re-routed inputs: {summary.reroutes.inputs_rerouted}",
     ]
+    if f.absent:
+        lines.append("  absent, not fed: " + "; ".join(f"{d} ({why})" for d, why in f.absent.items()))
     lines += [f"  killed {k.device} at {k.at_s:.2f} s; offline presence after {_fmt(k.offline_after_ms)} ms"
               for k in t.kills]
     lines += [f"  broker restarted at {r.at_s:.2f} s; every live agent online again after "
@@ -126,7 +130,7 @@ def _failure_table(summary: TrialSummary) -> Table:
                              ["rows answered by the own expert alone (every chosen expert lost)", r.fallback_rows]]
     body += [[f"chosen expert left out: {why}", n] for why, n in sorted(r.experts_missing.items())]
     body += [[f"failed requests: {why}", n] for why, n in sorted(summary.counts.failures_by_reason.items())]
-    body.append(["not served (device killed)", summary.counts.not_served])
+    body.append(["not served (device killed or absent)", summary.counts.not_served])
     return ["what", "count"], body
 
 
@@ -174,7 +178,7 @@ def latency_figure(summary: TrialSummary) -> Figure:
     rows = [r for r in summary.requests if r.status == RequestStatus.ANSWERED]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     for ax, title, agent in ((axes[0], "driver round trip", False), (axes[1], "agent inference", True)):
-        for path in PATHS:
+        for path in RequestPath:
             ms = [r.agent_ms if agent else r.rtt_ms for r in rows if r.path == path]
             v = np.sort([m for m in ms if m is not None])
             if len(v):
@@ -232,7 +236,7 @@ def timeline_figure(summary: TrialSummary) -> Figure:
     failed = [r.sent_s for r in rows if r.status.failed]
     not_served = [r.sent_s for r in rows if r.status == RequestStatus.NOT_SERVED]
     for at, y, marker, color, label in ((failed, 0.95, "x", "red", "failed"),
-                                        (not_served, 0.05, "|", "gray", "not served (killed)")):
+                                        (not_served, 0.05, "|", "gray", "not served (killed or absent)")):
         if at:
             ax.scatter(at, [y] * len(at), marker=marker, color=color, transform=edge, label=label)
     for k in summary.timing.kills:

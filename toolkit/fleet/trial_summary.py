@@ -23,6 +23,7 @@ from toolkit.fleet.trial_driver import Request, RequestStatus
 from toolkit.fleet.trial_record import BrokerRestart, TrialRecord, options_json
 
 T = TypeVar("T")
+TRIAL_JSON_VERSION = 2  # docs/trial.md; the first, unversioned trial.json counts as 1
 
 
 class RequestPath(StrEnum):
@@ -86,6 +87,8 @@ class FleetSummary:
     model_version: str
     pids: dict[str, int]
     broker_pids: list[int]
+    remote: bool  # the agents ran already (nmoe trial --remote): the trial started none
+    absent: dict[str, str]  # a remote fleet's devices that could not take part -> why (their samples not sent)
     options: dict[str, Any]  # every option of the trial
 
 
@@ -147,11 +150,13 @@ class ExactnessCounts:
     mismatches_intact: int  # among the inputs whose chosen experts all answered
     degraded: int  # answered inputs with an expert re-routed, missing or replaced by the own one
     max_abs_prob_diff: float | None
+    unverified: int  # answered inputs no agent event describes (a remote fleet's: its event logs are not here)
+    mismatches_unverified: int  # among those: counted as failures, since they may be intact
 
 
 @dataclass(frozen=True)
 class Exactness(ExactnessCounts):
-    exact: bool  # no mismatch among the intact inputs (what fp32 latents must give)
+    exact: bool  # no mismatch among the inputs not known to be degraded (what fp32 latents must give)
     per_device: dict[str, ExactnessCounts]
 
 
@@ -201,7 +206,7 @@ class AgentSummary:
     expert: int
     exit_status: int | None
     inferences: int
-    counters: dict[str, int] | None  # the agent's counters at exit (None: it wrote none)
+    counters: dict[str, Any] | None  # the agent's counters at exit, as its event log has them (None: none)
 
 
 @dataclass(frozen=True)
@@ -218,7 +223,8 @@ class RequestRow:
     prob_diff: float | None  # max |probabilities - LocalNMoE's|
     path: RequestPath
     answered: list[int] | None  # experts combined for it (None: no agent event names it)
-    intact: bool  # every chosen expert answered (nothing re-routed, missing or replaced)
+    intact: bool | None  # every chosen expert answered (nothing re-routed, missing or replaced); None: no agent
+    # event describes its inference
     sent_s: float
     rtt_ms: float | None
     agent_ms: float | None
@@ -229,7 +235,7 @@ class RequestRow:
 
 @dataclass(frozen=True)
 class TrialSummary:
-    """Every number of a trial; `to_json()` is trial.json."""
+    """Every number of a trial; `to_json()` is trial.json (docs/trial.md)."""
 
     fleet: FleetSummary
     timing: Timing
@@ -246,7 +252,7 @@ class TrialSummary:
     requests: list[RequestRow]
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"version": TRIAL_JSON_VERSION, **asdict(self)}
 
 
 @dataclass(frozen=True)
@@ -303,7 +309,7 @@ def request_row(r: Request, inference: Inference | None, own: int, expected: Pre
     answered = None if inference is None else inference.requests[r.id]
     diff = None if r.probs is None else _r(float(np.abs(r.probs - expected.probs[r.index]).max()), 9)
     return RequestRow(r.device, r.index, r.label, r.status, r.detail, r.predicted, int(expected.labels[r.index]),
-                      diff, path_of(answered, own), answered, inference is not None and inference.intact,
+                      diff, path_of(answered, own), answered, None if inference is None else inference.intact,
                       _r(r.sent_s, 6), r.rtt_ms, None if inference is None else inference.total_ms,
                       r.request_bytes, r.reply_bytes, r.id)
 
@@ -336,7 +342,7 @@ def _fleet(record: TrialRecord) -> FleetSummary:
     f, o = record.facts, record.options
     return FleetSummary(record.devices, record.num_experts, f.broker, o.auth, o.runtime, record.precision,
                         o.latent_encoding, o.deadline_ms, o.samples, o.rate, str(record.run_dir), record.method,
-                        record.model_version, f.pids, f.broker_pids, options_json(o))
+                        record.model_version, f.pids, f.broker_pids, o.remote, f.absent, options_json(o))
 
 
 def _timing(record: TrialRecord) -> Timing:
@@ -376,14 +382,15 @@ def _accuracy_of(rows: list[RequestRow], labels: np.ndarray, expected: np.ndarra
 def _exactness_of(rows: list[RequestRow]) -> ExactnessCounts:
     answered = [r for r in rows if r.status == RequestStatus.ANSWERED]
     diffs = [r.prob_diff for r in answered if r.prob_diff is not None]
-    return ExactnessCounts(len(answered), sum(r.predicted != r.expected for r in answered),
-                           sum(r.predicted != r.expected for r in answered if r.intact),
-                           sum(not r.intact for r in answered), max(diffs, default=None))
+    mismatched = [r for r in answered if r.predicted != r.expected]
+    return ExactnessCounts(len(answered), len(mismatched), sum(r.intact is True for r in mismatched),
+                           sum(r.intact is False for r in answered), max(diffs, default=None),
+                           sum(r.intact is None for r in answered), sum(r.intact is None for r in mismatched))
 
 
 def _exactness(record: TrialRecord, rows: list[RequestRow]) -> Exactness:
     total = _exactness_of(rows)
-    return Exactness(**asdict(total), exact=total.mismatches_intact == 0,
+    return Exactness(**asdict(total), exact=total.mismatches_intact == total.mismatches_unverified == 0,
                      per_device={d: _exactness_of([r for r in rows if r.device == d]) for d in record.devices})
 
 

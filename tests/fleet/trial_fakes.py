@@ -44,7 +44,6 @@ class Reply:
 
     message: Message
     sender: str  # the device in the reply topic
-    delay_s: float = 0.0
 
 
 Behaviour = Callable[[str, ExpertRequest], list[Reply]]  # (device, request) -> what to send back
@@ -78,7 +77,9 @@ class FakeDevice:
         self.transport: MemoryTransport = broker.transport(f"fake-{device}")
         self.transport.subscribe(topics.infer_request(device))
         will = Publication(topics.presence(device), encode_presence(Presence.offline(device, expert)), 1, True)
+        self._announced = threading.Event()
         self.transport.connect(will, self._on_message, self._on_connection)
+        assert self._announced.wait(5)  # online before anything else happens to it
 
     def kill(self) -> None:
         """Vanish: the broker publishes the offline will."""
@@ -88,17 +89,14 @@ class FakeDevice:
         if self.announce and event in (ConnectionEvent.CONNECTED, ConnectionEvent.RECONNECTED):
             presence = Presence(self.device, self.expert, "online", self.model, CAPS, time.time())
             self.transport.publish(self.topics.presence(self.device), encode_presence(presence), 1, True)
+            self._announced.set()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         request = decode(payload)
         assert isinstance(request, ExpertRequest)
         self.requests.append(request)
         for reply in self.behaviour(self.device, request):
-            send = (lambda r=reply: self.transport.publish(f"{request.reply_topic}/{r.sender}", encode(r.message)))
-            if reply.delay_s:
-                threading.Timer(reply.delay_s, send).start()
-            else:
-                send()
+            self.transport.publish(f"{request.reply_topic}/{reply.sender}", encode(reply.message))
 
 
 @dataclass

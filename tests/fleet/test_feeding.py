@@ -1,4 +1,5 @@
-"""The feeding plan and the feeder on the in-memory broker: timing, kills, broker restarts, stops."""
+"""The feeding plan and the feeder on the in-memory broker: timing, kills, broker restarts, stops, a remote
+fleet's absent devices."""
 
 import json
 import time
@@ -6,12 +7,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from trial_fakes import FakeAgents, FakeDevice, SilentBar, answer, connected_driver, image, silent
+from trial_fakes import (
+    MODEL,
+    FakeAgents,
+    FakeDevice,
+    SilentBar,
+    answer,
+    connected_driver,
+    image,
+    silent,
+)
 
 from device_agent.wire.events import EventLog
 from device_agent.wire.memory_transport import MemoryBroker
 from device_agent.wire.protocol import ExpertRequest, Topics
-from toolkit.fleet.trial import BrokerAccess, Feeder, Samples, StepKind, TrialOptions, feeding_plan
+from toolkit.fleet.trial import (
+    BrokerAccess,
+    Feeder,
+    Samples,
+    StepKind,
+    TrialOptions,
+    absent_devices,
+    feeding_plan,
+)
 from toolkit.fleet.trial_driver import RequestStatus, TrialDriver, TrialError
 
 TOPICS = Topics()
@@ -161,3 +179,30 @@ def test_a_stop_request_interrupts_the_feeding_and_leaves_the_rest_unsent(tmp_pa
     rows = {(r.device, r.index): r.status for r in fleet.driver.requests}
     assert rows["device-0", 1] == RequestStatus.INTERRUPTED and fleet.driver.pending() == 0
     assert 3 <= len(rows) < 8 and set(rows.values()) <= {RequestStatus.ANSWERED, RequestStatus.INTERRUPTED}
+
+
+def test_a_remote_fleet_s_absent_devices_are_named_and_not_fed(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path, devices=2)
+    FakeDevice(fleet.broker, TOPICS, "device-2", 2, model="0" * 64)  # another model version
+    FakeDevice(fleet.broker, TOPICS, "device-3", 3).kill()  # its will says offline
+    experts = {f"device-{i}": i for i in range(5)}  # device-4 never announces itself
+    started = time.monotonic()
+    absent = absent_devices(fleet.driver, experts, 0.3)
+    assert 0.3 <= time.monotonic() - started < 5
+    assert absent == {"device-2": f"runs model 000000000000, not the bundles' {MODEL[:12]}",
+                      "device-3": "offline", "device-4": "no presence within 0.3 s"}
+    access = BrokerAccess("memory://", lambda account: None)  # type: ignore[arg-type,return-value]
+    feeder = Feeder(fleet.driver, None, access, experts, samples(2, 5), 1000, SilentBar(), set(absent))
+    feeder.run(feeding_plan(options(rate=20.0), samples(2, 5)))
+    by_status = {(r.device, r.status) for r in fleet.driver.requests}
+    assert by_status == {("device-0", RequestStatus.ANSWERED), ("device-1", RequestStatus.ANSWERED),
+                         *((f"device-{i}", RequestStatus.NOT_SERVED) for i in (2, 3, 4))}
+    assert all(r.id == "" for r in fleet.driver.requests if r.status == RequestStatus.NOT_SERVED)
+
+
+def test_a_remote_fleet_with_nobody_ready_is_a_trial_error(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path, devices=0)
+    FakeDevice(fleet.broker, TOPICS, "device-0", 0, model="0" * 64)
+    with pytest.raises(TrialError, match=r"^no device of the fleet can take part: device-0 runs model 000000000000, "
+                                         r"not the bundles' m{12}; device-1 no presence within 0.1 s$"):
+        absent_devices(fleet.driver, {"device-0": 0, "device-1": 1}, 0.1)

@@ -170,7 +170,10 @@ def _tls_lines(options: BrokerOptions, layout: FleetLayout) -> list[str]:
 def _auth_lines(options: BrokerOptions, layout: FleetLayout) -> list[str]:
     if not options.auth:
         return ["allow_anonymous true"]
-    return ["allow_anonymous false", f"password_file {layout.password_file}", f"acl_file {layout.acl_file}"]
+    # The client id becomes the username: an account can only ever hold its own session, so a
+    # device's credentials cannot take over (and disconnect) another device's connection.
+    return ["allow_anonymous false", f"password_file {layout.password_file}", f"acl_file {layout.acl_file}",
+            "use_username_as_clientid true"]
 
 
 def write_credentials(options: BrokerOptions) -> dict[str, FleetCredential]:

@@ -2,8 +2,8 @@
 
 `start_broker(BrokerOptions(...))` is the one way tests, `nmoe broker` and `nmoe trial` start the
 fleet's broker. With `auth` it writes per-account passwords and an ACL, with `tls` a CA and
-certificates; `RunningBroker.credentials` says where. Stdlib only (plus the protocol's topics and
-the bundle loader): mosquitto is the Debian binary, never a Python dependency.
+certificates; `RunningBroker.credentials` says where. Stdlib only (plus the protocol's topics):
+mosquitto is the Debian binary, never a Python dependency.
 """
 
 from __future__ import annotations

@@ -210,6 +210,26 @@ def test_accounts_from_a_count_and_from_bundles(tmp_path: Path) -> None:
         fleet_accounts_from_bundles(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("content, message", [
+    (b'{"device_id": "pi-a", "expert_id": 0', "manifest.json: not valid JSON"),
+    (b"[]", "manifest.json: expected a JSON object"),
+    (b'{"expert_id": 0}', "manifest.json: device_id: expected a string, got None"),
+    (b'{"device_id": "pi-a", "expert_id": true}', "manifest.json: expert_id: expected an integer >= 0"),
+    (b'{"device_id": "pi-a", "expert_id": -1}', "manifest.json: expert_id: expected an integer >= 0"),
+    (b"\xff\xfe", "manifest.json: not valid JSON"),
+    (b" " * ((1 << 20) + 1), "manifest.json: expected a JSON object of at most"),
+])
+def test_a_damaged_manifest_is_one_clear_error(tmp_path: Path, content: bytes, message: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "device-0").mkdir()
+    (tmp_path / "device-0" / "manifest.json").write_bytes(content)
+    with pytest.raises(BrokerError, match=message):
+        fleet_accounts_from_bundles(tmp_path)
+    assert main(["broker", "--auth", "--bundles", str(tmp_path), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nmoe: error: ") and message in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"accounts": (A, Device("device-0", 1))}, "'device-0' appears twice"),
     ({"accounts": (Device(OPERATOR, 0),)}, "'operator' appears twice"),

@@ -100,9 +100,11 @@ def ensure_passwords(layout: FleetLayout, accounts: Iterable[str]) -> dict[str, 
 def read_password(path: Path) -> str:
     """The password in `path` (surrounding whitespace ignored)."""
     try:
-        password = path.read_text().strip()
+        password = path.read_bytes().decode("utf-8").strip()
     except OSError as e:
         raise BrokerError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise BrokerError(f"{path}: not UTF-8 text; delete it to generate a new password") from None
     if not password:
         raise BrokerError(f"{path}: empty password file; delete it to generate a new password")
     return password

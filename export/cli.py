@@ -105,10 +105,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     from export.bundle_writer import ExportError
     from toolkit.artifacts import ArtifactError
+    from toolkit.data import DataError
+    from toolkit.errors import DamagedFile
 
     try:
         return _run(args)
-    except (ExportError, ArtifactError) as e:
+    except (ExportError, ArtifactError, DamagedFile, DataError) as e:
         print(f"nmoe: error: {e}", file=sys.stderr)
         return 2
 

@@ -17,7 +17,7 @@ from toolkit.config import (
     load,
 )
 from toolkit.data import DataError
-from toolkit.errors import DivergedError, RunDirConflict
+from toolkit.errors import DamagedFile, DivergedError, RunDirConflict
 
 TRAIN_HELP = f"""\
 Train and evaluate a Networked Mixture-of-Experts and its baselines on non-IID federated data.
@@ -59,12 +59,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _results(args: argparse.Namespace) -> int:
     from toolkit.report import results_table
+    from toolkit.run_files import read_metrics
 
     path = Path(args.run_dir) / "metrics.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: has `nmoe train ... --out {args.run_dir}` finished?")
-    metrics = json.loads(path.read_text())
-    print(results_table(metrics))
+    print(results_table(read_metrics(Path(args.run_dir))))
     print(f"\nreport: {Path(args.run_dir) / 'report.md'}")
     return 0
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nnmoe: interrupted; run the same command again to resume from the last completed round",
               file=sys.stderr)
         return 130
-    except (ConfigError, DataError, RunDirConflict, DivergedError, FileNotFoundError) as e:
+    except (ConfigError, DataError, RunDirConflict, DivergedError, DamagedFile, FileNotFoundError) as e:
         print(f"nmoe: error: {e}", file=sys.stderr)
         return 2
 

@@ -103,6 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from device_agent.runtime import MissingRuntime
     from export.bundle_writer import ExportError
     from toolkit.artifacts import ArtifactError
     from toolkit.data import DataError
@@ -110,7 +111,7 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         return _run(args)
-    except (ExportError, ArtifactError, DamagedFile, DataError) as e:
+    except (ExportError, ArtifactError, DamagedFile, DataError, MissingRuntime) as e:
         print(f"nmoe: error: {e}", file=sys.stderr)
         return 2
 

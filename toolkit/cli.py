@@ -18,6 +18,7 @@ from toolkit.config import (
 )
 from toolkit.data import DataError
 from toolkit.errors import DamagedFile, DivergedError, RunDirConflict
+from toolkit.extras import EXTRA_MODULES, extra_providing, missing_extras_error
 
 TRAIN_HELP = f"""\
 Train and evaluate a Networked Mixture-of-Experts and its baselines on non-IID federated data.
@@ -69,6 +70,12 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+# The optional modules each subcommand needs (a bundle format's runtime is checked when a model of
+# that format is opened); `nmoe` names the extras that bring the missing ones.
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "train": EXTRA_MODULES["train"], "results": ("matplotlib",), "trial": ("paho", "torch", "matplotlib"),
+    "export": EXTRA_MODULES["train"] + EXTRA_MODULES["export"], "broker": (), "agent": ("paho",)}
+
 # Subcommands of other packages, found by name so that `toolkit` never depends on them (import-linter
 # checks that) and a device without torch can still run `nmoe` for the agent. Each module has
 # `register(subparsers)`, which adds its parser with `func` set, and imports nothing heavy at load.
@@ -115,8 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = f"`nmoe {args.command}`"
+    missing = missing_extras_error(command, COMMAND_MODULES.get(args.command, ()))
+    if missing is not None:
+        print(f"nmoe: error: {missing}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
+    except ModuleNotFoundError as e:  # an optional module imported on demand: still one line
+        missing = None if extra_providing(e.name or "") is None else missing_extras_error(
+            command, [(e.name or "").partition(".")[0]])
+        if missing is None:
+            raise
+        print(f"nmoe: error: {missing}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nnmoe: interrupted; run the same command again to resume from the last completed round",
               file=sys.stderr)

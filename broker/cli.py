@@ -63,7 +63,7 @@ class _Stop(Exception):
     """A stop signal arrived (SIGINT, SIGTERM or SIGHUP)."""
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `nmoe broker`."""
     p = subparsers.add_parser("broker", help="run the fleet's MQTT broker (mosquitto) with credentials and ACL",
                               description=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

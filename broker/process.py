@@ -102,7 +102,7 @@ class RunningBroker:
     options: BrokerOptions
     port: int
     config_path: Path
-    process: subprocess.Popen = field(repr=False)
+    process: subprocess.Popen[bytes] = field(repr=False)
     credentials: dict[str, FleetCredential] = field(default_factory=dict)  # empty without auth/TLS
 
     @property
@@ -243,7 +243,7 @@ def _bind(host: str, port: int) -> int:
         raise BrokerError(f"cannot resolve the listener host {host!r}: {e.strerror or e}") from None
     try:
         with socket.create_server((host, port), family=family) as s:
-            return s.getsockname()[1]
+            return int(s.getsockname()[1])
     except OSError as e:  # create_server's message repeats the address: keep the reason only
         reason = os.strerror(e.errno) if e.errno else str(e)
         hint = " (another broker? choose another --port, or 0 for a free one)" if port else ""

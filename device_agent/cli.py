@@ -65,7 +65,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `nmoe agent`."""
     p = subparsers.add_parser("agent", help="run a device agent: serve its expert, classify with the fleet",
                               description=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

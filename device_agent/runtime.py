@@ -39,7 +39,8 @@ class Runtime(Protocol):
 def quantize(x: np.ndarray, q: Quantization, dtype: np.dtype) -> np.ndarray:
     """real -> integer: round(x / scale) + zero_point, saturated to dtype."""
     info = np.iinfo(dtype)
-    return np.clip(np.rint(x / q.scale) + q.zero_point, info.min, info.max).astype(dtype)
+    quantized: np.ndarray = np.clip(np.rint(x / q.scale) + q.zero_point, info.min, info.max).astype(dtype)
+    return quantized
 
 
 def dequantize(x: np.ndarray, q: Quantization) -> np.ndarray:

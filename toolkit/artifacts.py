@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from toolkit.checkpoint import JobState, JobStore, unpack
 from toolkit.config import GATE_METHODS, STAGE1_METHODS, Config
@@ -45,7 +46,7 @@ class TrainedNMoE:
 
     method: str
     config: Config
-    dataset: dict
+    dataset: dict[str, Any]
     devices: list[DeviceModels]
 
 

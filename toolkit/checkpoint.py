@@ -57,8 +57,8 @@ class JobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         meta = json.dumps({"step": state.step, "done": state.done, "user": state.meta}).encode()
         tmp = self.path.with_suffix(".tmp.npz")
-        with open(tmp, "wb") as f:
-            np.savez(f, **state.arrays, **{_META_KEY: np.frombuffer(meta, dtype=np.uint8)})
+        with open(tmp, "wb") as f:  # (numpy's stub checks **arrays against savez's allow_pickle: ignored)
+            np.savez(f, **state.arrays, **{_META_KEY: np.frombuffer(meta, dtype=np.uint8)})  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)

@@ -82,7 +82,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
 PLUGINS = ("toolkit.fleet.trial_cli", "export.cli", "broker.cli", "device_agent.cli")
 
 
-def register_plugin(sub: argparse._SubParsersAction, module: str) -> None:
+def register_plugin(sub: argparse._SubParsersAction[argparse.ArgumentParser], module: str) -> None:
     """Add a plugin's subcommand if its package is installed."""
     try:
         plugin = importlib.import_module(module)
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nmoe: error: {missing}", file=sys.stderr)
         return 2
     try:
-        return args.func(args)
+        status: int = args.func(args)
+        return status
     except ModuleNotFoundError as e:  # an optional module imported on demand: still one line
         missing = None if extra_providing(e.name or "") is None else missing_extras_error(
             command, [(e.name or "").partition(".")[0]])

@@ -42,13 +42,12 @@ def read_dataset_info(run_dir: Path) -> dict[str, Any]:
     expected = ("an object with input_shape [C, H, W], scale, mean and std (one per channel), num_classes and "
                 "class_names, as `nmoe train` writes")
     info = read_json(path, expected)
-    ok = (isinstance(info, dict) and _ints(info.get("input_shape"), 3) and _number(info.get("scale"))
-          and _numbers(info.get("mean"), info["input_shape"][0])
-          and _numbers(info.get("std"), info["input_shape"][0])
-          and _ints(info.get("num_classes"), None)
-          and isinstance(info.get("class_names"), list) and len(info["class_names"]) == info["num_classes"]
-          and all(isinstance(n, str) for n in info["class_names"]))
-    if not ok:
+    if not (isinstance(info, dict) and _ints(info.get("input_shape"), 3) and _number(info.get("scale"))
+            and _numbers(info.get("mean"), info["input_shape"][0])
+            and _numbers(info.get("std"), info["input_shape"][0])
+            and _ints(info.get("num_classes"), None)
+            and isinstance(info.get("class_names"), list) and len(info["class_names"]) == info["num_classes"]
+            and all(isinstance(n, str) for n in info["class_names"])):
         raise DamagedFile(f"{path}: expected {expected}")
     return info
 
@@ -58,9 +57,8 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "metrics.json"
     expected = f"an object whose 'methods' maps each method to its {', '.join(METRIC_KEYS)}, as `nmoe train` writes"
     metrics = read_json(path, expected)
-    methods = metrics.get("methods") if isinstance(metrics, dict) else None
-    if not isinstance(methods, dict) or not all(
-            isinstance(m, dict) and all(_number(m.get(k)) for k in METRIC_KEYS) for m in methods.values()):
+    if not (isinstance(metrics, dict) and isinstance(metrics.get("methods"), dict) and all(
+            isinstance(m, dict) and all(_number(m.get(k)) for k in METRIC_KEYS) for m in metrics["methods"].values())):
         raise DamagedFile(f"{path}: expected {expected}")
     return metrics
 

@@ -150,7 +150,7 @@ def open_runtime(bundle: Bundle, entry: ModelEntry, intra_op_threads: int = 1) -
         raise
     except Exception as e:  # noqa: BLE001 -- each library has its own errors (ORT InvalidProtobuf, LiteRT ValueError)
         raise BundleError(f"{bundle.path / entry.file}: the {entry.format} runtime cannot load it "
-                          f"({_one_line(e)}); its sha256 matches the manifest, so it was exported broken: "
+                          f"({error_summary(e)}); its sha256 matches the manifest, so it was exported broken: "
                           "export the bundle again") from None
     batch = entry.inputs[0].shape[0] if entry.inputs[0].shape else None
     return StaticBatch(loaded, batch) if isinstance(batch, int) else loaded
@@ -161,10 +161,10 @@ def checked_run(runtime: Runtime, inputs: np.ndarray, file: Path) -> np.ndarray:
     try:
         return runtime.run(inputs)
     except Exception as e:  # noqa: BLE001 -- a model whose inputs or outputs differ from its manifest entry
-        raise BundleError(f"{file}: running it failed ({_one_line(e)}); expected a model with the inputs and "
+        raise BundleError(f"{file}: running it failed ({error_summary(e)}); expected a model with the inputs and "
                           "outputs its manifest entry lists") from None
 
 
-def _one_line(e: Exception) -> str:
-    """`Type: first line of the message`."""
+def error_summary(e: Exception) -> str:
+    """`Type: first line of the message`, for one-line errors about a library's exception."""
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"

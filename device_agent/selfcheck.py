@@ -29,7 +29,13 @@ import numpy as np
 
 from device_agent.bundle import PRECISIONS, Bundle, BundleError, ModelEntry, load_bundle
 from device_agent.nmoe_local import preprocess, softmax, top_k_route
-from device_agent.runtime import MissingRuntime, UnsupportedFormat, checked_run, open_runtime
+from device_agent.runtime import (
+    MissingRuntime,
+    UnsupportedFormat,
+    checked_run,
+    error_summary,
+    open_runtime,
+)
 
 FP32_TOLERANCE = 1e-3
 EXPECTED = {"extractor": "latent", "gate": "gate_logits", "expert": "expert_probs"}  # role -> samples key
@@ -138,8 +144,8 @@ def read_samples(bundle: Bundle) -> dict[str, np.ndarray]:
     except BundleError:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise BundleError(f"{bundle.path / 'samples.npz'}: not a readable .npz ({type(e).__name__}: "
-                          f"{(str(e).splitlines() or [''])[0]}); export the bundle again") from None
+        raise BundleError(f"{bundle.path / 'samples.npz'}: not a readable .npz ({error_summary(e)}); "
+                          "export the bundle again") from None
 
 
 def table(checks: Sequence[ModelCheck]) -> str:

@@ -9,7 +9,6 @@ same one a device uses to rebuild its bundle after federated training.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass

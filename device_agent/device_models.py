@@ -57,9 +57,9 @@ class DeviceModels:
 
 
 def model_version(bundle: Bundle) -> str:
-    """The version peers must share: the run's config hash from the bundle's provenance."""
-    version = bundle.manifest.provenance.get("config_hash")
-    if not isinstance(version, str) or not 1 <= len(version.encode("utf-8")) <= 255:
-        raise BundleError(f"{bundle.path / 'manifest.json'}: provenance.config_hash must be a string of "
-                          f"1..255 bytes (the model version peers compare), got {version!r}")
+    """The version peers must share: the manifest's model_version (schema 1: provenance.config_hash)."""
+    version = bundle.manifest.model_version
+    if version is None:
+        raise BundleError(f"{bundle.path / 'manifest.json'}: a schema_version 1 bundle without a usable "
+                          "provenance.config_hash (1..255 bytes): no model version for peers to compare")
     return version

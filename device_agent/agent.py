@@ -91,10 +91,23 @@ class InferenceResult:
     bytes_received: int  # MQTT packets of the replies matched to them
 
 
+@dataclass(frozen=True)
+class Installed:
+    """The models a device infers and serves with, at one model version (swapped as a whole)."""
+
+    bundle: Bundle
+    models: DeviceModels
+    version: str
+
+
+UNTRAINED = "untrained"  # the presence's model while a device has no models yet (never a real version)
+
+
 @dataclass
 class PendingInference:
     """An inference between `begin` and `finish`: what was computed and asked so far."""
 
+    inst: Installed  # the models it began with (a version switch does not change them midway)
     requests: Sequence[ExpertRequest]
     z: np.ndarray  # latents [N, D]
     route: Route
@@ -124,18 +137,28 @@ class Agent:
     """One device: its bundle's models, a transport, and the fleet it sees through presence.
 
     BundleError at construction when its models do not reproduce the bundle's samples.npz
-    (`sample_check`; off with `AgentConfig(check_samples=False)`)."""
+    (`sample_check`; off with `AgentConfig(check_samples=False)`). A device that takes part in
+    federated training may start without a bundle (`bundle=None`, `device` and `expert` given): it
+    serves nothing until `install` gives it models (its presence says model "untrained").
+    """
 
-    def __init__(self, bundle: Bundle, transport: Transport, models: DeviceModels,
-                 config: AgentConfig | None = None, events: EventLog | None = None) -> None:
-        m = bundle.manifest
-        self.bundle, self.transport, self.models = bundle, transport, models
+    def __init__(self, bundle: Bundle | None, transport: Transport, models: DeviceModels | None,
+                 config: AgentConfig | None = None, events: EventLog | None = None,
+                 device: str | None = None, expert: int | None = None) -> None:
+        self.transport = transport
         self.config = config or AgentConfig()
-        if self.config.check_samples:
-            check_against_samples(bundle, models)
         self.events = events or EventLog()
-        self.me, self.expert_id = m.device_id, m.expert_id
-        self.model_version = model_version(bundle)
+        self._installed: Installed | None = None
+        if bundle is not None and models is not None:
+            if self.config.check_samples:
+                check_against_samples(bundle, models)
+            self._installed = Installed(bundle, models, model_version(bundle))
+            self.me, self.expert_id = bundle.manifest.device_id, bundle.manifest.expert_id
+        elif device is not None and expert is not None:
+            self.me, self.expert_id = device, expert
+        else:
+            raise ValueError("an agent needs a bundle and its models, or a device id and expert id")
+        self.training: Callable[[str, bytes], None] | None = None  # handler of train/{me}/cmd
         self.topics = Topics(self.config.prefix, self.config.fleet)
         self.inbox = self.topics.reply(self.me)  # ProtocolError for a device id the protocol refuses
         self.fleet = FleetView(self.me, self.events)
@@ -147,14 +170,65 @@ class Agent:
         self._rng_lock = threading.Lock()
         self._ids = itertools.count()
         limits = self.config.limits
-        self.expert_server = RequestServer(
-            Served("expert", self.expert_id, self.model_version, (m.latent_dim,), ENCODINGS,
-                   lambda z, _requests: softmax(self.models.expert.run(z))),
-            limits, self.topics, self.me, self._publish, self.events)
-        self.infer_server = RequestServer(
-            Served("infer", self.expert_id, self.model_version, tuple(m.input.shape), TENSOR_ENCODINGS,
-                   self._serve_inference, to_input=_pixels),
-            limits, self.topics, self.me, self._publish, self.events)
+        self.expert_server = RequestServer(None, limits, self.topics, self.me, self._publish, self.events, "expert")
+        self.infer_server = RequestServer(None, limits, self.topics, self.me, self._publish, self.events, "infer")
+        if self._installed is not None:
+            self._serve(self._installed)
+
+    # the models ----------------------------------------------------------------------------------
+
+    @property
+    def bundle(self) -> Bundle:
+        return self._require().bundle
+
+    @property
+    def models(self) -> DeviceModels:
+        return self._require().models
+
+    @property
+    def model_version(self) -> str:
+        """The installed models' version ("untrained" before any)."""
+        return self._installed.version if self._installed is not None else UNTRAINED
+
+    def _require(self) -> Installed:
+        if self._installed is None:
+            raise RuntimeError(f"{self.me} has no models yet (it is waiting for federated training)")
+        return self._installed
+
+    def _serve(self, inst: Installed) -> None:
+        m = inst.bundle.manifest
+        self.expert_server.install(Served("expert", self.expert_id, inst.version, (m.latent_dim,), ENCODINGS,
+                                          lambda z, _requests: softmax(inst.models.expert.run(z))))
+        self.infer_server.install(Served("infer", self.expert_id, inst.version, tuple(m.input.shape),
+                                         TENSOR_ENCODINGS, self._serve_inference, to_input=_pixels))
+
+    def install(self, bundle: Bundle, models: DeviceModels) -> None:
+        """Switch to new models (a model version commit): serve the new version, stop serving the old
+        one, announce the new presence. Inferences already begun finish with the models they began with."""
+        if bundle.manifest.expert_id != self.expert_id or bundle.manifest.device_id != self.me:
+            raise ValueError(f"bundle of {bundle.manifest.device_id}/expert {bundle.manifest.expert_id} "
+                             f"is not this device's ({self.me}/expert {self.expert_id})")
+        old, new = self._installed, Installed(bundle, models, model_version(bundle))
+        self._serve(new)
+        self._installed = new
+        if old is not None and old.version != new.version:
+            self.expert_server.retire(old.version)
+            self.infer_server.retire(old.version)
+        self.events.emit("install", device=self.me, model=new.version, previous=old.version if old else None)
+        if self.connected.is_set():
+            self._publish_presence()
+
+    def serve_expert_version(self, version: str, latent_dim: int,
+                             compute: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Also answer expert requests of `version` with `compute(latents) -> probs` (federated
+        training: the expert just trained, before any bundle holds it)."""
+        self.expert_server.install(Served("expert", self.expert_id, version, (latent_dim,), ENCODINGS,
+                                          lambda z, _requests: compute(z)))
+
+    def retire_version(self, version: str) -> None:
+        """Stop answering expert requests of `version` (not the installed models' version)."""
+        if version != self.model_version:
+            self.expert_server.retire(version)
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -166,6 +240,8 @@ class Agent:
         self.transport.subscribe(self.topics.expert_request(self.expert_id))
         self.transport.subscribe(self.topics.infer_request(self.me))
         self.transport.subscribe(self.topics.reply_filter(self.me))
+        if self.training is not None:
+            self.transport.subscribe(self.topics.train_command(self.me), qos=1)
         offline = encode_presence(Presence.offline(self.me, self.expert_id))
         self.transport.connect(Publication(self.topics.presence(self.me), offline, qos=1, retain=True),
                                self._on_message, self._on_connection)
@@ -184,9 +260,10 @@ class Agent:
         """Wait until the transport is connected; False on timeout."""
         return self.connected.wait(timeout_s)
 
-    def wait_for_experts(self, experts: set[int], timeout_s: float) -> bool:
-        """Wait until every expert in `experts` other than our own has a usable peer."""
-        return self.fleet.wait_for(experts - {self.expert_id}, self.model_version, timeout_s)
+    def wait_for_experts(self, experts: set[int], timeout_s: float, version: str | None = None) -> bool:
+        """Wait until every expert in `experts` other than our own has a usable peer (at `version`,
+        by default the installed models')."""
+        return self.fleet.wait_for(experts - {self.expert_id}, version or self.model_version, timeout_s)
 
     def stats(self) -> dict[str, dict[str, int | float]]:
         """Every counter: the agent's, both servers', the requester's and the presence view's."""
@@ -196,10 +273,11 @@ class Agent:
 
     def presence(self) -> Presence:
         """This device's birth presence, stamped now."""
-        caps = Caps((RUNTIME_NAMES.get(self.models.format, self.models.format),), ENCODINGS,
-                    self.config.limits.max_batch)
-        spec = self.bundle.manifest.input
-        raw = RawInput(tuple(spec.shape)) if spec.dtype == "uint8" else None
+        inst = self._installed
+        runtime = RUNTIME_NAMES["onnx"] if inst is None else RUNTIME_NAMES.get(inst.models.format, inst.models.format)
+        caps = Caps((runtime,), ENCODINGS, self.config.limits.max_batch)
+        spec = None if inst is None else inst.bundle.manifest.input
+        raw = RawInput(tuple(spec.shape)) if spec is not None and spec.dtype == "uint8" else None
         return Presence(self.me, self.expert_id, "online", self.model_version, caps, time.time(),
                         PROTOCOL_VERSIONS, raw)
 
@@ -219,25 +297,26 @@ class Agent:
               wake: Callable[[], None] | None = None) -> PendingInference:
         """Extract, route, ask the peers and run the own expert; `wake()` runs whenever a peer's call
         ends (on the thread that ended it). `finish` completes it."""
+        inst = self._require()
         marks = {"start": time.perf_counter()}
         deadline_ms = now_ms() + self.config.deadline_ms
         until = time.monotonic() + self.config.deadline_ms / 1000
-        z = self.models.extractor.run(preprocess(images, self.bundle.manifest.input))
+        z = inst.models.extractor.run(preprocess(images, inst.bundle.manifest.input))
         marks["extracted"] = time.perf_counter()
-        route, avoided = self._route(z)
+        route, avoided = self._route(inst, z)
         idx, weights = route.experts.copy(), route.weights.copy()
         marks["routed"] = time.perf_counter()
         skipped = (weights == 0) & (idx != self.expert_id)  # contributes exactly 0: not worth asking
-        calls, missing, bytes_sent = self._send(z, np.where(skipped, -1, idx), deadline_ms,
+        calls, missing, bytes_sent = self._send(inst.version, z, np.where(skipped, -1, idx), deadline_ms,
                                                 self.config.deadline_ms / 1000, wake)
         marks["sent"] = time.perf_counter()
-        outputs = {int(e): np.zeros((len(z), self.bundle.manifest.num_classes), np.float32)
+        outputs = {int(e): np.zeros((len(z), inst.bundle.manifest.num_classes), np.float32)
                    for e in np.unique(idx)}
         have = {e: np.zeros(len(z), bool) for e in outputs}
         if self.expert_id in outputs:
-            self._run_own(z, np.nonzero(idx == self.expert_id)[0], outputs, have)
+            self._run_own(inst, z, np.nonzero(idx == self.expert_id)[0], outputs, have)
         marks["own_done"] = time.perf_counter()
-        return PendingInference(requests, z, route, idx, weights, avoided, outputs, have, missing, skipped, calls,
+        return PendingInference(inst, requests, z, route, idx, weights, avoided, outputs, have, missing, skipped, calls,
                                 until, bytes_sent, marks)
 
     def finish(self, p: PendingInference, rows: slice = slice(None)) -> InferenceResult:
@@ -252,9 +331,9 @@ class Agent:
         z, idx, weights = p.z[rows], p.idx[rows], p.weights[rows]  # views: fallback rows are written back
         outputs = {e: out[rows] for e, out in p.outputs.items()}
         have = {e: h[rows] for e, h in p.have.items()}
-        fallback = self._renormalize(z, idx, weights, outputs, have, p.skipped[rows])
+        fallback = self._renormalize(p.inst, z, idx, weights, outputs, have, p.skipped[rows])
         experts = {e: (lambda _z, e=e: outputs[e][np.nonzero(idx == e)[0]]) for e in outputs}
-        probs = combine(z, idx, weights, experts, self.bundle.manifest.num_classes)
+        probs = combine(z, idx, weights, experts, p.inst.bundle.manifest.num_classes)
         owned = [c for c in p.calls if a <= c.context[0] < b]  # each call's bytes count in one part
         m = p.marks
         result = InferenceResult(
@@ -282,22 +361,22 @@ class Agent:
     def _deferred(self, p: PendingInference, rows: slice) -> Deferred:
         return Deferred(p.until, lambda: p.ready(rows), lambda: self.finish(p, rows).probs)
 
-    def _route(self, z: np.ndarray) -> tuple[Route, tuple[int, ...]]:
+    def _route(self, inst: Installed, z: np.ndarray) -> tuple[Route, tuple[int, ...]]:
         """The chosen experts among those usable right now (only our own while disconnected), and the
         live experts left out because their device is suspect."""
-        m = self.bundle.manifest
+        m = inst.bundle.manifest
         live, avoided = {self.expert_id}, set()
         if self.connected.is_set():
-            usable = {e for e in self.fleet.live_experts(self.model_version) if e < m.num_experts}
-            live |= {e for e in self.fleet.live_experts(self.model_version, self.suspects.avoided())
+            usable = {e for e in self.fleet.live_experts(inst.version) if e < m.num_experts}
+            live |= {e for e in self.fleet.live_experts(inst.version, self.suspects.avoided())
                      if e < m.num_experts}
             avoided = usable - live
-        if self.models.gate is not None:
-            return gate_route(self.models.gate.run(z), m.top_k, live), tuple(sorted(avoided))
+        if inst.models.gate is not None:
+            return gate_route(inst.models.gate.run(z), m.top_k, live), tuple(sorted(avoided))
         with self._rng_lock:
             return random_live_route(len(z), m.num_experts, m.top_k, live, self._rng), tuple(sorted(avoided))
 
-    def _send(self, z: np.ndarray, idx: np.ndarray, deadline_ms: int, wait_s: float,
+    def _send(self, version: str, z: np.ndarray, idx: np.ndarray, deadline_ms: int, wait_s: float,
               wake: Callable[[], None] | None) -> tuple[list[Call[np.ndarray]], dict[int, str], int]:
         """One REQUEST per peer expert (per max_batch rows; `idx` -1: not asked): the calls, experts not
         asked, bytes sent."""
@@ -310,7 +389,7 @@ class Agent:
                 wake()
 
         for e in (int(e) for e in np.unique(idx) if e not in (self.expert_id, -1)):
-            peer = self.fleet.peer(e, self.model_version, self.suspects.avoided())
+            peer = self.fleet.peer(e, version, self.suspects.avoided())
             if peer is None:  # went away (or became suspect) since routing
                 missing[e] = "offline"
                 continue
@@ -321,7 +400,8 @@ class Agent:
             for chunk in np.array_split(rows, math.ceil(len(rows) / peer.caps.max_batch)):
                 calls.append(self.requester.send(
                     self.topics.expert_request(e), peer.device, e,
-                    partial(self._request, expert=e, deadline_ms=deadline_ms, latent=z[chunk], encoding=encoding),
+                    partial(self._request, expert=e, version=version, deadline_ms=deadline_ms, latent=z[chunk],
+                            encoding=encoding),
                     wait_s, chunk, settled))
         return calls, missing, sum(c.request_bytes for c in calls)
 
@@ -336,20 +416,20 @@ class Agent:
         elif call.detail == "wrong_model_version":
             self.fleet.mark_incompatible(call.server)
 
-    def _request(self, cid: bytes, expert: int, deadline_ms: int, latent: np.ndarray,
+    def _request(self, cid: bytes, expert: int, version: str, deadline_ms: int, latent: np.ndarray,
                  encoding: Encoding) -> bytes:
         """The REQUEST frame; fp32 when the latent does not fit `encoding` (fp16 beyond +-65504)."""
         def frame(enc: Encoding) -> bytes:
-            return encode(ExpertRequest(cid, expert, deadline_ms, self.model_version, self.inbox, latent, enc))
+            return encode(ExpertRequest(cid, expert, deadline_ms, version, self.inbox, latent, enc))
 
         try:
             return frame(encoding)
         except ProtocolError:
             return frame("fp32")
 
-    def _run_own(self, z: np.ndarray, rows: np.ndarray, outputs: dict[int, np.ndarray],
+    def _run_own(self, inst: Installed, z: np.ndarray, rows: np.ndarray, outputs: dict[int, np.ndarray],
                  have: dict[int, np.ndarray]) -> None:
-        outputs[self.expert_id][rows] = softmax(self.models.expert.run(z[rows]))
+        outputs[self.expert_id][rows] = softmax(inst.models.expert.run(z[rows]))
         have[self.expert_id][rows] = True
 
     def _collect(self, p: PendingInference, calls: list[Call[np.ndarray]]) -> tuple[dict[int, float], dict[int, str]]:
@@ -368,8 +448,8 @@ class Agent:
             missing[call.expert] = "bad_response" if call.fate == Fate.ANSWERED else call.detail or str(call.fate)
         return remote_ms, missing
 
-    def _renormalize(self, z: np.ndarray, idx: np.ndarray, weights: np.ndarray, outputs: dict[int, np.ndarray],
-                     have: dict[int, np.ndarray], skipped: np.ndarray) -> int:
+    def _renormalize(self, inst: Installed, z: np.ndarray, idx: np.ndarray, weights: np.ndarray,
+                     outputs: dict[int, np.ndarray], have: dict[int, np.ndarray], skipped: np.ndarray) -> int:
         """Weights over the answers each row got (rows with every answer keep theirs bit for bit; a
         zero-weight choice that was skipped counts as answered with 0); a row without any answer gets
         the own expert alone. Returns how many rows fell back."""
@@ -391,7 +471,7 @@ class Agent:
             weights[orphans, 0] = 1.0
             outputs.setdefault(self.expert_id, np.zeros_like(next(iter(outputs.values()))))
             have.setdefault(self.expert_id, np.zeros(len(z), bool))
-            self._run_own(z, orphans, outputs, have)
+            self._run_own(inst, z, orphans, outputs, have)
         return len(orphans)
 
     def _record(self, r: InferenceResult, requests: dict[str, list[int]]) -> None:
@@ -416,10 +496,12 @@ class Agent:
     def _publish(self, topic: str, payload: bytes) -> None:
         self.transport.publish(topic, payload)
 
+    def _publish_presence(self) -> None:
+        self.transport.publish(self.topics.presence(self.me), encode_presence(self.presence()), qos=1, retain=True)
+
     def _on_connection(self, event: ConnectionEvent, detail: str) -> None:
         if event in (ConnectionEvent.CONNECTED, ConnectionEvent.RECONNECTED):
-            self.transport.publish(self.topics.presence(self.me), encode_presence(self.presence()),
-                                   qos=1, retain=True)
+            self._publish_presence()
             self.connected.set()
         elif event == ConnectionEvent.DISCONNECTED:
             self.connected.clear()
@@ -450,6 +532,8 @@ class Agent:
             self.infer_server.submit(payload)
         elif kind == TopicKind.REPLY and target == self.me and sender is not None:
             self.requester.deliver(sender, payload, publish_packet_size(topic, payload))
+        elif kind == TopicKind.TRAIN_COMMAND and target == self.me and self.training is not None:
+            self.training(topic, payload)
         else:
             self.counters.add("dropped_topic")
 

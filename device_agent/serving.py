@@ -6,6 +6,12 @@ is full) or queues it. The worker takes the oldest request plus as many queued o
 `max_batch` rows, runs them as ONE model call, and publishes one RESPONSE per request. The same
 server serves the expert (`expert/{id}/req`, latents) and local inference (`infer/{me}/req`, pixels).
 
+A server can serve several model versions at once (`install`/`retire`): a request is computed by the
+`Served` of its `model_version` (WRONG_MODEL_VERSION for any other), and a batch never mixes
+versions. A device switching to a new model version installs it before it announces it, and a
+device taking part in federated training serves its new expert at a training version next to the
+models its peers still use.
+
 A computation that waits for something else (an inference waiting for its peer experts) returns
 one `Deferred` per request instead of probabilities: the worker parks them and goes on with the
 queue, and answers each request when its own part is ready (`wake()` tells the worker) or its
@@ -83,6 +89,7 @@ class _Job:
     request: ExpertRequest
     reply_topic: str  # {inbox}/{me}
     inputs: np.ndarray
+    served: Served  # the model of the request's version
 
 
 @dataclass(frozen=True)
@@ -95,16 +102,18 @@ class _Parked:
 class RequestServer:
     """Serves one `Served` model on the wire; see the module docstring."""
 
-    def __init__(self, served: Served, limits: ServerLimits, topics: Topics, me: str,
-                 publish: Publisher, events: EventLog) -> None:
-        self.served, self.limits, self.topics, self.me = served, limits, topics, me
+    def __init__(self, served: Served | None, limits: ServerLimits, topics: Topics, me: str,
+                 publish: Publisher, events: EventLog, kind: str = "expert") -> None:
+        self.limits, self.topics, self.me = limits, topics, me
+        self.kind = served.kind if served is not None else kind
+        self._versions: dict[str, Served] = {} if served is None else {served.model_version: served}
         self.counters = Counters()
         self._publish, self._events = publish, events
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._parked: list[_Parked] = []  # one request each, at most limits.queue_size
         self._stopping = False
-        self._worker = threading.Thread(target=self._work, name=f"{served.kind}-server", daemon=True)
+        self._worker = threading.Thread(target=self._work, name=f"{self.kind}-server", daemon=True)
 
     def start(self) -> None:
         """Start the worker."""
@@ -120,6 +129,20 @@ class RequestServer:
             self._cond.notify_all()
         if self._worker.is_alive():
             self._worker.join()
+
+    def install(self, served: Served) -> None:
+        """Serve `served` (its model version) from now on, replacing what served that version before."""
+        with self._cond:
+            self._versions = {**self._versions, served.model_version: served}
+
+    def retire(self, version: str) -> None:
+        """Stop serving `version`: its requests are answered WRONG_MODEL_VERSION from now on."""
+        with self._cond:
+            self._versions = {v: s for v, s in self._versions.items() if v != version}
+
+    def versions(self) -> tuple[str, ...]:
+        """The model versions served now."""
+        return tuple(self._versions)
 
     def wake(self) -> None:
         """A parked computation may be ready (any thread; never blocks for long)."""
@@ -141,7 +164,7 @@ class RequestServer:
         try:
             msg = decode(payload)
         except ProtocolError as e:
-            self._events.malformed(self.served.kind, str(e))
+            self._events.malformed(self.kind, str(e))
             route = peek_request_route(payload)
             reply_topic = None if route is None else self._reply_topic(route.reply_topic)
             if route is None or reply_topic is None:
@@ -156,19 +179,21 @@ class RequestServer:
         if reply_topic is None:
             self.counters.add("dropped_reply_topic")
             return
-        refusal = self._refusal(msg)
-        if refusal is None:
+        served = self._versions.get(msg.model_version)
+        refusal = self._refusal(msg, served)
+        if refusal is None and served is not None:
             try:
-                inputs = self.served.to_input(msg)
+                inputs = served.to_input(msg)
             except ValueError as e:
                 refusal = ErrorCode.BAD_REQUEST, str(e)
         if refusal is not None:
             self._error(reply_topic, msg.correlation_id, msg.expert_id, *refusal)
             return
+        assert served is not None  # _refusal refuses every version it does not serve
         with self._cond:
             queued = len(self._queue) < self.limits.queue_size and not self._stopping
             if queued:
-                self._queue.append(_Job(msg, reply_topic, inputs))
+                self._queue.append(_Job(msg, reply_topic, inputs, served))
                 self._cond.notify()
         if not queued:
             self._error(reply_topic, msg.correlation_id, msg.expert_id, ErrorCode.BUSY,
@@ -181,13 +206,14 @@ class RequestServer:
         except ProtocolError:
             return None
 
-    def _refusal(self, req: ExpertRequest) -> tuple[ErrorCode, str] | None:
-        """Why a well-formed request cannot be served, or None."""
-        s, n = self.served, len(req.latent)
+    def _refusal(self, req: ExpertRequest, s: Served | None) -> tuple[ErrorCode, str] | None:
+        """Why a well-formed request cannot be served (by `s`, the model of its version), or None."""
+        n = len(req.latent)
+        if s is None:
+            versions = ", ".join(self._versions) or "none yet"
+            return ErrorCode.WRONG_MODEL_VERSION, f"this device runs model {versions}"
         if req.expert_id != s.expert_id:
             return ErrorCode.UNKNOWN_EXPERT, f"this device holds expert {s.expert_id}"
-        if req.model_version != s.model_version:
-            return ErrorCode.WRONG_MODEL_VERSION, f"this device runs model {s.model_version}"
         late = deadline_error(req.deadline_ms, now_ms())
         if late is not None:
             return late, ("deadline passed" if late == ErrorCode.DEADLINE_EXCEEDED
@@ -234,10 +260,11 @@ class RequestServer:
                 self._run(due)
 
     def _take_batch(self) -> list[_Job]:
-        """The oldest job plus, when micro-batching, every next one that fits in max_batch rows."""
+        """The oldest job plus, when micro-batching, every next one of the same model version that fits
+        in max_batch rows."""
         batch = [self._queue.popleft()]
         rows = len(batch[0].inputs)
-        while (self.limits.microbatch and self._queue
+        while (self.limits.microbatch and self._queue and self._queue[0].served is batch[0].served
                and rows + len(self._queue[0].inputs) <= self.limits.max_batch):
             batch.append(self._queue.popleft())
             rows += len(batch[-1].inputs)
@@ -250,7 +277,7 @@ class RequestServer:
         self.counters.add("batched_requests", len(jobs))
         self.counters.add("batched_rows", sum(len(job.inputs) for job in jobs))
         try:
-            out = self.served.compute(np.concatenate([job.inputs for job in jobs]), [job.request for job in jobs])
+            out = jobs[0].served.compute(np.concatenate([job.inputs for job in jobs]), [job.request for job in jobs])
         except Exception as e:  # noqa: BLE001 -- a runtime can raise anything; requesters must still hear
             self._failed(jobs, e)
             return
@@ -273,7 +300,7 @@ class RequestServer:
         compute_us = min(round((time.perf_counter() - start) * 1e6), _MAX_U32)
         try:
             sizes = [len(job.inputs) for job in jobs]
-            frames = [encode(ExpertResponse(job.request.correlation_id, self.served.expert_id, compute_us, p))
+            frames = [encode(ExpertResponse(job.request.correlation_id, job.served.expert_id, compute_us, p))
                       for job, p in zip(jobs, np.split(probs, np.cumsum(sizes)[:-1]), strict=True)]
         except Exception as e:  # noqa: BLE001 -- a bad output shape or value must still be answered
             self._failed(jobs, e)
@@ -283,7 +310,7 @@ class RequestServer:
         self.counters.add("answered", len(jobs))
 
     def _failed(self, jobs: list[_Job], e: Exception) -> None:
-        self._events.emit("error", where=f"{self.served.kind} server", error=f"{type(e).__name__}: {e}")
+        self._events.emit("error", where=f"{self.kind} server", error=f"{type(e).__name__}: {e}")
         for job in jobs:
             self._error(job.reply_topic, job.request.correlation_id, job.request.expert_id,
-                        ErrorCode.INTERNAL, f"{self.served.kind} computation failed")
+                        ErrorCode.INTERNAL, f"{self.kind} computation failed")

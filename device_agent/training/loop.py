@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from device_agent.training.mlp import Params
 from device_agent.training.optim import OptimSpec, clip_grad_norm
@@ -39,13 +40,16 @@ def optimize(params: Params, optim: OptimSpec, epochs: int, batch_size: int, n: 
 
     Each step: loss and gradients, clipping of the total gradient norm to optim.grad_clip, one step
     of a fresh optimizer. Returns {"loss": mean loss over the samples seen, weighted by batch size}.
+    BLAS runs on one thread meanwhile: for matrices this small more threads only contend with each
+    other and with the agent (45x slower per epoch on a loaded 2-core machine, bench/trainer.py).
     """
     opt, permute = optim.make(), order(seed)
     total, count = 0.0, 0
-    for _ in range(epochs):
-        for idx in minibatches(n, batch_size, permute):
-            loss, grads = batch_loss(params, idx)
-            clip_grad_norm(grads, optim.grad_clip)
-            opt.step(params, grads)
-            total, count = total + loss * len(idx), count + len(idx)
+    with threadpool_limits(limits=1, user_api="blas"):
+        for _ in range(epochs):
+            for idx in minibatches(n, batch_size, permute):
+                loss, grads = batch_loss(params, idx)
+                clip_grad_norm(grads, optim.grad_clip)
+                opt.step(params, grads)
+                total, count = total + loss * len(idx), count + len(idx)
     return {"loss": total / max(count, 1)}

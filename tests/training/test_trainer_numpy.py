@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from device_agent.training import (
     BACKENDS,
@@ -144,3 +145,23 @@ def test_registry_says_which_package_is_missing(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setitem(BACKENDS, "broken", Backend("broken_backend", ("broken_backend",), "x"))
     with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):  # a real bug is not hidden
         load_trainer("broken")
+
+
+def test_training_keeps_blas_on_one_thread() -> None:
+    """Tiny matmuls: a fit limits BLAS to one thread while it runs and restores the setting after."""
+    x, y = blobs(50, 8, 4, 1)
+    seen: list[int] = []
+
+    def order(seed: int) -> Permute:
+        rng = np.random.default_rng(seed)
+        return lambda n: (seen.extend(blas_threads()), rng.permutation(n))[1]
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert blas_threads() == [2]
+        ExpertTask(2, 16, ADAM, order).fit(expert_params(), x, y, seed=0)
+        assert seen == [1, 1]
+        assert blas_threads() == [2]
+
+
+def blas_threads() -> list[int]:
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]

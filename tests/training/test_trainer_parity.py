@@ -175,3 +175,18 @@ def test_torch_backend_through_the_seam_equals_numpy_backend() -> None:
                                      training.OptimSpec("sgd", 0.03, 0.5, 1e-3, 0.5))
     direct_params, _ = direct.fit(expert, training.TensorData(torch.tensor(z), torch.tensor(y)), 9)
     assert max_diff(direct_params, torch_expert_params) == 0
+
+
+def test_torch_backend_fits_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny matmuls: the torch backend trains on one thread and gives the process its setting back."""
+    seen: list[int] = []
+    loss = training.mixture_nll
+    monkeypatch.setattr(training, "mixture_nll", lambda *a: (seen.append(torch.get_num_threads()), loss(*a))[1])
+    z, y, probs = data(5)
+    torch.set_num_threads(2)
+    try:
+        load_trainer("torch").gate_task(1, 64, OptimSpec("adam", 0.01)).fit(
+            init(lambda: Gate(D, GATE_HIDDEN, E), 5), z, probs, y, 0)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)  # this module's setting (one_torch_thread)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from device_agent.training import OptimSpec, Params, expert_data, gate_data
+from device_agent.training import OptimSpec, Params, Trainer, expert_data, gate_data
 from toolkit import training
 from toolkit.models import Expert, Gate
 
@@ -82,4 +82,4 @@ class TorchTrainer:
         return TorchGateTask(epochs, batch_size, optim)
 
 
-TRAINER = TorchTrainer()
+TRAINER: Trainer = TorchTrainer()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from device_agent.training.backends import Trainer
 from device_agent.training.loop import Order, numpy_order, optimize
 from device_agent.training.losses import cross_entropy, mixture_nll
 from device_agent.training.mlp import EXPERT, GATE, MLP, Dims, Params
@@ -115,4 +116,4 @@ class NumpyTrainer:
         return GateTask(epochs, batch_size, optim)
 
 
-TRAINER = NumpyTrainer()
+TRAINER: Trainer = NumpyTrainer()

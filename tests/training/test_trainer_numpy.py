@@ -156,11 +156,11 @@ def test_training_keeps_blas_on_one_thread() -> None:
         rng = np.random.default_rng(seed)
         return lambda n: (seen.extend(blas_threads()), rng.permutation(n))[1]
 
-    with threadpool_limits(limits=2, user_api="blas"):
-        assert blas_threads() == [2]
+    with threadpool_limits(limits=2, user_api="blas"):  # every BLAS loaded in this process (numpy's, torch's)
+        assert set(blas_threads()) == {2}
         ExpertTask(2, 16, ADAM, order).fit(expert_params(), x, y, seed=0)
-        assert seen == [1, 1]
-        assert blas_threads() == [2]
+        assert len(seen) >= 2 and set(seen) == {1}
+        assert set(blas_threads()) == {2}
 
 
 def blas_threads() -> list[int]:

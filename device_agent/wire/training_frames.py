@@ -47,7 +47,9 @@ KINDS: dict[int, int] = {TrainKind.COMMAND: 2, TrainKind.RESULT: 2}  # kind -> t
 class Op(StrEnum):
     """What a COMMAND asks."""
 
+    SETUP = "setup"  # join run `run` with its resolved config (config.run_config)
     FIT = "fit"  # one federated round: merge the shared tensors, train, send back `upload`
+    USE_EXTRACTOR = "use_extractor"  # after Stage 1: keep the shared extractor, compute the latents
     TRAIN_EXPERT = "train_expert"  # Stage 2: train the own expert on local latents; nothing sent back
     PREPARE_GATE = "prepare_gate"  # Stage 3 set-up: every expert's probabilities on local latents
     EVALUATE = "evaluate"  # accuracies of the device's model with the shared tensors

@@ -174,7 +174,7 @@ def _build(spec: DeviceSpec, weights: NewWeights, calibration: np.ndarray, sampl
             raise ModelBuildError(f"{role} weights: {side[:-1]} size {_io_size(models[role], side)}, the device "
                                   f"needs {size}")
     data = {r: m.SerializeToString() for r, m in models.items()}
-    run = {r: _session(r, data[r], models[r], threads).run for r in roles}
+    run = {r: in_memory_runtime(r, data[r], models[r], threads).run for r in roles}
     latents, sample_latents = run["extractor"](calibration), run["extractor"](sample_x)
     samples = {"latent": sample_latents, "expert_probs": softmax(run["expert"](sample_latents))}
     if "gate" in run:
@@ -188,8 +188,8 @@ def _io_size(model: onnx.ModelProto, side: str) -> int:
     return int((inputs if side == "inputs" else outputs)[0].shape[-1])
 
 
-def _session(role: str, data: bytes, model: onnx.ModelProto, threads: int) -> OnnxRuntime:
-    """The agent's ONNX runtime on an in-memory model."""
+def in_memory_runtime(role: str, data: bytes, model: onnx.ModelProto, threads: int = 1) -> OnnxRuntime:
+    """The agent's ONNX runtime on an in-memory model (`data`: its serialized bytes)."""
     inputs, outputs = tensor_specs(model)
     entry = ModelEntry(role, FORMAT, "fp32", f"{role}.fp32.onnx", hashlib.sha256(data).hexdigest(), len(data),
                        inputs, outputs)

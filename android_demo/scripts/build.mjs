@@ -1,5 +1,5 @@
-// Build the web device with esbuild: the app into dist/ (with onnxruntime-web's wasm beside it), and
-// with --tests the Node tests into build/tests/ and the browser test bundle into build/browser/.
+// Build the web device with esbuild: the app into dist/ (with onnxruntime-web's wasm beside it), or
+// with --tests the Node tests into build/tests/ and the browser checks into build/browser/.
 import { build } from "esbuild";
 import { cpSync, mkdirSync, readdirSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
@@ -29,5 +29,4 @@ async function testBundles() {
     platform: "browser", format: "iife" });
 }
 
-await app();
-if (tests) await testBundles();
+await (tests ? testBundles() : app());

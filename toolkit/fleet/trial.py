@@ -37,6 +37,7 @@ from toolkit.federated_data import prepare, raw_images
 from toolkit.fleet.agent_processes import AgentLaunch, AgentProcesses
 from toolkit.fleet.trial_driver import INTERRUPTED, NOT_SERVED, OPERATOR, TrialDriver, TrialError
 from toolkit.fleet.trial_report import TrialRecord, summarize, write_outputs
+from toolkit.fleet.web_devices import fleet_processes, web_fleet_check
 from toolkit.progress import progress_bar
 
 ONLINE_TIMEOUT_S = 120.0  # ten agents importing onnxruntime on two cores take ~10 s
@@ -67,6 +68,7 @@ class TrialOptions:
     runtime: str = "onnx"
     deadline_ms: int = 1000
     show_progress: bool = True
+    web_devices: int = 0  # the last N devices run as web devices (android_demo/) in headless Chromium
 
 
 @dataclass(frozen=True)
@@ -427,6 +429,7 @@ def run_trial(options: TrialOptions) -> TrialResult:
         if options.restart_broker_after is not None:
             raise TrialError("--restart-broker-after restarts the trial's own mosquitto: not with --broker")
     fleet = load_fleet(options)
+    web_fleet_check(options.web_devices, options.runtime, fleet.bundles)
     samples = load_samples(fleet, options.samples)
     plan = feeding_plan(options, samples)
     expected = in_process(fleet, samples, options.runtime)
@@ -462,7 +465,7 @@ def _run(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan:
         broker = stack.enter_context(fleet_broker(options, fleet, options.out))
         facts["broker"], facts["broker_pids"] = broker.url, [] if broker.pid is None else [broker.pid]
         stack.enter_context(connected(driver, broker.url, broker.credential(OPERATOR)))
-        agents = stack.enter_context(AgentProcesses())
+        agents = stack.enter_context(fleet_processes(options.web_devices, fleet.bundles, options.out))
         since = time.time()
         for launch in agent_launches(options, fleet, broker, options.out):
             agents.start(launch)

@@ -6,7 +6,7 @@ bridge (`broker.websocket_bridge`, started here and pointed at the fleet's broke
 bundle (served by the bridge from the bundles' folder), and join the fleet over MQTT-over-WebSockets
 like a phone would. `WebDevices.start` takes the same `AgentLaunch` as an `nmoe agent` process
 (`--bundle`, `--broker`, credentials, `--precision`, `--latent-encoding`, `--deadline-ms`,
-`--events`), so `MixedFleet` can run the last N devices of a trial in the browser with no other
+`--max-batch`, `--queue`, `--no-microbatch`, `--prefix`, `--fleet`, `--events`), so `MixedFleet` can run the last N devices of a trial in the browser with no other
 change to the trial: one fleet, one trial, one report.
 """
 
@@ -58,6 +58,21 @@ def last_devices(devices: Iterable[str], n: int) -> list[str]:
     return ordered[len(ordered) - n:]
 
 
+def web_fleet_check(web: int, runtime: str, devices: Iterable[str]) -> list[str]:
+    """The devices to run in the browser (the last `web`), or TrialError before anything starts."""
+    chosen = last_devices(devices, web)
+    if chosen and runtime != "onnx":
+        raise TrialError(f"--web-devices runs ONNX models in onnxruntime-web: not with --runtime {runtime}")
+    if chosen:
+        check_web_setup()
+    return chosen
+
+
+def fleet_processes(web: int, devices: Iterable[str], work_dir: Path) -> AgentProcesses:
+    """The trial's devices: `nmoe agent` processes, the last `web` of them web devices in Chromium."""
+    return MixedFleet(last_devices(devices, web), work_dir) if web else AgentProcesses()
+
+
 def _option(args: tuple[str, ...], name: str) -> str | None:
     return args[args.index(name) + 1] if name in args else None
 
@@ -65,12 +80,13 @@ def _option(args: tuple[str, ...], name: str) -> str | None:
 class WebDevices:
     """Pages in one headless Chromium, each a web device; the `AgentProcesses` interface."""
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, logs: dict[str, Path] | None = None) -> None:
         check_web_setup()
         self.work_dir = work_dir
-        self.logs: dict[str, Path] = {}
+        self.logs = {} if logs is None else logs  # device -> its log (shared with the agents' in a MixedFleet)
         self.bridge: RunningBridge | None = None
         self._bundles_dir: Path | None = None
+        self._opened: list[str] = []
         self._status: dict[str, int] = {}  # device -> exit status once it failed, closed or was killed
         self._online: set[str] = set()
         self._errors: dict[str, str] = {}
@@ -99,14 +115,20 @@ class WebDevices:
             "latentEncoding": _option(args, "--latent-encoding") or "fp32",
             "deadlineMs": int(_option(args, "--deadline-ms") or 1000),
         }
-        if (precision := _option(args, "--precision")) is not None:
-            config["precision"] = precision
-        if (username := _option(args, "--username")) is not None:
-            config["username"] = username
+        for flag, key in (("--precision", "precision"), ("--username", "username"), ("--prefix", "prefix"),
+                          ("--fleet", "fleet")):
+            if (value := _option(args, flag)) is not None:
+                config[key] = value
+        for flag, key in (("--max-batch", "maxBatch"), ("--queue", "queueSize")):
+            if (value := _option(args, flag)) is not None:
+                config[key] = int(value)
+        if "--no-microbatch" in args:
+            config["microbatch"] = False
         if password_file is not None:
             config["password"] = Path(password_file).read_text().strip()
         events = Path(_option(args, "--events") or self.work_dir / "events" / f"{launch.device}.jsonl")
         self.logs[launch.device] = launch.log
+        self._opened.append(launch.device)
         launch.log.parent.mkdir(parents=True, exist_ok=True)
         self._send({"cmd": "open", "device": launch.device, "url": self.bridge.page_url, "config": config,
                     "events": str(events), "log": str(launch.log)})
@@ -142,7 +164,7 @@ class WebDevices:
                 self.bridge.stop()
             self._profile.cleanup()
         with self._cond:
-            return {d: self._status.get(d, 0) for d in self.logs}
+            return {d: self._status.get(d, 0) for d in self._opened}
 
     def __enter__(self) -> Self:
         return self
@@ -239,42 +261,29 @@ class WebDevices:
                 self._cond.notify_all()
 
 
-class MixedFleet:
-    """`nmoe agent` processes for most devices and web devices for `web`: one `AgentProcesses` interface."""
+class MixedFleet(AgentProcesses):
+    """`nmoe agent` processes, except for the devices in `web`, which run as web devices."""
 
     def __init__(self, web: Collection[str], work_dir: Path) -> None:
+        super().__init__()
         self.web_devices = set(web)
-        self.agents = AgentProcesses()
-        self.web = WebDevices(work_dir)
-
-    def _of(self, device: str) -> AgentProcesses | WebDevices:
-        return self.web if device in self.web_devices else self.agents
-
-    @property
-    def logs(self) -> dict[str, Path]:
-        return {**self.agents.logs, **self.web.logs}
+        self.web = WebDevices(work_dir, self.logs)
 
     def start(self, launch: AgentLaunch) -> None:
-        self._of(launch.device).start(launch)
+        (self.web.start if launch.device in self.web_devices else super().start)(launch)
 
     def pid(self, device: str) -> int:
-        return self._of(device).pid(device)
+        return self.web.pid(device) if device in self.web_devices else super().pid(device)
 
     def exited(self) -> dict[str, int]:
-        return {**self.agents.exited(), **self.web.exited()}
+        return {**super().exited(), **self.web.exited()}
 
     def kill(self, device: str) -> None:
-        self._of(device).kill(device)
+        (self.web.kill if device in self.web_devices else super().kill)(device)
 
-    def stop(self) -> dict[str, int]:
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> dict[str, int]:
         try:
-            agents = self.agents.stop()
+            agents = super().stop()
         finally:
-            web = self.web.stop()
+            web = self.web.stop(timeout_s)
         return {**agents, **web}
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

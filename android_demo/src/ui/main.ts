@@ -10,6 +10,7 @@ import { type BundleSource, mapSource, type Precision, urlSource } from "../devi
 import type { InferenceResult, WebDevice } from "../device/device.js";
 import { readNpy, readZip } from "../device/archive.js";
 import { launch } from "../device/launch.js";
+import { DEFAULT_LIMITS } from "../device/server.js";
 import type { Encoding } from "../wire/tensor.js";
 import { DrawPad } from "./canvas.js";
 
@@ -24,6 +25,9 @@ interface HeadlessConfig {
   deadlineMs?: number;
   fleet?: string;
   prefix?: string;
+  maxBatch?: number;
+  queueSize?: number;
+  microbatch?: boolean;
 }
 
 interface NmoeApi {
@@ -93,6 +97,8 @@ async function start(source: BundleSource, broker: string, options: Omit<Headles
         ...(options.deadlineMs ? { deadlineMs: options.deadlineMs } : {}),
         ...(options.fleet ? { fleet: options.fleet } : {}),
         ...(options.prefix ? { prefix: options.prefix } : {}),
+        limits: { maxBatch: options.maxBatch ?? DEFAULT_LIMITS.maxBatch, queueSize: options.queueSize ?? DEFAULT_LIMITS.queueSize,
+          microbatch: options.microbatch ?? DEFAULT_LIMITS.microbatch },
       },
     }, WASM_BASE);
   } catch (e) {

@@ -26,7 +26,8 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -34,6 +35,8 @@ from urllib.parse import unquote, urlsplit
 
 from broker.child_process import dies_with_parent
 from broker.errors import BrokerError
+from broker.layout import FleetLayout
+from broker.process import BrokerOptions, RunningBroker
 
 APP_DIR = Path(__file__).resolve().parent.parent / "android_demo" / "dist"
 MQTT_PATH = "/mqtt"
@@ -160,6 +163,68 @@ def _read_port(process: subprocess.Popen, log: Path) -> int:
     raise BrokerError(f"the WebSocket bridge did not listen within {START_TIMEOUT_S:.0f} s (log: {log})")
 
 
+# next to `nmoe broker` -------------------------------------------------------------------------
+
+
+def bridge_log(layout: FleetLayout) -> Path:
+    """Where the bridge of a fleet dir writes its messages."""
+    return layout.root / "websocket-bridge.log"
+
+
+def check_bridge_options(options: BrokerOptions, port: int) -> None:
+    """BrokerError for a --websockets PORT that cannot work with these broker options."""
+    if not 0 <= port <= 65535:
+        raise BrokerError(f"--websockets {port}: a port is 0..65535 (0: a free one)")
+    if port != 0 and port == options.port:
+        raise BrokerError(f"--websockets {port} is mosquitto's port too; choose another")
+    if options.require_client_cert:
+        raise BrokerError("--websockets cannot be combined with --require-client-cert: browsers do not present "
+                          "the fleet's client certificates; use --auth (a phone logs in with its password)")
+
+
+@contextmanager
+def bridge_for(running: RunningBroker, port: int | None, bundles: Path | None) -> Iterator[RunningBridge | None]:
+    """The bridge of `nmoe broker --websockets PORT` (None without it): same host, TLS and CA as the broker."""
+    if port is None:
+        yield None
+        return
+    o = running.options
+    layout = o.layout
+    options = BridgeOptions(
+        (o.host, running.port), host=o.host, port=port, upstream_ca=layout.ca_cert if o.tls else None,
+        cert=(layout.server_cert(o.host), layout.server_key(o.host)) if o.tls else None,
+        app_dir=APP_DIR if (APP_DIR / "index.html").is_file() else None, bundles_dir=bundles)
+    with start_bridge(options, bridge_log(layout)) as bridge:
+        yield bridge
+
+
+def print_bridge(running: RunningBroker, bridge: RunningBridge) -> None:
+    """How browsers and phones join (after `nmoe broker`'s own lines)."""
+    host = running.options.host
+    shown = "<this machine's LAN address>" if host in ("0.0.0.0", "::") else host
+    page = bridge.page_url.replace(_reachable(host), shown, 1)
+    print(f"web devices: {page} (MQTT over WebSockets at {bridge.url.replace(_reachable(host), shown, 1)}, "
+          f"bridge pid {bridge.process.pid})")
+    if bridge.options.app_dir is None:
+        print(f"warning: the web device is not built ({APP_DIR} is missing: cd {APP_DIR.parent} && npm ci && "
+              "npm run build); only MQTT over WebSockets is served", file=sys.stderr)
+    for account, credential in running.credentials.items():
+        if credential.password_file is not None and account != "operator":
+            print(f"  {account} joins at {page}#device={account} (password: {credential.password_file})")
+    if host in ("127.0.0.1", "localhost", "::1"):
+        print("  (listening on loopback only: for phones on the LAN, add --host 0.0.0.0 or this machine's address)")
+
+
+def wait_either(mosquitto: subprocess.Popen, bridge: RunningBridge | None) -> tuple[str, int]:
+    """Wait until mosquitto or the bridge exits: which one, and its status."""
+    while True:
+        if (status := mosquitto.poll()) is not None:
+            return "mosquitto", status
+        if bridge is not None and (status := bridge.process.poll()) is not None:
+            return "the WebSocket bridge", status
+        time.sleep(0.2)
+
+
 # the child process ------------------------------------------------------------------------------
 
 
@@ -178,6 +243,8 @@ class StaticFiles:
             return 200, "application/json", json.dumps({"devices": devices}).encode()
         parts = [p for p in path.split("/") if p]
         if parts[:1] == ["bundles"] and self.bundles_dir is not None:
+            if len(parts) != 3 or not parts[1].startswith("device-"):  # only files of device-*/ bundles
+                return 404, "text/plain", b"not found\n"
             return self._file(self.bundles_dir, parts[1:], depth=2)
         if self.app_dir is None:
             return 404, "text/plain", b"no web app here\n"

@@ -18,7 +18,7 @@ from toolkit.fleet.web_devices import APP_DIR, CHROMIUM, DEMO_DIR, WebDevices
 
 # the agent tests' raw protocol client (fleet_helpers.Client, request_frame) is reused here
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "agent"))
-from web_helpers import launch  # noqa: E402
+from web_helpers import launch
 
 
 def _missing() -> str | None:
@@ -56,3 +56,4 @@ def web_device(onnx_tflite_bundles: Path, web_broker: RunningBroker,
         web.start(launch(onnx_tflite_bundles, "device-2", web_broker, out, "--precision", "fp32", "--queue", "8"))
         web.wait_online(["device-2"])
         yield web
+

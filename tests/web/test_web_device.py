@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fleet_helpers import TOPICS, Client, request_frame
+from web_helpers import launch
 
 from broker.process import RunningBroker
 from device_agent.bundle import BundleError, load_bundle
@@ -30,7 +31,6 @@ from device_agent.wire.protocol import (
 )
 from device_agent.wire.tensor_codec import decode_tensor, encode_latent
 from toolkit.fleet.web_devices import WebDevices
-from web_helpers import launch
 
 EXPERT = 2  # device-2 holds expert 2
 

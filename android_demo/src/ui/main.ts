@@ -208,25 +208,34 @@ function renderSamples(d: WebDevice): void {
 
 // setup form ------------------------------------------------------------------------------------
 
-async function fillDefaults(): Promise<void> {
-  const served = location.protocol === "http:" || location.protocol === "https:";
-  const hash = new URLSearchParams(location.hash.slice(1));
-  if (served && location.hostname !== "localhost") {
-    ($("broker") as HTMLInputElement).value = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/mqtt`;
+/** Fill the form from a fleet address (`nmoe broker --websockets` serves the bundle list and MQTT there). */
+async function loadFleet(address: string, wanted: string | null): Promise<void> {
+  const base = new URL(address.endsWith("/") ? address : `${address}/`);
+  ($("broker") as HTMLInputElement).value = `${base.protocol === "https:" ? "wss" : "ws"}://${base.host}/mqtt`;
+  const select = $("bundle-list") as HTMLSelectElement;
+  try {
+    const list = (await (await fetch(new URL("bundles/index.json", base), { cache: "no-store" })).json()) as { devices: string[] };
+    select.replaceChildren(new Option("(choose this phone's device)", ""),
+      ...list.devices.map((d) => new Option(d, new URL(`bundles/${d}/`, base).href)));
+    if (wanted) select.value = new URL(`bundles/${wanted}/`, base).href;
+    $("error").hidden = true;
+  } catch {
+    showError(`${base.href} lists no bundles (start it with nmoe broker --websockets PORT --bundles DIR), or is unreachable`);
   }
+}
+
+async function fillDefaults(): Promise<void> {
+  const hash = new URLSearchParams(location.hash.slice(1));
   for (const key of ["username", "password"]) {
     const v = hash.get(key);
     if (v) ($(key) as HTMLInputElement).value = v;
   }
-  try {
-    const list = (await (await fetch("bundles/index.json", { cache: "no-store" })).json()) as { devices: string[] };
-    const select = $("bundle-list") as HTMLSelectElement;
-    for (const d of list.devices) select.add(new Option(d, new URL(`bundles/${d}/`, location.href).href));
-    const wanted = hash.get("device");
-    if (wanted) select.value = new URL(`bundles/${wanted}/`, location.href).href;
-    if (wanted && !hash.get("username")) ($("username") as HTMLInputElement).value = wanted;
-  } catch {
-    // not served by `nmoe broker --websockets`: type a URL or pick files
+  const wanted = hash.get("device");
+  if (wanted && !hash.get("username")) ($("username") as HTMLInputElement).value = wanted;
+  // served by the bridge (not by the Android app's own http://localhost): the fleet is this page's origin
+  if ((location.protocol === "http:" || location.protocol === "https:") && location.hostname !== "localhost") {
+    ($("fleet-address") as HTMLInputElement).value = location.origin;
+    await loadFleet(location.origin, wanted);
   }
 }
 
@@ -249,6 +258,7 @@ function wireForm(): void {
       showError(`${file.name}: ${err instanceof Error ? err.message : err}`);
     }
   };
+  $("load").onclick = () => void loadFleet(($("fleet-address") as HTMLInputElement).value.trim(), null);
   $("start").onclick = () => {
     const url = ($("bundle-url") as HTMLInputElement).value.trim() || ($("bundle-list") as HTMLSelectElement).value;
     const source = picked ?? (url ? urlSource(url) : null);

@@ -321,8 +321,11 @@ async def serve(options: BridgeOptions) -> None:
                 return connection.respond(503, "too many connections\n")
             return None
         status, kind, body = files.lookup(request.path)
+        # cross-origin isolation: precise timers and SharedArrayBuffer for the page; bundles stay readable by the app
         headers = Headers([("Content-Type", kind), ("Content-Length", str(len(body))), ("Cache-Control", "no-cache"),
-                           ("Access-Control-Allow-Origin", "*"), ("X-Content-Type-Options", "nosniff")])
+                           ("Access-Control-Allow-Origin", "*"), ("Cross-Origin-Resource-Policy", "cross-origin"),
+                           ("Cross-Origin-Opener-Policy", "same-origin"),
+                           ("Cross-Origin-Embedder-Policy", "require-corp"), ("X-Content-Type-Options", "nosniff")])
         return Response(status, "OK" if status == 200 else "Not Found", headers, body)
 
     async def handler(ws: Any) -> None:

@@ -1,12 +1,14 @@
 """Fixtures of the web-device tests: the built app, a broker, web devices in headless Chromium.
 
-The app is built by scripts/setup.sh (`npm ci && npm run build` in android_demo/). Where it is not
-built, these tests are skipped with the command to build it, except under CI (CI=true), where a
-missing build is a failure.
+scripts/setup.sh installs Chromium and the app's npm packages (`npm ci` in android_demo/); the tests
+build the app from the current sources once per session. Where Node, Chromium or the packages are
+missing, these tests are skipped with the command that installs them, except under CI (CI=true),
+where that is a failure.
 """
 
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,19 +28,22 @@ def _missing() -> str | None:
         return "node is not installed"
     if not Path(CHROMIUM).exists():
         return f"{CHROMIUM} is not installed (apt-get install chromium)"
-    if not (DEMO_DIR / "node_modules" / "playwright-core").is_dir() or not (APP_DIR / "app.js").is_file():
-        return f"the web device is not built (cd {DEMO_DIR} && npm ci && npm run build)"
+    if not (DEMO_DIR / "node_modules" / "playwright-core").is_dir():
+        return f"the web device's npm packages are not installed (cd {DEMO_DIR} && npm ci)"
     return None
 
 
 @pytest.fixture(scope="session", autouse=True)
 def web_built() -> None:
-    """Skip (fail under CI) when Node, Chromium or the built app is missing."""
+    """Build the app from the current sources; skip (fail under CI) when Node, Chromium or the npm
+    packages are missing."""
     missing = _missing()
     if missing is not None:
         if os.environ.get("CI"):
             pytest.fail(f"web device tests: {missing}; scripts/setup.sh installs and builds it")
         pytest.skip(f"web device tests: {missing}")
+    built = subprocess.run(["node", "scripts/build.mjs"], cwd=DEMO_DIR, capture_output=True, text=True, check=False)
+    assert built.returncode == 0 and (APP_DIR / "app.js").is_file(), built.stderr
 
 
 @pytest.fixture(scope="module")

@@ -184,6 +184,20 @@ export class WebDevice {
     return result;
   }
 
+  /** Milliseconds of each of `calls` local passes (preprocess, extractor, gate, own expert) on one image. */
+  async timeModels(pixels: Uint8Array, calls: number): Promise<number[]> {
+    const m = this.bundle.manifest;
+    const times: number[] = [];
+    for (let i = 0; i < calls; i++) {
+      const start = monotonicMs();
+      const z = await this.models.extractor.run(preprocess(pixels, m.input), [1, ...m.input.shape]);
+      await this.models.gate?.run(z, [1, m.latentDim]);
+      await this.models.expert.run(z, [1, m.latentDim]);
+      times.push(monotonicMs() - start);
+    }
+    return times;
+  }
+
   private async route(z: Float32Array, n: number): Promise<Route> {
     const m = this.bundle.manifest;
     const live = new Set([this.expertId]);

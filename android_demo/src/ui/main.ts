@@ -35,6 +35,8 @@ interface NmoeApi {
   error: string | null;
   /** Classify `n` uint8 images given as numbers; a plain-JSON summary of the result. */
   infer(pixels: number[], n: number): Promise<Record<string, unknown>>;
+  /** Milliseconds of `calls` local passes (extractor, gate, own expert) on one image. */
+  timeModels(pixels: number[], calls: number): Promise<number[]>;
   stop(): Promise<void>;
 }
 
@@ -58,6 +60,10 @@ window.nmoe = {
   async infer(pixels, n) {
     if (device === null) throw new Error("no device running");
     return summary(await device.infer(Uint8Array.from(pixels), n));
+  },
+  async timeModels(pixels, calls) {
+    if (device === null) throw new Error("no device running");
+    return device.timeModels(Uint8Array.from(pixels), calls);
   },
   async stop() {
     await device?.stop();

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import unquote, urlsplit
 
-from broker.child_process import dies_with_parent
+from broker.child_process import dies_with_parent, stop_child
 from broker.errors import BrokerError
 from broker.layout import FleetLayout
 from broker.process import BrokerOptions, RunningBroker
@@ -99,13 +99,7 @@ class RunningBridge:
 
     def stop(self) -> None:
         """SIGTERM, wait, SIGKILL if it hangs."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_child(self.process, STOP_TIMEOUT_S)
 
     def __enter__(self) -> Self:
         return self

@@ -39,7 +39,7 @@ def _client(broker: RunningBroker, name: str) -> Client:
     return Client(MqttTransport(MqttSettings(BrokerUrl.parse(broker.url), f"test-{name}")))
 
 
-def _ask(client: Client, frame: bytes, topic: str = TOPICS.expert_request(EXPERT), timeout_s: float = 10.0):
+def _ask(client: Client, frame: bytes, topic: str = TOPICS.expert_request(EXPERT), timeout_s: float = 30.0):
     cid = decode(frame).correlation_id  # type: ignore[union-attr]
     client.publish(topic, frame)
     return client.wait_for_reply(cid, timeout_s)

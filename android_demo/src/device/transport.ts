@@ -46,10 +46,9 @@ export class MqttTransport {
 
   constructor(private readonly settings: TransportSettings) {}
 
-  /** Subscribe now (if connected) and again on every reconnect. */
+  /** Subscribe on every (re)connect (call before `connect`). */
   subscribe(filter: string, qos: 0 | 1 = 0): void {
     this.filters.push([filter, qos]);
-    if (this.client?.connected) this.client.subscribe(filter, { qos });
   }
 
   /** Start connecting in the background with `will` as the last will. */
@@ -69,9 +68,15 @@ export class MqttTransport {
     client.on("connect", () => {
       up = true;
       reported = false;
-      for (const [filter, qos] of this.filters) client.subscribe(filter, { qos });
-      onConnection(this.everConnected ? "reconnect" : "connect", `${s.url} (MQTT 3.1.1)`);
-      this.everConnected = true;
+      // reported once the broker has granted every subscription: the birth presence that follows
+      // promises peers that requests reach this device
+      const filters = Object.fromEntries(this.filters.map(([filter, qos]) => [filter, { qos }]));
+      client.subscribe(filters, () => {
+        if (!client.connected) return;
+        onConnection(this.everConnected ? "reconnect" : "connect", `${s.url} (MQTT 3.1.1)`);
+        this.everConnected = true;
+      });
+      flush(client);
     });
     client.on("message", (topic, payload) => onMessage(topic, payload as Uint8Array));
     client.on("error", (e) => {

@@ -19,6 +19,7 @@ here (runs/bench/web-tiny-bundles, reused).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -69,7 +70,13 @@ def log(msg: str) -> None:
 
 def fleet(args: argparse.Namespace) -> tuple[dict[int, Bundle], str]:
     if args.bundles:
-        return load_fleet(Path(args.bundles)), f"`{args.bundles}` (given)"
+        bundles = load_fleet(Path(args.bundles))
+        config = Path(str(next(iter(bundles.values())).manifest.provenance.get("run_dir"))) / "config.json"
+        origin = f"`{args.bundles}`"
+        if config.is_file():
+            data = json.loads(config.read_text())["data"]
+            origin = f"given bundles of a {data['num_clients']}-client {data['dataset']} run"
+        return bundles, origin
     run, out = ROOT / "runs/bench/web-tiny", ROOT / "runs/bench/web-tiny-bundles"
     train_export("tiny.toml", run, out, [*TINY_OVERRIDES, "data.num_clients=3"], "fp32,int8")
     return load_fleet(out), "`configs/tiny.toml` (3 clients) trained and exported here (`runs/bench/web-tiny-bundles`)"

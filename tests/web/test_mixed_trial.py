@@ -38,6 +38,19 @@ def test_a_mixed_fleet_answers_everything_and_web_devices_predict_like_local_nmo
     assert (tmp_path / "report.html").stat().st_size > 10_000
 
 
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--web-devices", "4"], "--web-devices 4: the fleet has 3 devices"),
+    (["--web-devices", "-1"], "--web-devices -1: the fleet has 3 devices"),
+    (["--web-devices", "1", "--runtime", "tflite"], "onnxruntime-web: not with --runtime tflite"),
+])
+def test_unusable_web_device_options_are_one_clear_error(extra: list[str], message: str, onnx_tflite_bundles: Path,
+                                                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["trial", "--bundles", str(onnx_tflite_bundles), "--out", str(tmp_path), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nmoe: error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "trial.json").exists()  # refused before anything started
+
+
 @pytest.mark.slow
 def test_killing_a_web_device_mid_trial_fails_no_inference(onnx_tflite_bundles: Path, tmp_path: Path) -> None:
     s = _trial(onnx_tflite_bundles, tmp_path, "--kill-device", "device-2", "--kill-after", "1",

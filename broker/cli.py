@@ -34,7 +34,8 @@ limit (larger messages are dropped).
 0 .. N-1) or --bundles DIR (each DIR/device-*/manifest.json written by `nmoe export`), plus
 `operator` for the trial driver, coordinator and apps. Passwords are generated once into
 FLEET/credentials/<account>.password (mode 0600) and kept across restarts. Anonymous clients are
-refused, and the ACL allows
+refused; the username is the client id (one connection per account: a device cannot take over
+another's session), and the ACL allows
   a device  to publish: its presence, its replies (reply/+/<device>), expert requests (expert/+/req)
             to read:    presence/+, reply/<device>/+, expert/<its expert>/req, infer/<device>/req
   operator  to publish: infer/+/req, expert/+/req;  to read: presence/+, reply/operator/+
@@ -69,7 +70,7 @@ class _Stop(Exception):
     """A stop signal arrived (SIGINT, SIGTERM or SIGHUP)."""
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `nmoe broker`."""
     p = subparsers.add_parser("broker", help="run the fleet's MQTT broker (mosquitto) with credentials and ACL",
                               description=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -3,7 +3,8 @@
 #   qemu-user-static (Debian), then under ${NMOE_ARM64_CACHE:-$HOME/.cache/nmoe-edge/arm64}:
 #   sysroot/        Debian arm64 python3.11 and the shared libraries it and the wheels link, + a fake ARM
 #                   /proc/cpuinfo (onnxruntime and ai-edge-litert segfault on import under qemu without it)
-#   site-packages/  aarch64 wheels of numpy, onnxruntime, ai-edge-litert at the constraints.txt pins
+#   site-packages/  aarch64 wheels of numpy, onnxruntime, onnx (a device rebuilding its bundle needs it),
+#                   ai-edge-litert at the constraints.txt pins
 # Each part has a stamp holding a hash of what it was built from: a changed pin rebuilds it; a cached run
 # downloads nothing. Run:  qemu-aarch64-static -L CACHE/sysroot CACHE/sysroot/usr/bin/python3.11
 # with PYTHONPATH=CACHE/site-packages. Prints the cache path last.
@@ -39,8 +40,9 @@ pin() {  # pin NAME_REGEX [DEFAULT]: the version constraints.txt pins (PEP 503: 
   [ -n "$version" ] || { echo "arm64-env: error: constraints.txt pins no $1" >&2; exit 2; }
   echo "$version"
 }
-NUMPY="$(pin numpy)"; ONNXRUNTIME="$(pin onnxruntime)"; LITERT="$(pin 'ai[-_.]edge[-_.]litert' 2.2.0)"
-WHEELS=("numpy==$NUMPY" "onnxruntime==$ONNXRUNTIME" "ai-edge-litert==$LITERT")
+NUMPY="$(pin numpy)"; ONNXRUNTIME="$(pin onnxruntime)"; ONNX="$(pin onnx)"
+LITERT="$(pin 'ai[-_.]edge[-_.]litert' 2.2.0)"
+WHEELS=("numpy==$NUMPY" "onnxruntime==$ONNXRUNTIME" "onnx==$ONNX" "ai-edge-litert==$LITERT")
 hash_of() { printf '%s\n' "$@" | sha256sum | cut -c1-64; }
 SYSROOT_KEY="$(hash_of "${DEBS[@]}" "$CPUINFO")"
 SITE_KEY="$(hash_of "${WHEELS[@]}" "${PLATFORM[@]}")"
@@ -96,8 +98,8 @@ if ((built)); then
   echo "arm64-env: smoke test under $(qemu-aarch64-static --version | head -n1)"
   QEMU_CPU=cortex-a72 PYTHONNOUSERSITE=1 PYTHONPATH="$CACHE/site-packages" \
     qemu-aarch64-static -L "$CACHE/sysroot" "$CACHE/sysroot/usr/bin/python3.11" -c \
-    'import platform, numpy, onnxruntime, ai_edge_litert.interpreter
+    'import platform, numpy, onnx, onnxruntime, ai_edge_litert.interpreter
 print("arm64-env:", platform.machine(), "python", platform.python_version(), "numpy", numpy.__version__,
-      "onnxruntime", onnxruntime.__version__, "ai-edge-litert interpreter OK")'
+      "onnxruntime", onnxruntime.__version__, "onnx", onnx.__version__, "ai-edge-litert interpreter OK")'
 fi
 echo "$CACHE"

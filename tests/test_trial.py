@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.cli import main
-from toolkit.fleet.trial_report import read_events
+from toolkit.fleet.trial_summary import read_events
 
 ROOT = Path(__file__).resolve().parent.parent
 

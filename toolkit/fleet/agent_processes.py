@@ -39,7 +39,7 @@ class AgentProcesses:
     """Running agents by device id; a context manager that never leaves one behind."""
 
     def __init__(self) -> None:
-        self.processes: dict[str, subprocess.Popen] = {}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
 
     def start(self, launch: AgentLaunch) -> None:

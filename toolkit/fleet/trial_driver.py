@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
@@ -34,8 +35,22 @@ from device_agent.wire.transport import ConnectionEvent, Transport, publish_pack
 
 POLL_S = 0.1  # how often a wait looks at a requested stop
 OPERATOR = "operator"  # the driver's inbox and, with --auth, its broker account
-PENDING, ANSWERED, ERROR, TIMEOUT = "pending", "answered", "error", "timeout"
-NOT_SERVED, INTERRUPTED = "not_served", "interrupted"  # the device was killed / the trial was stopped
+
+
+class RequestStatus(StrEnum):
+    """What became of a request (the values are trial.json's and the driver's event names)."""
+
+    PENDING = "pending"  # sent, no answer yet
+    ANSWERED = "answered"  # the combined probabilities came back
+    ERROR = "error"  # the agent answered with an error code
+    TIMEOUT = "timeout"  # no answer within the driver's wait
+    NOT_SERVED = "not_served"  # the device was killed (never sent, or in flight then) or is absent
+    INTERRUPTED = "interrupted"  # the trial was stopped while it was in flight
+
+    @property
+    def failed(self) -> bool:
+        """A failure of the fleet: a live device did not answer properly."""
+        return self in (RequestStatus.ERROR, RequestStatus.TIMEOUT)
 
 
 class TrialError(ValueError):
@@ -53,12 +68,21 @@ class Request:
     id: str = ""  # correlation id in hex ("" when it was never sent)
     give_up: float = 0.0  # monotonic time after which it counts as failed
     request_bytes: int = 0  # the MQTT packet with the image
-    status: str = PENDING
+    status: RequestStatus = RequestStatus.PENDING
     detail: str = ""  # the error code of an ERROR answer
     predicted: int | None = None
     rtt_ms: float | None = None
     reply_bytes: int = 0
     probs: np.ndarray | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class PresenceChange:
+    """A presence the driver received."""
+
+    at_s: float  # seconds after the feeding started (negative: before it)
+    device: str
+    status: str  # online / offline
 
 
 class TrialDriver:
@@ -118,6 +142,13 @@ class TrialDriver:
             raise TrialError(f"{', '.join(sorted(missing))} did not come online within {timeout_s:.0f} s "
                              "(see the agents' logs)")
 
+    def wait_present(self, devices: set[str], timeout_s: float) -> dict[str, Presence | None]:
+        """Wait until each device's latest presence (a retained one counts) is online, at most `timeout_s`;
+        then each device's latest presence (None: none received)."""
+        self._wait_for(lambda: devices <= self.online(0.0), timeout_s)
+        with self._cond:
+            return {d: self._presence.get(d) for d in sorted(devices)}
+
     def _wait_for(self, ready: Callable[[], bool], timeout_s: float, check: Callable[[], None] = lambda: None) -> bool:
         """Wait until `ready()` (checked under the lock) or the timeout, running `check()` every POLL_S;
         a requested stop raises."""
@@ -149,10 +180,10 @@ class TrialDriver:
         with self._cond:
             return {d for d, p in self._presence.items() if p.status == "online" and (p.ts or 0) >= since}
 
-    def presence_changes(self) -> list[tuple[float, str, str]]:
-        """Every presence received: (seconds after the feeding started, device, online/offline)."""
+    def presence_changes(self) -> list[PresenceChange]:
+        """Every presence received, in order."""
         with self._cond:
-            return [(round(t - self.t0, 6), d, status) for t, d, status in self._changes]
+            return [PresenceChange(round(t - self.t0, 6), d, status) for t, d, status in self._changes]
 
     # requests --------------------------------------------------------------------------------
 
@@ -184,15 +215,15 @@ class TrialDriver:
     def skip(self, device: str, label: int, index: int, at_s: float) -> None:
         """A sample of a killed device: recorded as not served, never sent."""
         with self._cond:
-            self.requests.append(Request(device, index, label, at_s, status=NOT_SERVED))
-        self.events.emit(NOT_SERVED, device=device, index=index)
+            self.requests.append(Request(device, index, label, at_s, status=RequestStatus.NOT_SERVED))
+        self.events.emit(RequestStatus.NOT_SERVED, device=device, index=index)
 
     def expire(self) -> None:
         """Pending requests past their wait count as failed (timeout)."""
         now = time.monotonic()
-        self._settle(lambda r: now > r.give_up, TIMEOUT)
+        self._settle(lambda r: now > r.give_up, RequestStatus.TIMEOUT)
 
-    def abandon(self, status: str, device: str | None = None) -> None:
+    def abandon(self, status: RequestStatus, device: str | None = None) -> None:
         """Every pending request (of `device`, or of all) gets `status`: not served, interrupted."""
         self._settle(lambda r: device is None or r.device == device, status)
 
@@ -205,7 +236,7 @@ class TrialDriver:
         with self._cond:
             return len(self.requests) - len(self._pending)
 
-    def _settle(self, which: Callable[[Request], bool], status: str) -> None:
+    def _settle(self, which: Callable[[Request], bool], status: RequestStatus) -> None:
         with self._cond:
             settled = [(cid, r) for cid, r in self._pending.items() if which(r)]
             for cid, r in settled:
@@ -259,7 +290,7 @@ class TrialDriver:
         if request is None:
             self.counters.add("late_or_unknown_replies")
         elif isinstance(reply, ErrorResponse):
-            self.events.emit(ERROR, device=request.device, index=request.index, id=request.id,
+            self.events.emit(RequestStatus.ERROR, device=request.device, index=request.index, id=request.id,
                              code=request.detail, message=reply.message)
         else:
             self.events.emit("answer", device=request.device, index=request.index, id=request.id,
@@ -270,7 +301,7 @@ def _record_reply(request: Request, reply: ExpertResponse | ErrorResponse, rtt_m
     """Fill in what the answer says: the prediction, or the error code."""
     request.rtt_ms, request.reply_bytes = rtt_ms, size
     if isinstance(reply, ErrorResponse):
-        request.status, request.detail = ERROR, reply.code.name.lower()
+        request.status, request.detail = RequestStatus.ERROR, reply.code.name.lower()
         return
-    request.status, request.probs = ANSWERED, reply.probs[0]
+    request.status, request.probs = RequestStatus.ANSWERED, reply.probs[0]
     request.predicted = int(reply.probs[0].argmax())

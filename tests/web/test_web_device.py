@@ -170,9 +170,9 @@ def test_a_tampered_bundle_is_refused_with_a_clear_message(damage: str, onnx_tfl
     else:
         path = bundles / "device-1" / "manifest.json"
         manifest = json.loads(path.read_text())
-        manifest["schema_version"] = 2
+        manifest["schema_version"] = 3
         path.write_text(json.dumps(manifest))
-        expected = ["schema_version 2 is not supported"]
+        expected = ["schema_version 3 is not supported"]
     with pytest.raises(BundleError):  # the Python loader refuses it too
         load_bundle(bundles / "device-1")
     with WebDevices(tmp_path / "web") as web:

@@ -1,11 +1,11 @@
 /**
- * Device bundles (docs/bundle.md, manifest schema version 1), verified before anything runs:
+ * Device bundles (docs/bundle.md, manifest schema versions 2 and 1), verified before anything runs:
  * strict JSON, schema version, every field, then every listed file's size and sha256.
  * A bundle comes from a `BundleSource`: a URL (a folder served over HTTP), picked files or a zip.
  */
 import { type Json, JsonError, JsonNumber, type JsonObject, fromJson, parseJson } from "../wire/json.js";
 
-export const SCHEMA_VERSION = 1;
+export const SCHEMA_VERSIONS = [2, 1] as const; // 2 adds model_version; 1 takes it from provenance.config_hash
 export const MANIFEST = "manifest.json";
 const MAX_MANIFEST_BYTES = 1 << 20;
 const ROLES = ["extractor", "gate", "expert"] as const;
@@ -74,6 +74,8 @@ export interface Manifest {
   readonly models: readonly ModelEntry[];
   readonly provenance: Readonly<Record<string, unknown>>;
   readonly samples: FileRef | null;
+  /** Schema 2's `model_version` (null in schema 1). */
+  readonly modelVersion: string | null;
 }
 
 /** Where a bundle's files come from. */
@@ -215,13 +217,13 @@ const fileRef: Check<FileRef> = (v, where) => {
     bytes: field(o, "bytes", where, nonNegative) };
 };
 
-/** Validate a parsed manifest.json (schema version 1); Malformed names the dotted key. */
+/** Validate a parsed manifest.json (schema version 2 or 1); Malformed names the dotted key. */
 function parseManifest(v: Json): Manifest {
   const m = obj(v, "manifest");
   const schemaVersion = field(m, "schema_version", "", int);
-  if (schemaVersion !== SCHEMA_VERSION) {
-    throw new Malformed(`schema_version ${schemaVersion} is not supported (this device reads schema_version ${SCHEMA_VERSION}); `
-      + "export the bundle again with a matching nmoe-edge");
+  if (!(SCHEMA_VERSIONS as readonly number[]).includes(schemaVersion)) {
+    throw new Malformed(`schema_version ${schemaVersion} is not supported (this device reads schema_version `
+      + `${SCHEMA_VERSIONS.join(" and ")}); export the bundle again with a matching nmoe-edge`);
   }
   const numExperts = field(m, "num_experts", "", positive);
   const numClasses = field(m, "num_classes", "", positive);
@@ -239,7 +241,8 @@ function parseManifest(v: Json): Manifest {
     latentDim: field(m, "latent_dim", "", positive), numClasses, classNames, routing,
     input: field(m, "input", "", inputSpec), models,
     provenance: fromJson(field(m, "provenance", "", obj)) as Record<string, unknown>,
-    samples: samples === undefined || samples === null ? null : fileRef(samples, "samples") };
+    samples: samples === undefined || samples === null ? null : fileRef(samples, "samples"),
+    modelVersion: schemaVersion >= 2 ? field(m, "model_version", "", str) : null };
 }
 
 function checkModels(models: ModelEntry[], routing: string): void {
@@ -275,9 +278,10 @@ export async function loadBundle(source: BundleSource): Promise<Bundle> {
     if (e instanceof JsonError || e instanceof TypeError) throw new BundleError(`${where}: not valid JSON (${e.message})`);
     throw e;
   }
-  const version = manifest.provenance["config_hash"];
+  const version = manifest.modelVersion ?? manifest.provenance["config_hash"];
+  const key = manifest.modelVersion === null ? "provenance.config_hash" : "model_version";
   if (typeof version !== "string" || version.length < 1 || new TextEncoder().encode(version).length > 255) {
-    throw new BundleError(`${where}: provenance.config_hash must be a string of 1..255 bytes (the model version peers compare)`);
+    throw new BundleError(`${where}: ${key} must be a string of 1..255 bytes (the model version peers compare)`);
   }
   const refs: FileRef[] = [...manifest.models, ...(manifest.samples ? [manifest.samples] : [])];
   const files = new Map<string, Uint8Array>();

@@ -39,6 +39,7 @@ from toolkit.fleet.trial_driver import OPERATOR, RequestStatus, TrialDriver, Tri
 from toolkit.fleet.trial_record import BrokerRestart, TrialFacts, TrialRecord, options_json
 from toolkit.fleet.trial_report import write_outputs
 from toolkit.fleet.trial_summary import TrialSummary, summarize
+from toolkit.fleet.web_devices import fleet_processes, web_fleet_check
 from toolkit.progress import progress_bar
 
 ONLINE_TIMEOUT_S = 120.0  # ten agents importing onnxruntime on two cores take ~10 s
@@ -78,6 +79,7 @@ class TrialOptions:
     runtime: str = "onnx"
     deadline_ms: int = 1000
     show_progress: bool = True
+    web_devices: int = 0  # the last N devices run as web devices (android_demo/) in headless Chromium
 
 
 @dataclass(frozen=True)
@@ -522,6 +524,7 @@ def run_trial(options: TrialOptions) -> TrialResult:
     """Run the trial and write its outputs (also, partially, after Ctrl-C or SIGTERM)."""
     check_options(options)
     fleet = load_fleet(options)
+    web_fleet_check(options.web_devices, options.runtime, fleet.bundles)
     samples = load_samples(fleet, options.samples)
     plan = feeding_plan(options, samples)
     expected = in_process(fleet, samples, options.runtime)
@@ -563,7 +566,7 @@ def _run(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan:
                                after_s=facts.online_s)
             _feed(options, fleet, samples, plan, driver, None, broker, facts)
             return
-        agents = stack.enter_context(AgentProcesses())
+        agents = stack.enter_context(fleet_processes(options.web_devices, fleet.bundles, options.out))
         since = time.time()
         for launch in agent_launches(options, fleet, broker, options.out):
             agents.start(launch)

@@ -83,6 +83,7 @@ examples:
   nmoe trial --bundles runs/quick-bundles --auth --latent-encoding int8
   nmoe trial --bundles runs/quick-bundles --auth --tls --prefix lab --fleet bench1
   nmoe trial --bundles runs/quick-bundles --runtime tflite --precision int8 --deadline-ms 500
+  nmoe trial --bundles runs/quick-bundles --web-devices 2                   # 2 of the devices in headless Chromium
   nmoe broker --auth --bundles runs/quick-bundles &                         # your own broker:
   nmoe trial --bundles runs/quick-bundles --broker mqtt://127.0.0.1:1883 --auth --fleet-dir fleet
   nmoe trial --bundles runs/quick-bundles --broker mqtts://127.0.0.1:8883 --tls-ca fleet/tls/ca.crt
@@ -145,6 +146,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="model format the agents run (default: onnx)")
     p.add_argument("--deadline-ms", type=positive_int, default=1000, metavar="MS",
                    help="how long an agent waits for peer experts (default: 1000)")
+    p.add_argument("--web-devices", type=int, default=0, metavar="N",
+                   help="run the last N devices as web devices (android_demo/) in headless Chromium, reaching the "
+                        "broker through a WebSocket bridge (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_trial)
 
@@ -168,7 +172,8 @@ def _trial(args: argparse.Namespace) -> int:
         prefix=args.prefix, fleet=args.fleet, remote=args.remote, username=args.username,
         password_file=args.password_file, online_timeout=args.online_timeout, kill_device=args.kill_device, kill_after=args.kill_after,
         restart_broker_after=args.restart_broker_after, latent_encoding=args.latent_encoding,
-        precision=args.precision, runtime=args.runtime, deadline_ms=args.deadline_ms, show_progress=not args.quiet)
+        precision=args.precision, runtime=args.runtime, deadline_ms=args.deadline_ms, show_progress=not args.quiet,
+        web_devices=args.web_devices)
     try:
         result = run_trial(options)
     except (TrialError, BundleError, BrokerError, BrokerUrlError, UnsupportedFormat) as e:

@@ -84,6 +84,15 @@ class FleetView:
             peers = [p for p in self._usable(model) if p.expert == expert and p.device not in avoid]
         return max(peers, key=lambda p: p.ts, default=None)
 
+    def online(self) -> list[Peer]:
+        """Every online peer, whatever its model version (a coordinator's view of the fleet)."""
+        with self._cond:
+            return list(self._peers.values())
+
+    def holder(self, expert: int) -> Peer | None:
+        """The online device holding `expert` (the most recently born), whatever its model version."""
+        return max((p for p in self.online() if p.expert == expert), key=lambda p: p.ts, default=None)
+
     def live_experts(self, model: str, avoid: Collection[str] = ()) -> set[int]:
         """Experts held by at least one usable peer that is not one of `avoid`."""
         with self._cond:

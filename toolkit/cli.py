@@ -17,7 +17,7 @@ from toolkit.config import (
     load,
 )
 from toolkit.data import DataError
-from toolkit.errors import DivergedError, RunDirConflict
+from toolkit.errors import NoQuorumError, RunDirConflict
 
 TRAIN_HELP = f"""\
 Train and evaluate a Networked Mixture-of-Experts and its baselines on non-IID federated data.
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nnmoe: interrupted; run the same command again to resume from the last completed round",
               file=sys.stderr)
         return 130
-    except (ConfigError, DataError, RunDirConflict, DivergedError, FileNotFoundError) as e:
+    except (ConfigError, DataError, RunDirConflict, NoQuorumError, FileNotFoundError) as e:
         print(f"nmoe: error: {e}", file=sys.stderr)
         return 2
 

@@ -240,3 +240,18 @@ def test_ledgers_of_older_checkpoints_still_load() -> None:
     old = [{"round": 1, "client": 0, "direction": "up", "names": ["w"], "nbytes": 8}]
     ledger = Ledger.from_json(old)
     assert ledger.total("up") == 8 and ledger.failures == []
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_with_one_clear_error_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from toolkit.cli import main
+
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
+    args = ["--set", "federated.lr=1e30", "--set", 'stage1.methods=["fedce"]', "--set", "gate.methods=[]",
+            "--set", 'baselines.methods=["fedavg"]', "--set", "federated.rounds=1", "--set", "federated.round_retries=0",
+            "--set", "data.num_clients=2"]
+    assert main(["train", str(tiny), "--out", str(tmp_path), "--quiet", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nmoe: error: stage1_fedce: round 1 reached no quorum") and "\n" not in err
+    assert "not finite" in err and "lower the learning rate" in err
+    assert "client 0" in (tmp_path / "run.log").read_text()  # the failures are in the run's log too

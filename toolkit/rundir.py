@@ -41,7 +41,7 @@ def claim(out: Path, cfg: Config) -> bool:
     path = out / "config.json"
     started = any((out / "checkpoints").glob("*.npz"))
     if path.exists() and started:
-        old = json.loads(path.read_text())
+        old = from_dict(json.loads(path.read_text())).to_dict()  # keys added since then: their defaults
         changes = _diff(old, cfg.to_dict())
         if changes:
             raise RunDirConflict(f"{out} holds a run of a different config ({'; '.join(changes[:5])}). "

@@ -195,7 +195,7 @@ def latency_figure(summary: TrialSummary) -> Figure:
 def bytes_figure(summary: TrialSummary) -> Figure:
     b = summary.bytes
     per = b.between_agents_per_inference
-    bars = [("raw input (C*H*W)", b.raw_input), ("app request (image, fp16)", b.app_request),
+    bars = [("raw input (C*H*W)", b.raw_input), ("app request (image)", b.app_request),
             ("between agents: all", per.all), ("between agents: local path", per.local),
             ("between agents: remote path", per.remote)]
     fig, ax = plt.subplots(figsize=(8, 2.6))

@@ -174,7 +174,7 @@ class Bytes:
 
     raw_input: int  # one raw image, C*H*W uint8
     between_agents_per_inference: ByPath[float | None]  # expert requests + replies, mean per input
-    app_request: float | None  # the driver's request (the image as fp16), mean
+    app_request: float | None  # the driver's request (the image: uint8 to protocol-2 devices, else fp16), mean
     app_reply: float | None  # the combined answer, mean
 
 

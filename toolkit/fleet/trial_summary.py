@@ -186,10 +186,15 @@ class Routing:
 
 @dataclass(frozen=True)
 class Reroutes:
-    inputs_rerouted: int  # re-routed before sending (a chosen expert was offline or incompatible)
+    """How routing differed from the gate's choice over the whole fleet, and the peers not asked."""
+
+    inputs_rerouted: int  # re-routed before sending (a chosen expert was offline, suspect or incompatible)
     per_device: dict[str, int]
     experts_missing: dict[str, int]  # why a chosen expert was left out (timeout, busy...) -> times
     fallback_rows: int  # inputs answered by the own expert alone (every chosen expert lost)
+    zero_weight_skipped: int  # (input, peer expert) pairs not asked: the gate weight was exactly 0
+    zero_weight_skipped_per_device: dict[str, int]
+    avoided: dict[str, int]  # expert -> inferences that left it out of routing because its device was suspect
 
 
 @dataclass(frozen=True)
@@ -264,6 +269,8 @@ class Inference:
     missing: dict[str, str]  # expert -> why it was left out
     rerouted: dict[str, int]  # expert -> inputs re-routed away from it before sending
     fallback_rows: int
+    zero_weight_skipped: int  # (input, peer expert) pairs not asked: the gate weight was exactly 0
+    avoided: list[int]  # live experts left out of routing: their device was suspect
     total_ms: float
     bytes_sent: int
     bytes_received: int
@@ -272,8 +279,8 @@ class Inference:
     @classmethod
     def of(cls, event: dict[str, Any]) -> Inference:
         return cls(event["inputs"], event["answered"], event["missing"], event["rerouted"], event["fallback_rows"],
-                   event["latency_ms"]["total"], event["bytes_sent"], event["bytes_received"],
-                   event.get("requests", {}))
+                   event["zero_weight_skipped"], event["avoided"], event["latency_ms"]["total"], event["bytes_sent"],
+                   event["bytes_received"], event.get("requests", {}))
 
     @property
     def intact(self) -> bool:
@@ -425,8 +432,11 @@ def _routing(record: TrialRecord, rows: list[RequestRow]) -> Routing:
 def _reroutes(inferences: dict[str, list[Inference]]) -> Reroutes:
     per_device = {d: sum(n for i in infs for n in i.rerouted.values()) for d, infs in inferences.items()}
     missing = Counter(why for infs in inferences.values() for i in infs for why in i.missing.values())
+    skipped = {d: sum(i.zero_weight_skipped for i in infs) for d, infs in inferences.items()}
+    avoided = Counter(str(e) for infs in inferences.values() for i in infs for e in i.avoided)
     return Reroutes(sum(per_device.values()), per_device, dict(missing),
-                    sum(i.fallback_rows for infs in inferences.values() for i in infs))
+                    sum(i.fallback_rows for infs in inferences.values() for i in infs), sum(skipped.values()), skipped,
+                    dict(sorted(avoided.items(), key=lambda kv: int(kv[0]))))
 
 
 def _agents(record: TrialRecord, events: dict[str, list[dict[str, Any]]],

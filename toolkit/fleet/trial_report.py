@@ -53,6 +53,9 @@ def summary_text(summary: TrialSummary) -> str:
     if r.avoided:
         lines.append("  left out of routing while their device was suspect: " + ", ".join(
             f"expert {e} in {n} inference(s)" for e, n in r.avoided.items()))
+    if f.arm64_devices:
+        lines.append("  emulated aarch64 agents (qemu-user): " + ", ".join(
+            f"{d} ({cpu})" for d, cpu in f.arm64_devices.items()))
     if f.absent:
         lines.append("  absent, not fed: " + "; ".join(f"{d} ({why})" for d, why in f.absent.items()))
     lines += [f"  killed {k.device} at {k.at_s:.2f} s; offline presence after {_fmt(k.offline_after_ms)} ms"

@@ -89,6 +89,7 @@ class FleetSummary:
     broker_pids: list[int]
     remote: bool  # the agents ran already (nmoe trial --remote): the trial started none
     absent: dict[str, str]  # a remote fleet's devices that could not take part -> why (their samples not sent)
+    arm64_devices: dict[str, str]  # device -> the CPU emulated for its aarch64 agent (qemu-user)
     options: dict[str, Any]  # every option of the trial
 
 
@@ -349,7 +350,7 @@ def _fleet(record: TrialRecord) -> FleetSummary:
     f, o = record.facts, record.options
     return FleetSummary(record.devices, record.num_experts, f.broker, o.auth, o.runtime, record.precision,
                         o.latent_encoding, o.deadline_ms, o.samples, o.rate, str(record.run_dir), record.method,
-                        record.model_version, f.pids, f.broker_pids, o.remote, f.absent, options_json(o))
+                        record.model_version, f.pids, f.broker_pids, o.remote, f.absent, f.emulated, options_json(o))
 
 
 def _timing(record: TrialRecord) -> Timing:

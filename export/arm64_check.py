@@ -26,6 +26,11 @@ from typing import Any
 
 import numpy as np
 
+if __name__ == "__main__":  # before the imports below need them: name the missing extras in one line
+    from toolkit.extras import exit_unless_installed
+
+    exit_unless_installed("python -m export.arm64_check", ("torch", "matplotlib", "onnxruntime", "ai_edge_litert"))
+
 from device_agent.bundle import BundleError, load_bundle
 from device_agent.selfcheck import top1_agreement
 from export.bundle_writer import ExportError

@@ -9,7 +9,6 @@ same one a device uses to rebuild its bundle after federated training.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from toolkit.federated.params import Params
 from toolkit.federated_data import FederatedData, raw_images
 from toolkit.models import Expert, Extractor, Gate
 from toolkit.progress import progress_bar
+from toolkit.run_files import read_metrics
 from toolkit.seeding import derive_seed
 from toolkit.torch_params import set_params
 
@@ -151,7 +151,7 @@ def best_method(run_dir: Path) -> str:
     if not path.is_file():
         raise ExportError(f"{run_dir} is not a finished run dir ({path.name} is missing); "
                           f"run `nmoe train CONFIG --out {run_dir}` first")
-    methods = json.loads(path.read_text()).get("methods", {})
+    methods = read_metrics(run_dir)["methods"]
     fedgate = {name: m["personalized_accuracy"] for name, m in methods.items()
                if name.startswith("nmoe_") and name.endswith("_fedgate")}
     if not fedgate:

@@ -10,7 +10,14 @@ import pytest
 from broker.accounts import FleetCredential
 from toolkit.arm64_env import QEMU, ROOT
 from toolkit.cli import main
-from toolkit.fleet.trial import BrokerAccess, TrialOptions, agent_launches, load_fleet
+from toolkit.fleet.trial import (
+    BrokerAccess,
+    TrialError,
+    TrialOptions,
+    agent_launches,
+    emulated_devices,
+    load_fleet,
+)
 
 
 def test_bundles_that_do_not_name_their_run_are_one_clear_error(onnx_tflite_bundles: Path, tmp_path: Path,
@@ -54,3 +61,13 @@ def test_more_arm64_devices_than_the_fleet_has_is_one_clear_error(onnx_tflite_bu
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"nmoe: error: --arm64-devices 4: the fleet in {onnx_tflite_bundles} has 3 devices"]
+
+
+def test_emulated_devices_come_before_the_web_devices(onnx_tflite_bundles: Path, tmp_path: Path) -> None:
+    devices = ["device-0", "device-1", "device-2", "device-3"]
+    placed = {(arm64, web): emulated_devices(TrialOptions(tmp_path, tmp_path, arm64_devices=arm64, web_devices=web),
+                                             devices) for arm64, web in ((0, 0), (2, 0), (1, 1), (2, 2), (0, 4))}
+    assert placed == {(0, 0): [], (2, 0): ["device-2", "device-3"], (1, 1): ["device-2"],
+                      (2, 2): ["device-0", "device-1"], (0, 4): []}
+    with pytest.raises(TrialError, match=r"--arm64-devices 2: the fleet in .* has 3 devices, 2 of them web devices"):
+        load_fleet(TrialOptions(onnx_tflite_bundles, tmp_path, arm64_devices=2, web_devices=2))

@@ -41,6 +41,7 @@ from toolkit.fleet.trial_driver import OPERATOR, RequestStatus, TrialDriver, Tri
 from toolkit.fleet.trial_record import BrokerRestart, TrialFacts, TrialRecord, options_json
 from toolkit.fleet.trial_report import write_outputs
 from toolkit.fleet.trial_summary import TrialSummary, summarize
+from toolkit.fleet.web_devices import fleet_processes, web_fleet_check
 from toolkit.progress import progress_bar
 
 ONLINE_TIMEOUT_S = 120.0  # ten agents importing onnxruntime on two cores take ~10 s
@@ -80,9 +81,10 @@ class TrialOptions:
     precision: str | None = None  # None: fp32 when the bundles have it, else int8
     runtime: str = "onnx"
     deadline_ms: int = 1000
-    arm64_devices: int = 0  # the last N devices' agents run as aarch64 programs under qemu-user ...
+    arm64_devices: int = 0  # the last N agents before the web devices run as aarch64 programs under qemu-user ...
     arm64_cpu: str = ARM64_CPU  # ... emulating this CPU (QEMU_CPU)
     show_progress: bool = True
+    web_devices: int = 0  # the last N devices run as web devices (android_demo/) in headless Chromium
 
 
 @dataclass(frozen=True)
@@ -220,9 +222,10 @@ def load_fleet(options: TrialOptions) -> Fleet:
     if options.kill_device is not None and options.kill_device not in bundles:
         raise TrialError(f"--kill-device {options.kill_device}: no such device in {options.bundles} "
                          f"(devices: {', '.join(bundles)})")
-    if options.arm64_devices > len(bundles):
+    if options.arm64_devices and options.arm64_devices + options.web_devices > len(bundles):
         raise TrialError(f"--arm64-devices {options.arm64_devices}: the fleet in {options.bundles} has "
-                         f"{len(bundles)} devices")
+                         f"{len(bundles)} devices" + (f", {options.web_devices} of them web devices"
+                                                      if options.web_devices else ""))
     return Fleet(bundles, _precision(loaded, options), Path(run_dir), str(method))
 
 
@@ -363,8 +366,10 @@ def _stored_password(layout: FleetLayout, account: str) -> Path:
 
 
 def emulated_devices(options: TrialOptions, devices: Collection[str]) -> list[str]:
-    """The devices whose agents run under emulation: the last --arm64-devices (in expert order)."""
-    return list(devices)[len(devices) - options.arm64_devices:]
+    """The devices whose agents run under emulation: the last --arm64-devices before the --web-devices (in
+    expert order)."""
+    agents = list(devices)[:len(devices) - options.web_devices]
+    return agents[len(agents) - options.arm64_devices:]
 
 
 def arm64_cache(options: TrialOptions) -> Path | None:
@@ -564,6 +569,7 @@ def run_trial(options: TrialOptions) -> TrialResult:
     """Run the trial and write its outputs (also, partially, after Ctrl-C or SIGTERM)."""
     check_options(options)
     fleet = load_fleet(options)
+    web_fleet_check(options.web_devices, options.runtime, fleet.bundles)
     samples = load_samples(fleet, options.samples)
     plan = feeding_plan(options, samples)
     expected = in_process(fleet, samples, options.runtime)
@@ -606,7 +612,7 @@ def _run(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan:
                                after_s=facts.online_s)
             _feed(options, fleet, samples, plan, driver, None, broker, facts)
             return
-        agents = stack.enter_context(AgentProcesses())
+        agents = stack.enter_context(fleet_processes(options.web_devices, fleet.bundles, options.out))
         since = time.time()
         for launch in agent_launches(options, fleet, broker, options.out, arm64):
             agents.start(launch)

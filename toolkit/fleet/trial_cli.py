@@ -68,15 +68,16 @@ With --broker, the broker is yours: --auth reads the passwords `nmoe broker --au
 --tls-cert/--tls-key as the client certificate of the driver and every agent. --prefix and --fleet
 name the topics ({prefix}/{fleet}/..., docs/protocol.md), as for `nmoe agent` and `nmoe broker`.
 
---arm64-devices N runs the agents of the last N devices as aarch64 programs under qemu-user:
-emulated Raspberry Pis (Cortex-A72, a Pi 4; set QEMU_CPU=cortex-a76 for a Pi 5), with Debian's
-arm64 Python and the aarch64 wheels of the agent's packages from the cache scripts/arm64_env.sh
-builds once (~250 MB in ~/.cache/nmoe-edge/arm64; `make arm64-env`), and the project's own code.
-They announce presence, serve their experts to the x86 agents and classify with the fleet over the
-same broker; with fp32 latents the exactness check holds for them too. Emulation is ~300x slower
-than a real board: this checks the agent's correctness on ARM, not its speed. Size the trial for
-it: few samples, a low --rate, a long --deadline-ms and --online-timeout (an emulated agent takes
-tens of seconds to start on a loaded machine).
+--arm64-devices N runs the agents of the last N devices (before those of --web-devices) as
+aarch64 programs under qemu-user: emulated Raspberry Pis (Cortex-A72, a Pi 4; set
+QEMU_CPU=cortex-a76 for a Pi 5), with Debian's arm64 Python and the aarch64 wheels of the agent's
+packages from the cache scripts/arm64_env.sh builds once (~250 MB in ~/.cache/nmoe-edge/arm64;
+`make arm64-env`), and the project's own code. They announce presence, serve their experts to the
+x86 agents and classify with the fleet over the same broker; with fp32 latents the exactness
+check holds for them too. Emulation is ~300x slower than a real board: this checks the agent's
+correctness on ARM, not its speed. Size the trial for it: few samples, a low --rate, a long
+--deadline-ms and --online-timeout (an emulated agent takes tens of seconds to start on a loaded
+machine).
 
 Ctrl-C or SIGTERM stops everything cleanly and still writes the partial results.
 Exit status: 0 done; 1 a request to a live device failed, or, with fp32 latents, a prediction
@@ -94,6 +95,7 @@ examples:
   nmoe trial --bundles runs/quick-bundles --auth --latent-encoding int8
   nmoe trial --bundles runs/quick-bundles --auth --tls --prefix lab --fleet bench1
   nmoe trial --bundles runs/quick-bundles --runtime tflite --precision int8 --deadline-ms 500
+  nmoe trial --bundles runs/quick-bundles --web-devices 2                   # 2 of the devices in headless Chromium
   nmoe broker --auth --bundles runs/quick-bundles &                         # your own broker:
   nmoe trial --bundles runs/quick-bundles --broker mqtt://127.0.0.1:1883 --auth --fleet-dir fleet
   nmoe trial --bundles runs/quick-bundles --broker mqtts://127.0.0.1:8883 --tls-ca fleet/tls/ca.crt
@@ -158,8 +160,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="model format the agents run (default: onnx)")
     p.add_argument("--deadline-ms", type=positive_int, default=1000, metavar="MS",
                    help="how long an agent waits for peer experts (default: 1000)")
+    p.add_argument("--web-devices", type=int, default=0, metavar="N",
+                   help="run the last N devices as web devices (android_demo/) in headless Chromium, reaching the "
+                        "broker through a WebSocket bridge (default: 0)")
     p.add_argument("--arm64-devices", type=positive_int, default=0, metavar="N",
-                   help="run the last N devices' agents as aarch64 programs under qemu-user (slow: see above)")
+                   help="run the agents of the last N devices (before the web devices) as aarch64 programs under "
+                        "qemu-user (slow: see above)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_trial)
 
@@ -183,8 +189,9 @@ def _trial(args: argparse.Namespace) -> int:
         prefix=args.prefix, fleet=args.fleet, remote=args.remote, username=args.username,
         password_file=args.password_file, online_timeout=args.online_timeout, kill_device=args.kill_device, kill_after=args.kill_after,
         restart_broker_after=args.restart_broker_after, latent_encoding=args.latent_encoding,
-        precision=args.precision, runtime=args.runtime, deadline_ms=args.deadline_ms, arm64_devices=args.arm64_devices,
-        arm64_cpu=os.environ.get("QEMU_CPU") or ARM64_CPU, show_progress=not args.quiet)
+        precision=args.precision, runtime=args.runtime, deadline_ms=args.deadline_ms, show_progress=not args.quiet,
+        web_devices=args.web_devices, arm64_devices=args.arm64_devices,
+        arm64_cpu=os.environ.get("QEMU_CPU") or ARM64_CPU)
     try:
         result = run_trial(options)
     except (TrialError, BundleError, BrokerError, BrokerUrlError, UnsupportedFormat) as e:

@@ -279,9 +279,11 @@ class Inference:
 
     @classmethod
     def of(cls, event: dict[str, Any]) -> Inference:
+        """An event of `nmoe agent` or of another implementation (the web device) that neither skips zero-weight
+        peers nor avoids suspect ones, and so writes neither key."""
         return cls(event["inputs"], event["answered"], event["missing"], event["rerouted"], event["fallback_rows"],
-                   event["zero_weight_skipped"], event["avoided"], event["latency_ms"]["total"], event["bytes_sent"],
-                   event["bytes_received"], event.get("requests", {}))
+                   event.get("zero_weight_skipped", 0), event.get("avoided", []), event["latency_ms"]["total"],
+                   event["bytes_sent"], event["bytes_received"], event.get("requests", {}))
 
     @property
     def intact(self) -> bool:

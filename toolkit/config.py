@@ -330,6 +330,10 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
         raw = tomllib.loads(p.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or e}); expected a TOML config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text; expected a TOML config file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML ({e})") from None
     return from_dict(apply_overrides(raw, overrides or []))

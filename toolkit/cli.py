@@ -17,7 +17,7 @@ from toolkit.config import (
     load,
 )
 from toolkit.data import DataError
-from toolkit.errors import DamagedFile, DivergedError, RunDirConflict
+from toolkit.errors import DamagedFile, NoQuorumError, RunDirConflict
 from toolkit.extras import EXTRA_MODULES, extra_providing, missing_extras_error
 
 TRAIN_HELP = f"""\
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nnmoe: interrupted; run the same command again to resume from the last completed round",
               file=sys.stderr)
         return 130
-    except (ConfigError, DataError, RunDirConflict, DivergedError, DamagedFile, FileNotFoundError) as e:
+    except (ConfigError, DataError, RunDirConflict, NoQuorumError, DamagedFile, FileNotFoundError) as e:
         print(f"nmoe: error: {e}", file=sys.stderr)
         return 2
 

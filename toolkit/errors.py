@@ -5,8 +5,10 @@ class RunDirConflict(ValueError):
     """The run dir already holds a run of a different config."""
 
 
-class DivergedError(RuntimeError):
-    """A client's update holds NaN or infinity (learning rate too high, or a bad client)."""
+class NoQuorumError(RuntimeError):
+    """A federated round (or a stage that needs every device) did not get enough results after its
+    retries; the message names the failures (e.g. non-finite updates: learning rate too high).
+    The checkpoints keep every completed round: the same command resumes there."""
 
 
 class DamagedFile(ValueError):

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from toolkit.config import Config
+from toolkit.config import Config, from_dict
 from toolkit.errors import RunDirConflict
 from toolkit.federated_data import dataset_info
 from toolkit.pipeline import Pipeline
@@ -42,7 +42,8 @@ def claim(out: Path, cfg: Config) -> bool:
     path = out / "config.json"
     started = any((out / "checkpoints").glob("*.npz"))
     if path.exists() and started:
-        old = read_json(path, "the resolved config of the run this dir holds")
+        # keys added since then: their defaults
+        old = from_dict(read_json(path, "the resolved config of the run this dir holds")).to_dict()
         changes = _diff(old, cfg.to_dict())
         if changes:
             raise RunDirConflict(f"{out} holds a run of a different config ({'; '.join(changes[:5])}). "

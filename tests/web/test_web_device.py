@@ -29,7 +29,7 @@ from device_agent.wire.protocol import (
     encode,
     new_correlation_id,
 )
-from device_agent.wire.tensor_codec import decode_tensor, encode_latent
+from device_agent.wire.tensor_codec import decode_tensor, encode_tensor_as
 from toolkit.fleet.web_devices import WebDevices
 
 EXPERT = 2  # device-2 holds expert 2
@@ -67,7 +67,7 @@ def test_python_request_to_the_web_expert_matches_onnx_runtime(encoding: str, re
     assert isinstance(reply, ExpertResponse), reply
     assert reply.expert_id == EXPERT and reply.probs.shape == (5, bundle.manifest.num_classes)
     # what the web device received: the latent as the wire carries it in this encoding
-    sent, _, _ = decode_tensor(encode_latent(latent, encoding), 0)
+    sent, _, _ = decode_tensor(encode_tensor_as(latent, encoding), 0)
     np.testing.assert_allclose(reply.probs, expert(sent), atol=1e-5, rtol=0)
     assert not np.allclose(reply.probs, reply.probs[0])  # five different answers, not one repeated
 

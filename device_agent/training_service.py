@@ -186,7 +186,11 @@ class TrainingService:
             self._journal = {"jobs": {}, "staging": [], "committed": None}
             self._before = {}
             self._persist()
-        return self._result(cmd, Status.OK, len(self.data.train), {"backend_" + self.options.backend: 1.0})
+        c, h, w = self.data.input_shape
+        return self._result(cmd, Status.OK, len(self.data.train), {
+            "client": self.data.client, "num_classes": self.data.num_classes, "input_channels": c,
+            "input_height": h, "input_width": w, "test_examples": len(self.data.test),
+            "global_test_examples": 0 if self.data.global_test is None else len(self.data.global_test)})
 
     def _fit(self, ops: DeviceOps, cmd: Command) -> Result:
         """A round, recomputed from the same state when asked again; a stale round is refused."""

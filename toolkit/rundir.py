@@ -7,6 +7,8 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,33 +68,41 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "torch": torch.__version__}
 
 
-def _log_to(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path)
+@contextmanager
+def run_log(out: Path) -> Iterator[None]:
+    """Log the `nmoe` logger to OUT/run.log (appending: a resumed run continues its log)."""
+    handler = logging.FileHandler(out / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("nmoe").addHandler(handler)
     logging.getLogger("nmoe").setLevel(logging.INFO)
-    return handler
+    try:
+        yield
+    finally:
+        logging.getLogger("nmoe").removeHandler(handler)
+        handler.close()
+
+
+def finish(out: Path, cfg: Config, methods: dict[str, Any], elapsed_s: float, resuming: bool,
+           **extra: Any) -> dict[str, Any]:
+    """Write OUT/metrics.json (the methods' metrics and what they were measured on) and the report."""
+    metrics = {
+        "dataset": cfg.data.dataset, "config": cfg.to_dict(), "config_hash": cfg.hash(),
+        "elapsed_seconds": round(elapsed_s, 1), "resumed": resuming, "machine": machine(), "methods": methods,
+        **extra,
+    }
+    write_json(out / "metrics.json", metrics)
+    write_report(metrics, out)
+    log.info("done: %s", out / "metrics.json")
+    return metrics
 
 
 def train(cfg: Config, out: Path, show_progress: bool = True) -> dict[str, Any]:
     """Run (or resume) every method of cfg into `out`; returns the metrics written to metrics.json."""
     resuming = claim(out, cfg)
-    handler = _log_to(out / "run.log")
-    try:
+    with run_log(out):
         log.info("%s run in %s (config %s)", "resuming" if resuming else "starting", out, cfg.hash()[:12])
         start = time.perf_counter()
         pipeline = Pipeline(cfg, out / "checkpoints", show_progress)
         write_json(out / "dataset.json", dataset_info(pipeline.fd.splits))
         methods = pipeline.run()
-        metrics = {
-            "dataset": cfg.data.dataset, "config": cfg.to_dict(), "config_hash": cfg.hash(),
-            "elapsed_seconds": round(time.perf_counter() - start, 1), "resumed": resuming,
-            "machine": machine(), "methods": methods, "compute": pipeline.compute(),
-        }
-        write_json(out / "metrics.json", metrics)
-        write_report(metrics, out)
-        log.info("done: %s", out / "metrics.json")
-        return metrics
-    finally:
-        logging.getLogger("nmoe").removeHandler(handler)
-        handler.close()
+        return finish(out, cfg, methods, time.perf_counter() - start, resuming, compute=pipeline.compute())

@@ -87,6 +87,7 @@ class NMoERecipe:
         self.availability = availability
         self.show = show_progress
         self._stage1: dict[str, FederatedResult] = {}
+        self.gates: dict[str, Params] = {}  # Stage 3 job -> its final shared parameters (what a commit deploys)
 
     def store(self, job: str) -> JobStore:
         return JobStore(self.checkpoints, job)
@@ -175,6 +176,7 @@ class NMoERecipe:
                 job, GATE_STRATEGIES[gate](), clients, self.initial("gate"), g.rounds, self.cfg.seed,
                 policy=round_policy(g), executor=self.executor, availability=self.availability, store=self.store(job),
                 evaluate=mean_accuracies, private=self.private(job), show_progress=self.show)
+            self.gates[job] = trained.shared
             evaluators = list(clients)
         result, evaluation_failures = self.evaluate(job, evaluators, EvaluateIns(g.rounds if trained else 0,
                                                                                  trained.shared if trained else {}))

@@ -66,7 +66,8 @@ class FleetLink:
         self.inbox = TrainingInbox(self._on_result)
         self._lock = threading.Condition()
         self._waiting: dict[bytes, _Waiting] = {}
-        self._born: dict[str, float] = {}  # device -> ts of its latest online presence
+        self._born: dict[str, tuple[float, str | None]] = {}  # device -> (ts, model) of its online presence
+        self._seen: set[str] = set()  # devices that were online at some point
         self._connected = threading.Event()
         self._connection: tuple[ConnectionEvent, str] | None = None
         self._sent = self._received = 0
@@ -176,14 +177,20 @@ class FleetLink:
     def _on_presence(self, device: str, payload: bytes) -> None:
         status = self.fleet.update(device, payload)
         if status != "online":
+            self._born.pop(device, None)  # offline: its next online presence is a rebirth
             return
         try:
             presence: Presence = decode_presence(payload)
         except ProtocolError:
             return
-        born, previous = presence.ts or 0.0, self._born.get(device)
-        self._born[device] = born
-        if previous is not None and born > previous:  # born again: what it was sent may be lost
+        previous = self._born.get(device)
+        self._born[device] = (presence.ts or 0.0, presence.model)
+        # born again (a new connection, same model) or back after being offline: what it was sent may be lost;
+        # a new model version alone (a commit) is not a new connection
+        again = previous is None and device in self._seen or \
+            previous is not None and (presence.ts or 0.0) > previous[0] and presence.model == previous[1]
+        self._seen.add(device)
+        if again:
             threading.Thread(target=self._resend, args=(lambda w: w.device == device, f"{device} reconnected"),
                              daemon=True).start()
 

@@ -69,7 +69,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add `nmoe agent`."""
     p = subparsers.add_parser("agent", help="run a device agent: serve its expert, classify with the fleet",
                               description=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", required=True, type=Path, metavar="DIR", help="this device's bundle folder")
+    p.add_argument("--bundle", type=Path, metavar="DIR",
+                   help="this device's bundle folder (optional with --data: the agent then waits for federated "
+                        "training to build its models)")
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="URL",
                    help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT] for TLS (default: mqtt://127.0.0.1:1883)")
     p.add_argument("--username", metavar="U", help="broker user name")
@@ -95,15 +97,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--fleet", default="default", metavar="F", help="fleet id (default: default)")
     p.add_argument("--mqtt-version", choices=("3.1.1", "5"), default="3.1.1", help="(default: 3.1.1)")
     p.add_argument("--events", type=Path, metavar="FILE", help="append JSON-lines events to FILE")
+    t = p.add_argument_group("federated training (nmoe federate; docs/federated.md)")
+    t.add_argument("--data", type=Path, metavar="FILE",
+                   help="this device's training data (.npz, docs/federated.md): take part in federated training")
+    t.add_argument("--state", type=Path, metavar="DIR",
+                   help="where the device keeps its private models and training state (default: ./state-DEVICE)")
+    t.add_argument("--trainer", choices=("auto", "torch", "numpy"), default="auto",
+                   help="torch: the simulation's exact updates, all stages (needs the [train] extra); numpy: "
+                        "torch-free, Stages 2-3 only; auto: torch if installed (default: auto)")
+    t.add_argument("--device", metavar="ID", help="without --bundle: this device's id (default: device-CLIENT)")
     p.set_defaults(func=_agent)
 
 
 def _agent(args: argparse.Namespace) -> int:
     from device_agent.agent import Agent, AgentConfig
     from device_agent.bundle import BundleError, load_bundle
+    from device_agent.device_data import DeviceDataError, load_device_data
     from device_agent.device_models import DeviceModels
     from device_agent.runtime import UnsupportedFormat
     from device_agent.serving import ServerLimits
+    from device_agent.training.device_ops import OperationRefused, trainer_backend
+    from device_agent.training_service import ServiceOptions, TrainingService
     from device_agent.wire.events import EventLog
     from device_agent.wire.mqtt_transport import (
         BrokerUrl,
@@ -113,32 +127,52 @@ def _agent(args: argparse.Namespace) -> int:
     )
     from device_agent.wire.protocol import ProtocolError
 
+    if args.bundle is None and args.data is None:
+        print("nmoe: error: nmoe agent needs --bundle DIR, or --data FILE to join federated training", file=sys.stderr)
+        return 2
     try:
         url = BrokerUrl.parse(args.broker)
         if not url.tls and (args.tls_ca or args.tls_cert or args.tls_key):
             raise BrokerUrlError(f"--tls-ca/--tls-cert/--tls-key need an mqtts:// broker URL, got {args.broker}")
         password = None if args.password_file is None else _read_password(args.password_file)
         _check_tls_files(args.tls_ca, args.tls_cert, args.tls_key)
-        bundle = load_bundle(args.bundle)
-        models = DeviceModels.open(bundle, args.precision, args.runtime)
+        data = None if args.data is None else load_device_data(args.data)
+        bundle = None if args.bundle is None else load_bundle(args.bundle)
+        models = None if bundle is None else DeviceModels.open(bundle, args.precision, args.runtime)
+        device = bundle.manifest.device_id if bundle else (args.device or f"device-{data.client}")  # type: ignore[union-attr]
+        expert = bundle.manifest.expert_id if bundle else data.client  # type: ignore[union-attr]
+        if bundle is not None and data is not None and data.client != expert:
+            raise DeviceDataError(f"--data {args.data} holds client {data.client}'s data; the bundle's expert is {expert}")
         config = AgentConfig(
             prefix=args.prefix, fleet=args.fleet, latent_encoding=args.latent_encoding,
             deadline_ms=args.deadline_ms,
             limits=ServerLimits(args.max_batch, args.queue, microbatch=not args.no_microbatch))
-        settings = MqttSettings(url, f"{args.fleet}-{bundle.manifest.device_id}", args.username, password,
+        settings = MqttSettings(url, f"{args.fleet}-{device}", args.username, password,
                                 args.tls_ca, args.tls_cert, args.tls_key, args.mqtt_version)
         events = EventLog(args.events, echo=sys.stderr)
-        agent = Agent(bundle, MqttTransport(settings), models, config, events)
-    except (BundleError, UnsupportedFormat, BrokerUrlError, ProtocolError, OSError) as e:
+        agent = Agent(bundle, MqttTransport(settings), models, config, events, device=device, expert=expert)
+        service = None if data is None else TrainingService(
+            agent, data, args.state or Path(f"state-{device}"), ServiceOptions(trainer_backend(args.trainer)), events)
+    except (BundleError, UnsupportedFormat, BrokerUrlError, ProtocolError, OSError, DeviceDataError,
+            OperationRefused) as e:
         print(f"nmoe: error: {e}", file=sys.stderr)
         return 2
+    if service is not None:
+        service.attach()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     agent.start()
-    print(f"nmoe agent: {agent.me} (expert {agent.expert_id}, model {agent.model_version[:12]}, "
-          f"{models.expert.name}) on {args.broker}; Ctrl-C stops", file=sys.stderr, flush=True)
-    stop.wait()
+    serving = f"model {agent.model_version[:12]}, {models.expert.name}" if models else "untrained"
+    training = f"; trains with {service.options.backend}, state in {service.state_dir}" if service else ""
+    print(f"nmoe agent: {agent.me} (expert {agent.expert_id}, {serving}) on {args.broker}{training}; Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    # Wake up regularly: a signal the kernel delivers to another thread runs its Python handler only when the
+    # main thread runs, and an Event.wait() without a timeout may never return (SIGTERM after SIGCONT hung)
+    while not stop.wait(0.5):
+        pass
+    if service is not None:
+        service.stop()
     agent.stop()
     events.close()
     return 0

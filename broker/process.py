@@ -35,6 +35,7 @@ from broker.errors import BrokerError
 from broker.layout import FleetLayout, write_private
 from broker.tls import ensure_tls
 from device_agent.wire.protocol import ProtocolError, Topics
+from device_agent.wire.training_link import COORDINATOR
 
 __all__ = ["BrokerError", "BrokerOptions", "RunningBroker", "free_port", "render_config", "start_broker",
            "write_credentials"]
@@ -68,7 +69,7 @@ class BrokerOptions:
         repeated = [name for name, n in Counter(self.account_names).items() if n > 1]
         if repeated:
             raise BrokerError(f"account {repeated[0]!r} appears twice (device ids must be unique and not "
-                              f"{OPERATOR!r})")
+                              f"{OPERATOR!r} or {COORDINATOR!r})")
         topics = self.topics  # checks prefix and fleet
         try:
             for device in self.accounts:
@@ -88,7 +89,7 @@ class BrokerOptions:
     @property
     def account_names(self) -> list[str]:
         """Every account: the devices in order, then the operator."""
-        return [d.device_id for d in self.accounts] + [OPERATOR]
+        return [d.device_id for d in self.accounts] + [OPERATOR, COORDINATOR]
 
     @property
     def layout(self) -> FleetLayout:

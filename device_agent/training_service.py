@@ -40,9 +40,13 @@ from device_agent.training.device_ops import DeviceOps, OperationRefused, Params
 from device_agent.wire.clock import now_ms
 from device_agent.wire.events import Counters, EventLog
 from device_agent.wire.training_frames import Command, Op, Result, Status
-from device_agent.wire.training_link import DEFAULT_MAX_MESSAGE, TrainingInbox, send_training
+from device_agent.wire.training_link import (
+    COORDINATOR,
+    DEFAULT_MAX_MESSAGE,
+    TrainingInbox,
+    send_training,
+)
 
-COORDINATOR = "coordinator"  # the account (and sender name) that alone publishes on train/{device}/cmd
 RESULTS_KEPT = 64  # RESULTs remembered by task id, for COMMANDs delivered twice
 STATE_FILE, JOURNAL_FILE, BUNDLE_DIR = "state.npz", "journal.json", "bundle"
 BEFORE = "before/"  # state.npz key prefix of a job's state before its last round

@@ -165,10 +165,13 @@ def test_acl_topics_come_from_the_protocol() -> None:
         "topic write lab/nmoe/f1/presence/device-0", "topic write lab/nmoe/f1/reply/+/device-0",
         "topic write lab/nmoe/f1/expert/+/req", "topic read lab/nmoe/f1/presence/+",
         "topic read lab/nmoe/f1/reply/device-0/+", "topic read lab/nmoe/f1/expert/0/req",
-        "topic read lab/nmoe/f1/infer/device-0/req"]
-    assert acl[acl.index("user operator") + 1:] == [
+        "topic read lab/nmoe/f1/infer/device-0/req", "topic write lab/nmoe/f1/train/device-0/up",
+        "topic read lab/nmoe/f1/train/device-0/cmd"]
+    assert acl[acl.index("user operator") + 1: acl.index("user coordinator") - 1] == [
         "topic write lab/nmoe/f1/infer/+/req", "topic write lab/nmoe/f1/expert/+/req",
         "topic read lab/nmoe/f1/presence/+", "topic read lab/nmoe/f1/reply/operator/+"]
+    assert acl[acl.index("user coordinator") + 1:] == [
+        "topic write lab/nmoe/f1/train/+/cmd", "topic read lab/nmoe/f1/train/+/up", "topic read lab/nmoe/f1/presence/+"]
 
 
 @pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd is not installed")

@@ -94,6 +94,18 @@ OPS_EXTRAS = {"torch": "train", "numpy": "agent"}
 Factory = Callable[[int, dict[str, Any], DeviceData, Path], DeviceOps]
 
 
+def trainer_backend(choice: str) -> str:
+    """`auto` -> "torch" when the torch operations can be imported here, else "numpy"; others unchanged."""
+    if choice != "auto":
+        load_device_ops(choice)  # OperationRefused now, not at the first COMMAND, when it is not installed
+        return choice
+    try:
+        load_device_ops("torch")
+    except OperationRefused:
+        return "numpy"
+    return "torch"
+
+
 def load_device_ops(backend: str) -> Factory:
     """`make(cid, run_config, data, workdir) -> DeviceOps` of `backend`; ValueError or OperationRefused
     (naming the extra to install) when it is unknown or not installed."""

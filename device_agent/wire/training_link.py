@@ -16,6 +16,7 @@ from device_agent.wire.tensor_codec import ProtocolError
 from device_agent.wire.training_frames import TrainMessage, decode_training, encode_training
 from device_agent.wire.transport import Transport, publish_packet_size
 
+COORDINATOR = "coordinator"  # the broker account (and sender name) that alone publishes COMMANDs
 DEFAULT_MAX_MESSAGE = 256 * 1024  # AWS IoT caps messages at 128 KB, EMQX at 1 MB: configurable
 TRAINING_QOS = 1
 

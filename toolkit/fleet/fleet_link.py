@@ -22,10 +22,8 @@ from device_agent.wire.events import Counters, EventLog
 from device_agent.wire.fleet_view import FleetView
 from device_agent.wire.protocol import Presence, ProtocolError, TopicKind, Topics, decode_presence
 from device_agent.wire.training_frames import Command, Result, Status
-from device_agent.wire.training_link import TrainingInbox, send_training
+from device_agent.wire.training_link import COORDINATOR, TrainingInbox, send_training
 from device_agent.wire.transport import ConnectionEvent, Transport
-
-COORDINATOR = "coordinator"  # the coordinator's broker account with --auth (it alone publishes commands)
 
 
 class TaskFailed(RuntimeError):

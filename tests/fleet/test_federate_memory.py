@@ -74,11 +74,15 @@ def test_a_federated_fleet_reproduces_the_simulation(tmp_path: Path, simulated: 
     wire: list[bytes] = []
     with fleet(cfg, tmp_path) as f:
         spy = f.broker.transport("spy")
-        spy.subscribe("nmoe/default/train/#")
+        spy.subscribe("#")  # a capture of everything the broker carries
         spy.connect(None, lambda topic, payload: wire.append(payload), lambda *_: None)
         metrics = federate(cfg, tmp_path / "run", f.broker.transport("coordinator"),
                            FederateOptions(wait_s=10, show_progress=False, commit_precisions=("fp32",)))
         served = {a.model_version for a in f.agents}
+        private = [v for svc in f.services for key in ("stage2_fedce", "stage3_fedce_fedgate")
+                   for name, v in svc.ops.get_state(key).items()  # type: ignore[union-attr]
+                   if key.startswith("stage2") or name.startswith("final.")]
+        shared = list(f.services[0].ops.get_state("extractor/fedce").values())  # type: ignore[union-attr]
     assert set(metrics["methods"]) == {"fedavg", "nmoe_fedce_rangate", "nmoe_fedce_fedgate", "nmoe_fedce_localgate"}
     assert _accuracies(metrics) == _accuracies(simulated)  # exact: the same code on the same data and seeds
     for name, m in metrics["methods"].items():
@@ -87,6 +91,12 @@ def test_a_federated_fleet_reproduces_the_simulation(tmp_path: Path, simulated: 
             assert m["upload_bytes"] == simulated["methods"][name]["upload_bytes"]
     assert served == {metrics["fleet"]["committed"]["model_version"]}
     assert (tmp_path / "run" / "report.md").exists()
+    assert len(private) >= 3 * 3
+    capture = b"".join(wire)
+    assert all(np.ascontiguousarray(t, np.float32).reshape(-1)[:8].tobytes() in capture for t in shared)  # it would see
+    for tensor in private:  # no expert tensor, no FedGate final-layer tensor, not even one row of one
+        row = np.ascontiguousarray(tensor, np.float32).reshape(-1)[:8].tobytes()
+        assert row not in capture
     commands = [m for p in wire if (m := _decoded(p)) is not None and isinstance(m, Command)]
     sent = {name for c in commands for name in c.tensors}
     assert sent and not any(n.startswith(("expert.", "gate.out", "final")) for n in sent), sorted(sent)

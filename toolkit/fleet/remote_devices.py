@@ -10,12 +10,12 @@ the round loop records as a failure of that client (docs/federated.md).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from device_agent.wire.clock import now_ms
 from device_agent.wire.training_frames import Command, Op, Result
+from device_agent.wire.training_link import new_task_id
 from toolkit.artifacts import stage1_job, stage2_job, stage3_job
 from toolkit.federated.client import EvaluateIns, EvaluateRes, FitIns, FitRes
 from toolkit.federated.operations import ExpertIns, ExtractorIns, GateDataIns, Report
@@ -42,7 +42,7 @@ class FleetSession:
     def call(self, cid: int, op: Op, job: str, rnd: int = 0, *, seed: int = 0, config: dict[str, Any] | None = None,
              upload: tuple[str, ...] = (), tensors: dict[str, Any] | None = None) -> Result:
         """Send one COMMAND to client `cid`'s device and wait for its OK RESULT."""
-        command = Command(os.urandom(16), op, self.run, job, rnd, seed,
+        command = Command(new_task_id(), op, self.run, job, rnd, seed,
                           now_ms() + int(self.task_timeout_s * 1000), config or {}, upload, tensors or {})
         return self.link.ask(self.device_of(cid), command)
 

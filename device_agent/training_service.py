@@ -244,7 +244,7 @@ class TrainingService:
             self.state_dir / BUNDLE_DIR, spec, NewWeights(final.extractor, final.gate, final.expert), calibration,
             model_version=str(c["model_version"]), run_id=assert_run, round_index=cmd.round,
             precisions=tuple(c.get("precisions", ("fp32", "int8"))), sample_images=self.data.test.x[:16],
-            sample_labels=self.data.test.y[:16], provenance={"coordinator_config_hash": c.get("config_hash", "")})
+            sample_labels=self.data.test.y[:16], provenance={"coordinator_config_hash": c.get("config_hash", ""), **dict(c.get("provenance") or {})})
         precision = str(c.get("serve_precision", "fp32"))
         self.agent.install(bundle, DeviceModels.open(bundle, precision, "onnx"))
         self._journal["committed"] = {"model_version": bundle.manifest.model_version, "precision": precision}

@@ -106,8 +106,9 @@ def deployment(cfg: Config, deploy: str | None) -> tuple[str, str] | None:
 
 
 def federate(cfg: Config, out: Path, transport: Transport, options: FederateOptions = FederateOptions(),
-             events: EventLog | None = None) -> dict[str, Any]:
-    """Run (or resume) the NMoE recipe of `cfg` on the fleet reachable through `transport`."""
+             events: EventLog | None = None, check: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Run (or resume) the NMoE recipe of `cfg` on the fleet reachable through `transport`; `check` is called
+    while waiting for the devices (it may raise, e.g. when the agents it started have exited)."""
     if not cfg.stage1.methods or not cfg.gate.methods:
         raise FederateError("nothing to federate: the config selects no Stage 1 method or no gate")
     deploy = deployment(cfg, options.deploy)
@@ -124,15 +125,15 @@ def federate(cfg: Config, out: Path, transport: Transport, options: FederateOpti
                          events or EventLog(out / "coordinator.jsonl"))
         link.connect(transport, options.wait_s)
         try:
-            return _run(cfg, out, link, run, deploy, options, resuming, start)
+            return _run(cfg, out, link, run, deploy, options, resuming, start, check)
         finally:
             link.close()
 
 
 def _run(cfg: Config, out: Path, link: FleetLink, run: str, deploy: tuple[str, str] | None,
-         options: FederateOptions, resuming: bool, start: float) -> dict[str, Any]:
+         options: FederateOptions, resuming: bool, start: float, check: Callable[[], None]) -> dict[str, Any]:
     n = cfg.data.num_clients
-    missing = set(range(n)) - link.wait_live(set(range(n)), options.wait_s)
+    missing = set(range(n)) - link.wait_live(set(range(n)), options.wait_s, check)
     if missing:
         raise FederateError(f"no online device holds expert(s) {sorted(missing)} after {options.wait_s:g} s "
                             f"(a config with data.num_clients={n} needs devices for experts 0..{n - 1})")
@@ -151,7 +152,7 @@ def _run(cfg: Config, out: Path, link: FleetLink, run: str, deploy: tuple[str, s
     for method in cfg.stage1.methods:
         log.info("nmoe stage 1 = %s", method)
         methods.update(recipe.nmoe(method))
-    committed = _commit(cfg, recipe, devices, run, deploy, options, timeout) if deploy else None
+    committed = _commit(cfg, out, recipe, devices, run, deploy, options, timeout) if deploy else None
     traffic = link.traffic()
     fleet = {"run": run, "devices": {str(c): session.device_of(c) for c in range(n)},
              "traffic": {"commands_bytes": traffic.sent, "results_bytes": traffic.received},
@@ -197,14 +198,15 @@ def model_version(run: str, stage1: str, gate: str) -> str:
     return hashlib.sha256(f"{run}/{stage1}/{gate}".encode()).hexdigest()[:16]
 
 
-def _commit(cfg: Config, recipe: NMoERecipe, devices: Sequence[RemoteDevice], run: str, deploy: tuple[str, str],
+def _commit(cfg: Config, out: Path, recipe: NMoERecipe, devices: Sequence[RemoteDevice], run: str, deploy: tuple[str, str],
             options: FederateOptions, timeout: float) -> dict[str, Any]:
     """Every device rebuilds its inference files with the final models and serves them."""
     stage1, gate = deploy
     job = stage3_job(stage1, gate)
     version = model_version(run, stage1, gate)
     config = {"stage1": stage1, "gate_job": None if gate == "rangate" else job, "num_experts": len(devices),
-              "model_version": version, "precisions": list(options.commit_precisions), "config_hash": cfg.hash()}
+              "model_version": version, "precisions": list(options.commit_precisions), "config_hash": cfg.hash(),
+              "provenance": {"run_dir": str(out.resolve()), "method": f"nmoe_{stage1}_{gate}"}}
     shared = recipe.gates.get(job, {})
     log.info("commit %s/%s as model version %s on %d devices", stage1, gate, version, len(devices))
     started = time.perf_counter()

@@ -34,7 +34,8 @@ from device_agent.wire.events import EventLog
 from device_agent.wire.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
 from device_agent.wire.protocol import ProtocolError, Topics
 from toolkit.arm64_env import Arm64EnvError, emulated_command, ensure_env
-from toolkit.artifacts import ArtifactError, load_nmoe
+from toolkit.config import ConfigError, from_dict
+from toolkit.errors import DamagedFile
 from toolkit.federated_data import prepare, raw_images
 from toolkit.fleet.agent_processes import AgentLaunch, AgentProcesses
 from toolkit.fleet.trial_driver import OPERATOR, RequestStatus, TrialDriver, TrialError
@@ -43,6 +44,7 @@ from toolkit.fleet.trial_report import write_outputs
 from toolkit.fleet.trial_summary import TrialSummary, summarize
 from toolkit.fleet.web_devices import fleet_processes, web_fleet_check
 from toolkit.progress import progress_bar
+from toolkit.run_files import read_json
 
 ONLINE_TIMEOUT_S = 120.0  # ten agents importing onnxruntime on two cores take ~10 s
 CONNECT_TIMEOUT_S = 10.0
@@ -243,11 +245,12 @@ def _precision(bundles: list[Bundle], options: TrialOptions) -> str:
 
 def load_samples(fleet: Fleet, n: int) -> dict[str, Samples]:
     """The first n of each device's personalized test split (client = expert id), as raw pixels."""
+    path = fleet.run_dir / "config.json"
     try:
-        config = load_nmoe(fleet.run_dir, fleet.method).config
-    except ArtifactError as e:
-        raise TrialError(f"{e} (the bundles' manifests name it as provenance.run_dir; the trial reads the "
-                         "test samples with its config)") from None
+        config = from_dict(read_json(path, "the resolved config of the run the bundles come from"))
+    except (DamagedFile, ConfigError) as e:
+        raise TrialError(f"{e} (the bundles' manifests name {fleet.run_dir} as provenance.run_dir; the trial reads "
+                         "the test samples with its config)") from None
     data = prepare(config.data)
     samples = {}
     for device, bundle in fleet.bundles.items():
@@ -392,7 +395,7 @@ def agent_launches(options: TrialOptions, fleet: Fleet, broker: BrokerAccess, ou
         args = ["--bundle", str(bundle.path), "--broker", broker.url, "--runtime", options.runtime,
                 "--precision", fleet.precision, "--latent-encoding", options.latent_encoding,
                 "--deadline-ms", str(options.deadline_ms), "--prefix", options.prefix, "--fleet", options.fleet,
-                "--events", str(out / "events" / f"{device}.jsonl"), *_login_args(broker.credential(device))]
+                "--events", str(out / "events" / f"{device}.jsonl"), *login_args(broker.credential(device))]
         launch = AgentLaunch(device, tuple(args), out / "logs" / f"{device}.log")
         if arm64 is not None and device in emulated:
             python, env = emulated_command(arm64, options.arm64_cpu)
@@ -401,7 +404,7 @@ def agent_launches(options: TrialOptions, fleet: Fleet, broker: BrokerAccess, ou
     return launches
 
 
-def _login_args(login: FleetCredential) -> list[str]:
+def login_args(login: FleetCredential) -> list[str]:
     """`nmoe agent` options for what `login` holds: user name and password file, TLS files."""
     args = [] if login.password_file is None else ["--username", login.username, "--password-file",
                                                    str(login.password_file)]

@@ -120,7 +120,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add `nmoe trial`."""
     p = subparsers.add_parser("trial", help="run the fleet's agents over MQTT on local test data and report",
                               description=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundles", required=True, type=Path, metavar="DIR", help="bundles written by `nmoe export`")
+    p.add_argument("--bundles", type=Path, metavar="DIR", help="bundles written by `nmoe export`")
+    p.add_argument("--federate", type=Path, metavar="CONFIG",
+                   help="instead of --bundles: first train CONFIG through one agent process per client over MQTT "
+                        "(nmoe federate, into OUT/run), then run the trial on the models the agents committed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --federate: a config override")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="where the results go (default: runs/trial-<timestamp>; an earlier trial's outputs there "
                         "are replaced)")
@@ -178,13 +182,29 @@ def _trial(args: argparse.Namespace) -> int:
     from device_agent.bundle import BundleError
     from device_agent.runtime import UnsupportedFormat
     from device_agent.wire.mqtt_transport import BrokerUrlError
+    from toolkit.config import ConfigError
+    from toolkit.data import DataError
+    from toolkit.errors import NoQuorumError, RunDirConflict
     from toolkit.fleet.trial import ARM64_CPU, TrialOptions, run_trial
     from toolkit.fleet.trial_driver import TrialError
     from toolkit.fleet.trial_report import summary_text
 
     out = args.out or Path("runs") / f"trial-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    if (args.bundles is None) == (args.federate is None):
+        print("nmoe: error: give --bundles DIR (exported models) or --federate CONFIG (train them first)",
+              file=sys.stderr)
+        return 2
+    if args.federate is not None and (args.remote or args.broker or args.web_devices or args.arm64_devices):
+        print("nmoe: error: --federate trains on agent processes of its own: not with --remote, --broker, "
+              "--web-devices or --arm64-devices", file=sys.stderr)
+        return 2
+    try:
+        bundles = args.bundles or _federated_bundles(args, out)
+    except (TrialError, BrokerError, ConfigError, DataError, NoQuorumError, RunDirConflict) as e:
+        print(f"nmoe: error: {e}", file=sys.stderr)
+        return 2
     options = TrialOptions(
-        args.bundles, out, broker=args.broker, fleet_dir=args.fleet_dir, samples=args.samples, rate=args.rate,
+        bundles, out, broker=args.broker, fleet_dir=args.fleet_dir, samples=args.samples, rate=args.rate,
         auth=args.auth, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
         prefix=args.prefix, fleet=args.fleet, remote=args.remote, username=args.username,
         password_file=args.password_file, online_timeout=args.online_timeout, kill_device=args.kill_device, kill_after=args.kill_after,
@@ -206,6 +226,13 @@ def _trial(args: argparse.Namespace) -> int:
         print("nmoe trial: interrupted; partial results written", file=sys.stderr)
         return 130
     return 0 if _healthy(result.summary) else 1
+
+
+def _federated_bundles(args: argparse.Namespace, out: Path) -> Path:
+    from toolkit.config import load
+    from toolkit.fleet.trial_federate import train_fleet
+
+    return train_fleet(load(args.federate, args.set), out, auth=args.auth, show_progress=not args.quiet)
 
 
 def _healthy(summary: TrialSummary) -> bool:

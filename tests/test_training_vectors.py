@@ -16,7 +16,14 @@ import pytest
 
 from device_agent.wire.chunks import decode_chunk, split
 from device_agent.wire.tensor_codec import ProtocolError
-from device_agent.wire.training_frames import Command, Op, Result, Status, decode_training, encode_training
+from device_agent.wire.training_frames import (
+    Command,
+    Op,
+    Result,
+    Status,
+    decode_training,
+    encode_training,
+)
 
 FOLDER = Path(__file__).parent / "vectors" / "training"
 TASK = bytes(range(16))

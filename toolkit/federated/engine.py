@@ -229,8 +229,11 @@ def run_federated(
         ctx.ledger, curve = Ledger.from_json(saved.meta["ledger"]), saved.meta["curve"]
     bar = progress_bar(total=rounds, initial=start, desc=job, unit="round", enabled=show_progress)
     for rnd in range(start + 1, rounds + 1):
+        began = time.perf_counter()
         shared = ctx.fit_round(rnd, shared)
+        fitted = time.perf_counter()
         point = ctx.evaluate(rnd, shared, evaluate) if evaluate else None
+        log.info("%s: round %d fit %.3f s, evaluate %.3f s", job, rnd, fitted - began, time.perf_counter() - fitted)
         if point:
             curve.append(point)
             bar.set_postfix({k: f"{v:.3f}" for k, v in point.items() if k != "round"})

@@ -138,6 +138,7 @@ class FleetLink:
         with self._lock:
             waiting.sent_bytes += sent
             self._sent += sent
+        self.counters.add(f"bytes_sent_{waiting.command.op.value}", sent)
 
     def _resend(self, which: Callable[[_Waiting], bool], why: str) -> None:
         with self._lock:
@@ -215,3 +216,4 @@ class FleetLink:
             waiting.result, waiting.result_bytes = msg, nbytes
             waiting.done.set()
         self.counters.add("results")
+        self.counters.add(f"bytes_received_{msg.op.value}", nbytes)

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-done
 RUN    ?= runs/quick
 BUNDLES ?= runs/quick-bundles
 
-.PHONY: setup test lint demo bench-accuracy bench-export bench-agent clean arm64-env arm64-check
+.PHONY: setup test lint demo bench-accuracy bench-export bench-agent bench-federated clean arm64-env arm64-check
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	scripts/setup.sh
@@ -25,6 +25,9 @@ demo: $(STAMP)
 	$(NMOE) train configs/quick.toml --out $(RUN)
 	$(NMOE) export $(RUN) --out $(BUNDLES) --formats onnx,tflite --precision int8
 	$(NMOE) trial --bundles $(BUNDLES) --samples 50 --out runs/quick-trial
+	# the same config trained through 10 agent processes over MQTT (FedGate), then a trial on what they committed
+	$(NMOE) trial --federate configs/quick.toml --set 'gate.methods=["fedgate"]' --set 'baselines.methods=["fedavg"]' \
+	  --auth --samples 30 --out runs/quick-federated
 
 bench-accuracy: $(STAMP)
 	$(PY) -m bench.accuracy
@@ -35,6 +38,10 @@ bench-export: $(STAMP) arm64-env
 # Agents over mosquitto on loopback: round trip, micro-batching, fleet scaling, latent encodings (~5 min).
 bench-agent: $(STAMP)
 	$(PY) -m bench.agent
+
+# The quick config in-process vs through 10 agent processes over MQTT, killed device, stragglers (~30 min).
+bench-federated: $(STAMP)
+	$(PY) -m bench.federated
 
 # Emulated aarch64 Python (qemu-user + Debian arm64 sysroot + aarch64 wheels), cached in ~/.cache/nmoe-edge/arm64.
 arm64-env:

@@ -3,6 +3,8 @@
 A device publishes only what names it (its presence, its replies `reply/+/{device}`) and expert
 requests; it reads presence, its own replies, its own expert's requests and its own inference
 requests. The operator sends inference and expert requests and reads presence and its replies.
+The operator's channel (protocol §15): a device publishes its own telemetry and reads its own drain
+commands; only the operator reads telemetry and sends drain commands.
 Every topic comes from `device_agent.wire.protocol.Topics`, so the ACL follows the protocol's layout.
 """
 
@@ -13,6 +15,7 @@ from typing import Literal, TypeVar
 
 from broker.accounts import OPERATOR, Device
 from device_agent.wire.protocol import Topics
+from device_agent.wire.telemetry import drain_filter, drain_topic, telemetry_filter, telemetry_topic
 
 Access = Literal["read", "write"]
 Rule = tuple[Access, str]
@@ -36,6 +39,8 @@ def device_rules(topics: Topics, device: Device) -> list[Rule]:
         ("read", topics.reply_filter(me)),
         ("read", topics.expert_request(device.expert_id)),
         ("read", topics.infer_request(me)),
+        ("write", telemetry_topic(topics, me)),
+        ("read", drain_topic(topics, me)),
     ]
 
 
@@ -46,6 +51,8 @@ def operator_rules(topics: Topics) -> list[Rule]:
         ("write", any_of(topics.expert_request, 0, 1)),
         ("read", topics.presence_filter()),
         ("read", topics.reply_filter(OPERATOR)),
+        ("write", drain_filter(topics)),
+        ("read", telemetry_filter(topics)),
     ]
 
 

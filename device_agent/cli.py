@@ -24,6 +24,9 @@ if the device vanishes) and subscribes to:
   {prefix}/{fleet}/infer/{device}/req        raw images from apps -> the combined NMoE output
   {prefix}/{fleet}/reply/{device}/+          answers to its own requests
   {prefix}/{fleet}/presence/+                who is online, with which model version
+  {prefix}/{fleet}/drain/{device}            the operator's drain command: stop serving for a while
+It publishes telemetry (its counters, latency, errors, CPU, memory, bytes; docs/protocol.md §15)
+on {prefix}/{fleet}/telemetry/{device} every --telemetry-period seconds.
 
 To classify, it runs extractor and gate locally, asks the devices holding the other top-k
 experts (re-routing to the next-best live expert before sending when one is offline or runs
@@ -65,6 +68,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `nmoe agent`."""
     p = subparsers.add_parser("agent", help="run a device agent: serve its expert, classify with the fleet",
@@ -95,6 +109,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--fleet", default="default", metavar="F", help="fleet id (default: default)")
     p.add_argument("--mqtt-version", choices=("3.1.1", "5"), default="3.1.1", help="(default: 3.1.1)")
     p.add_argument("--events", type=Path, metavar="FILE", help="append JSON-lines events to FILE")
+    p.add_argument("--keepalive", type=positive_int, default=30, metavar="S",
+                   help="MQTT keep-alive; the broker publishes the offline will after 1.5 x S of silence (default: 30)")
+    p.add_argument("--telemetry-period", type=positive_float, default=5.0, metavar="S",
+                   help="publish telemetry on {prefix}/{fleet}/telemetry/{device} every S seconds (default: 5)")
+    p.add_argument("--eval-samples", type=Path, metavar="FILE",
+                   help="an .npz of this device's own labelled inputs (uint8 `images`, `labels`; a bundle's "
+                        "samples.npz is one): classify them with the fleet and report the accuracy in telemetry")
+    p.add_argument("--eval-rate", type=positive_float, default=5.0, metavar="R",
+                   help="--eval-samples inputs per second (default: 5)")
     p.set_defaults(func=_agent)
 
 
@@ -104,7 +127,7 @@ def _agent(args: argparse.Namespace) -> int:
     from device_agent.device_models import DeviceModels
     from device_agent.runtime import UnsupportedFormat
     from device_agent.serving import ServerLimits
-    from device_agent.wire.events import EventLog
+    from device_agent.telemetry import DeviceTelemetry, EvalSamples, TelemetryEvents
     from device_agent.wire.mqtt_transport import (
         BrokerUrl,
         BrokerUrlError,
@@ -112,6 +135,7 @@ def _agent(args: argparse.Namespace) -> int:
         MqttTransport,
     )
     from device_agent.wire.protocol import ProtocolError
+    from device_agent.wire.tap import TappedTransport
 
     try:
         url = BrokerUrl.parse(args.broker)
@@ -126,19 +150,26 @@ def _agent(args: argparse.Namespace) -> int:
             deadline_ms=args.deadline_ms,
             limits=ServerLimits(args.max_batch, args.queue, microbatch=not args.no_microbatch))
         settings = MqttSettings(url, f"{args.fleet}-{bundle.manifest.device_id}", args.username, password,
-                                args.tls_ca, args.tls_cert, args.tls_key, args.mqtt_version)
-        events = EventLog(args.events, echo=sys.stderr)
-        agent = Agent(bundle, MqttTransport(settings), models, config, events)
+                                args.tls_ca, args.tls_cert, args.tls_key, args.mqtt_version, args.keepalive)
+        m = bundle.manifest
+        samples = None if args.eval_samples is None else EvalSamples.load(args.eval_samples, tuple(m.input.shape),
+                                                                          m.num_classes)
+        events = TelemetryEvents(args.events, echo=sys.stderr)
+        tap = TappedTransport(MqttTransport(settings))
+        agent = Agent(bundle, tap, models, config, events)
+        telemetry = DeviceTelemetry(agent, tap, events, args.telemetry_period, samples, args.eval_rate)
     except (BundleError, UnsupportedFormat, BrokerUrlError, ProtocolError, OSError) as e:
         print(f"nmoe: error: {e}", file=sys.stderr)
         return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    telemetry.start()
     agent.start()
     print(f"nmoe agent: {agent.me} (expert {agent.expert_id}, model {agent.model_version[:12]}, "
           f"{models.expert.name}) on {args.broker}; Ctrl-C stops", file=sys.stderr, flush=True)
     stop.wait()
+    telemetry.stop()
     agent.stop()
     events.close()
     return 0

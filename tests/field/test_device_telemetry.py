@@ -184,3 +184,18 @@ def test_eval_samples_are_checked(tmp_path, images: np.ndarray, labels: np.ndarr
     path.write_bytes(b"not a zip")
     with pytest.raises(OSError, match="not an .npz"):
         EvalSamples.load(path, (1, 16, 16), 10)
+
+
+def test_nmoe_agent_refuses_bad_eval_samples_and_periods_in_one_line(onnx_tflite_bundles, tmp_path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from toolkit.cli import main
+
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.zeros((2, 3), np.uint8), labels=np.zeros(2, np.int64))
+    base = ["agent", "--bundle", str(onnx_tflite_bundles / "device-0"), "--broker", "mqtt://127.0.0.1:1"]
+    assert main([*base, "--eval-samples", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"nmoe: error: --eval-samples {bad}: expected uint8 images"), err
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "--telemetry-period", "0"])
+    assert exit_.value.code == 2 and "must be > 0" in capsys.readouterr().err

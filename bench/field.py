@@ -8,7 +8,7 @@ samples for every scenario and compares each with loopback:
   loopback, wifi, lte, congested           fp32 latents: accuracy, end-to-end latency by path, share
                                            of inputs re-routed, bytes between agents per inference
   lte with fp16 / int8 latents             the same, for the bytes per inference of each encoding
-  lte, one device in a 10 s outage         `outage=10s@3s` on device-3: the fleet re-routes around it
+  lte, one device in a 10 s outage         `outage=10s@3s` on --outage-device: the fleet re-routes around it
 
 Links are `toolkit/fleet/link_proxy.py`'s user-space proxies (this kernel has no netem), one per
 agent; the trial's driver (the operator's machine) is not behind one. Telemetry: what it cost in MQTT
@@ -31,7 +31,7 @@ from bench.common import ROOT, log, machine, nmoe, other_load, verdict
 from toolkit.fleet.link import PRESETS, parse_link
 from toolkit.fleet.trial import TrialOptions, run_trial
 
-OUTAGE_DEVICE, OUTAGE = "device-3", "outage=10s@3s"
+OUTAGE, OUTAGE_START_S, OUTAGE_S = "outage=10s@3s", 3.0, 10.0
 CROSSINGS = {"remote": 6, "local": 2}  # link crossings of an inference fed from the operator's machine
 SLACK_MS = 20.0  # the target: median <= crossings x one-way delay + 20 ms
 
@@ -44,11 +44,10 @@ class Scenario:
     link_file: str | None = None  # TOML text, when one device differs
 
 
-SCENARIOS = [
-    Scenario("loopback", None), Scenario("wifi", "wifi"), Scenario("lte", "lte"), Scenario("congested", "congested"),
-    Scenario("lte fp16", "lte", "fp16"), Scenario("lte int8", "lte", "int8"),
-    Scenario("lte + 10 s outage", "lte", link_file=f'{OUTAGE_DEVICE} = "lte,{OUTAGE}"'),
-]
+def scenarios(outage_device: str) -> list[Scenario]:
+    return [Scenario("loopback", None), Scenario("wifi", "wifi"), Scenario("lte", "lte"),
+            Scenario("congested", "congested"), Scenario("lte fp16", "lte", "fp16"), Scenario("lte int8", "lte", "int8"),
+            Scenario("lte + 10 s outage", "lte", link_file=f'{outage_device} = "lte,{OUTAGE}"')]
 
 
 def main() -> None:
@@ -57,6 +56,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=60, help="per device (default 60: 15 s at 4/s, longer than "
                    "the outage)")
     p.add_argument("--rate", type=float, default=4.0, help="requests per second per device (default 4)")
+    p.add_argument("--outage-device", default="device-3", help="the device whose link fails for 10 s")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "field.md")
     args = p.parse_args()
     started = time.monotonic()
@@ -69,7 +69,7 @@ def main() -> None:
         nmoe("export", str(run), "--out", str(args.bundles), "--formats", "onnx", "--quiet")
     work = ROOT / "runs" / "bench" / "field"
     results = {}
-    for s in SCENARIOS:
+    for s in scenarios(args.outage_device):
         out = work / s.name.replace(" ", "-").replace("+", "").replace("--", "-")
         link_file = None
         if s.link_file is not None:
@@ -106,11 +106,11 @@ def telemetry_share(t: dict[str, Any]) -> tuple[float | None, float | None]:
     return (round(sum(shares) / len(shares), 3), max(shares)) if shares else (None, None)
 
 
-def outage_failures(t: dict[str, Any]) -> tuple[int, int]:
+def outage_failures(t: dict[str, Any], device: str) -> tuple[int, int]:
     """Failed requests to the device in its outage (no live path exists) and every other failed request."""
-    start, length = 3.0, 10.0
     mine = [r for r in t["requests"] if r["status"] in ("error", "timeout")]
-    during = [r for r in mine if r["device"] == OUTAGE_DEVICE and start - 1 <= r["sent_s"] <= start + length]
+    during = [r for r in mine
+              if r["device"] == device and OUTAGE_START_S - 1 <= r["sent_s"] <= OUTAGE_START_S + OUTAGE_S]
     return len(during), len(mine) - len(during)
 
 
@@ -136,7 +136,7 @@ def page(results: dict[str, dict[str, Any]], args: argparse.Namespace, wall_s: f
         "mosquitto, the link proxies and the driver run on its cores, so latencies include that contention."), "",
         "Links (`toolkit/fleet/link.py` presets, one-way, each direction): "
         + "; ".join(f"`{n}` {s.describe()}" for n, s in PRESETS.items() if n != "loopback")
-        + f". Outage scenario: `{OUTAGE_DEVICE}` has `lte,{OUTAGE}` (nothing crosses its link from 3 s to 13 s "
+        + f". Outage scenario: `{args.outage_device}` has `lte,{OUTAGE}` (nothing crosses its link from 3 s to 13 s "
         "into the feeding), the others `lte`.", "",
         "## Results", "",
         ("| scenario | accuracy % (in-process) | e2e median / p95 / p99 ms, remote path (n) | local path median ms (n) "
@@ -161,7 +161,7 @@ def page(results: dict[str, dict[str, Any]], args: argparse.Namespace, wall_s: f
                      f"{_diff(rerouted_share(t), rerouted_share(base))} |")
     lte = results["lte"]
     one_way = one_way_ms(Scenario("lte", "lte"))
-    during, others = outage_failures(results["lte + 10 s outage"])
+    during, others = outage_failures(results["lte + 10 s outage"], args.outage_device)
     tel_mean, tel_max = telemetry_share(base)
     lines += ["", "## Targets", ""]
     for path in ("remote", "local"):
@@ -173,7 +173,7 @@ def page(results: dict[str, dict[str, Any]], args: argparse.Namespace, wall_s: f
     failed = {n: t["counts"]["failed"] for n, t in results.items() if n != "lte + 10 s outage"}
     lines.append(f"- no failed inference while each input has a live expert: failed requests per scenario "
                  f"{failed}; in the outage scenario {others} failed among inputs with a live path (and {during} "
-                 f"sent to {OUTAGE_DEVICE} itself during its outage, which no expert can answer): "
+                 f"sent to {args.outage_device} itself during its outage, which no expert can answer): "
                  f"{verdict(sum(failed.values()) == 0 and others == 0)}")
     if tel_max is not None:
         lines.append(f"- telemetry < 1% of a device's MQTT bytes at the default period (5 s), loopback trial: mean "
@@ -187,13 +187,13 @@ def page(results: dict[str, dict[str, Any]], args: argparse.Namespace, wall_s: f
     for name, t in results.items():
         mean, top = telemetry_share(t)
         lines.append(f"| {name} | {mean} | {top} |")
-    outage = results["lte + 10 s outage"]
+    outage, device = results["lte + 10 s outage"], args.outage_device
     lines += ["", "## The outage", "",
-              f"Requests to {OUTAGE_DEVICE}: " + ", ".join(
-                  f"{k} {v}" for k, v in sorted(_statuses(outage, OUTAGE_DEVICE).items())) + ". "
+              f"Requests to {device}: " + ", ".join(
+                  f"{k} {v}" for k, v in sorted(_statuses(outage, device).items())) + ". "
               f"Inputs of the other devices re-routed before sending: {outage['reroutes']['inputs_rerouted']}; "
               f"chosen experts left out: {outage['reroutes']['experts_missing']}; rows answered by the own expert "
-              f"alone: {outage['reroutes']['fallback_rows']}. The broker kept {OUTAGE_DEVICE} online (10 s is less "
+              f"alone: {outage['reroutes']['fallback_rows']}. The broker kept {device} online (10 s is less "
               "than 1.5 x its 30 s keep-alive), so its peers found out by missed deadlines and avoided it for the "
               "suspect back-off (docs/agent.md), as they would a frozen device.", ""]
     return "\n".join(lines)

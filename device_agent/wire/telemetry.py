@@ -151,8 +151,7 @@ def decode_telemetry(payload: bytes | bytearray | memoryview) -> Telemetry:
 
 def _telemetry_from_obj(obj: object) -> Telemetry:
     o = _Obj(obj, "telemetry")
-    if o.integer("v", 255) != TELEMETRY_VERSION:
-        raise ProtocolError(f"unsupported telemetry version {obj['v']}")  # type: ignore[index]
+    o.version(TELEMETRY_VERSION)
     status = o.text("status", 16)
     if status not in STATUSES:
         raise ProtocolError(f"telemetry status must be one of {', '.join(STATUSES)}")
@@ -213,8 +212,7 @@ def decode_drain(payload: bytes | bytearray | memoryview) -> Drain:
 
 def _drain_from_obj(obj: object) -> Drain:
     o = _Obj(obj, "drain")
-    if o.integer("v", 255) != DRAIN_VERSION:
-        raise ProtocolError(f"unsupported drain version {obj['v']}")  # type: ignore[index]
+    o.version(DRAIN_VERSION)
     for_s = o.number("for_s")
     if for_s > MAX_DRAIN_S:
         raise ProtocolError(f"drain for_s must be at most {MAX_DRAIN_S:g}")
@@ -237,6 +235,12 @@ class _Obj:
         if key not in self.raw:
             raise ProtocolError(f"{self.what} missing key {key!r}")
         return self.raw[key]
+
+    def version(self, expected: int) -> None:
+        """Key `v` must be `expected`."""
+        v = self.integer("v", 255)
+        if v != expected:
+            raise ProtocolError(f"unsupported {self.what} version {v}")
 
     def integer(self, key: str, limit: int = MAX_COUNT) -> int:
         return check_uint(self._get(key), limit, f"{self.what} key {key!r}")

@@ -142,7 +142,8 @@ def test_an_outage_longer_than_the_keepalive_makes_the_broker_publish_the_will(o
             back = spy.wait("device-0", "online", offline, timeout_s=60)  # it reconnects once the link is back
             assert back > offline and agents.exited() == {}
             assert 2.5 <= will_after < 6.0, will_after  # the broker's keep-alive, not the end of the outage
-            assert proxies.stats["device-0"].held_by_outage >= 1 and proxies.stats["device-0"].connections >= 2
+            stats = proxies.stats()["device-0"]
+            assert stats.held_by_outage >= 1 and stats.connections >= 2
     finally:
         spy.tap.close()
 

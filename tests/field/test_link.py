@@ -132,4 +132,5 @@ def test_outage_holds_everything_until_it_ends(echo_server: int) -> None:
             s.sendall(b"during")
             assert s.recv(100) == b"during"
             assert time.monotonic() - sent >= 0.75  # held until ~1.3 s
-        assert proxies.stats["d"].held_by_outage >= 1 and proxies.stats["d"].bytes_up == 12
+        stats = proxies.stats()["d"]
+        assert stats.held_by_outage >= 1 and stats.bytes_up == 12

@@ -2,8 +2,10 @@
 
 This kernel has no netem, and no maintained Python proxy library adds delay, jitter, a rate cap and
 outages (toxiproxy's Python client needs its Go server; pproxy only tunnels), so this is the
-smallest thing that works: an asyncio TCP relay per device, all in one event-loop thread. Each
-direction of each connection is a FIFO of chunks, each delivered at
+smallest thing that works: an asyncio TCP relay per device, all in one event loop in a child process
+of their own (`LinkProxies` talks to it over a pipe, one JSON line per request), so the relays do not
+share a GIL with the trial's driver. Each direction of each connection is a FIFO of chunks, each
+delivered at
 
     max(previous chunk's delivery, serialized end + delay + uniform(-jitter, jitter))
 
@@ -17,15 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Self, TypeVar
+from dataclasses import asdict, dataclass
+from typing import IO, Any, Self, TypeVar
 
-from toolkit.fleet.link import LinkSpec
+from broker.child_process import dies_with_parent
+from toolkit.fleet.link import LinkSpec, Outage
 
 CHUNK = 65536
 MAX_HELD = 16 << 20  # bytes held in one direction before the proxy gives up on the connection
@@ -67,7 +73,74 @@ class _Direction:
 
 
 class LinkProxies:
-    """Proxies by device on 127.0.0.1, run by one event-loop thread; a context manager that stops them all."""
+    """Proxies by device on 127.0.0.1, run by a child process; a context manager that stops them all."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._child = subprocess.Popen(dies_with_parent([sys.executable, "-m", "toolkit.fleet.link_proxy", str(seed)]),
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def add(self, device: str, spec: LinkSpec, host: str, port: int) -> int:
+        """Start `device`'s proxy to the broker at host:port; the local port its agent connects to."""
+        return int(self._ask({"op": "add", "device": device, "spec": asdict(spec), "host": host, "port": port}))
+
+    def start_clock(self) -> None:
+        """The feeding starts now: outages are scheduled from here."""
+        self._ask({"op": "clock"})
+
+    def stats(self) -> dict[str, LinkStats]:
+        """What crossed each device's link so far."""
+        return {d: LinkStats(**v) for d, v in self._ask({"op": "stats"}).items()}
+
+    def close(self) -> None:
+        """Stop every proxy (their connections drop) and the child."""
+        if self._child.poll() is None:
+            assert self._child.stdin is not None
+            with contextlib.suppress(OSError):
+                self._child.stdin.close()
+            try:
+                self._child.wait(10)
+            except subprocess.TimeoutExpired:
+                self._child.kill()
+                self._child.wait()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _ask(self, request: dict[str, Any]) -> Any:
+        assert self._child.stdin is not None and self._child.stdout is not None
+        try:
+            self._child.stdin.write(json.dumps(request) + "\n")
+            self._child.stdin.flush()
+            reply = json.loads(self._child.stdout.readline() or "null")
+        except (OSError, ValueError):
+            reply = None
+        if not isinstance(reply, dict) or "ok" not in reply:
+            raise RuntimeError(f"the link proxies' process failed (exit status {self._child.poll()})")
+        return reply["ok"]
+
+
+def serve(seed: int, requests: IO[str], replies: IO[str]) -> None:
+    """The child: answer `LinkProxies` requests until its pipe closes."""
+    with _Relays(seed) as relays:
+        for line in requests:
+            r = json.loads(line)
+            if r["op"] == "add":
+                spec = LinkSpec(**{**r["spec"], "outages": tuple(Outage(**o) for o in r["spec"]["outages"])})
+                ok: Any = relays.add(r["device"], spec, r["host"], r["port"])
+            elif r["op"] == "clock":
+                relays.start_clock()
+                ok = None
+            else:
+                ok = {d: asdict(v) for d, v in relays.stats.items()}
+            replies.write(json.dumps({"ok": ok}) + "\n")
+            replies.flush()
+
+
+class _Relays:
+    """The relays of every device, run by one event-loop thread (in the child process)."""
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -200,3 +273,7 @@ async def _sleep_until(at: float) -> None:
     delay = at - time.monotonic()
     if delay > 0:
         await asyncio.sleep(delay)
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]), sys.stdin, sys.stdout)

@@ -111,8 +111,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--events", type=Path, metavar="FILE", help="append JSON-lines events to FILE")
     p.add_argument("--keepalive", type=positive_int, default=30, metavar="S",
                    help="MQTT keep-alive; the broker publishes the offline will after 1.5 x S of silence (default: 30)")
-    p.add_argument("--telemetry-period", type=positive_float, default=5.0, metavar="S",
-                   help="publish telemetry on {prefix}/{fleet}/telemetry/{device} every S seconds (default: 5)")
+    p.add_argument("--telemetry-period", type=positive_float, default=10.0, metavar="S",
+                   help="publish telemetry on {prefix}/{fleet}/telemetry/{device} every S seconds (default: 10)")
     p.add_argument("--eval-samples", type=Path, metavar="FILE",
                    help="an .npz of this device's own labelled inputs (uint8 `images`, `labels`; a bundle's "
                         "samples.npz is one): classify them with the fleet and report the accuracy in telemetry")

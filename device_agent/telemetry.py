@@ -46,7 +46,7 @@ from device_agent.wire.transport import Publication
 if TYPE_CHECKING:
     from device_agent.agent import Agent
 
-DEFAULT_PERIOD_S = 5.0
+DEFAULT_PERIOD_S = 10.0  # telemetry is ~500 B: ~50 B/s (docs/results/field.md measures its share)
 DEFAULT_EVAL_RATE = 5.0  # inputs per second
 PEERS_TIMEOUT_S = 30.0  # on-device evaluation waits this long for the fleet before it starts anyway
 

@@ -47,8 +47,10 @@ def test_a_trial_behind_emulated_links_pays_the_delay_and_reports_telemetry(onnx
         assert reports[-1]["served"]["infer"] == len(answered) == 6
         row = summary["routing"]["matrix"][device]
         assert reports[-1]["routing"] == {str(e): n for e, n in enumerate(row) if n}
-        assert 0 < telemetry["cost"][device]["share_pct"] < 100
-        assert telemetry["period_s"][device] == 5.0
+        cost = telemetry["cost"][device]
+        assert 0 < cost["share_pct"] < 100 and 0 < cost["feeding_share_pct"] < 100
+        assert cost["feeding_mqtt_bytes"] < cost["mqtt_bytes"]
+        assert telemetry["period_s"][device] == 10.0
     report = (tmp_path / "t" / "report.html").read_text()
     assert "Telemetry over time" in report and "telemetry share of MQTT bytes %" in report
 

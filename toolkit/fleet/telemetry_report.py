@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
 def telemetry_json(received: list[Received], t0: float, devices: Collection[str], malformed: int) -> dict[str, Any]:
     """trial.json `telemetry`: `per_device` (device -> every report, in order, `at_s` after the feeding started),
-    `cost` (device -> `telemetry_bytes`, `mqtt_bytes`, `share_pct`), `period_s` (device -> its period), `malformed`."""
+    `cost` (device -> `telemetry_bytes`, `mqtt_bytes`, `share_pct` since the agent started, and the same
+    `feeding_*` from its last report before the feeding to its last one), `period_s` (device -> its period),
+    `malformed`."""
     per_device: dict[str, list[dict[str, Any]]] = {}
     cost, period = {}, {}
     for device in devices:
@@ -29,11 +31,24 @@ def telemetry_json(received: list[Received], t0: float, devices: Collection[str]
             continue
         last = mine[-1]
         sent = sum(r.packet_bytes for r in mine)
-        total = last.telemetry.bytes_sent + last.telemetry.bytes_received + last.packet_bytes  # its own packet too
+        total = _mqtt_bytes(last)
+        # while the trial fed the fleet: from the last report before the feeding (the agents' idle start-up,
+        # waiting for the others, is not what a device in the field does) to the last one
+        before = [r for r in mine if r.at < t0] or mine[:1]
+        during = mine[mine.index(before[-1]) + 1:]
+        fed = total - _mqtt_bytes(before[-1])
         cost[device] = {"telemetry_bytes": sent, "mqtt_bytes": total, "reports": len(mine),
-                        "share_pct": round(100 * sent / total, 3) if total else None}
+                        "share_pct": round(100 * sent / total, 3) if total else None,
+                        "feeding_telemetry_bytes": sum(r.packet_bytes for r in during), "feeding_mqtt_bytes": fed,
+                        "feeding_share_pct": round(100 * sum(r.packet_bytes for r in during) / fed, 3)
+                        if during and fed else None}
         period[device] = last.telemetry.period_s
     return {"period_s": period, "cost": cost, "malformed": malformed, "per_device": per_device}
+
+
+def _mqtt_bytes(r: Received) -> int:
+    """Every MQTT byte the device had sent and received when it published `r`, `r` included."""
+    return r.telemetry.bytes_sent + r.telemetry.bytes_received + r.packet_bytes
 
 
 def _row(r: Received, t0: float) -> dict[str, Any]:

@@ -216,8 +216,8 @@ class _Relays:
                     for task in pipes:
                         task.cancel()
                     break
-        except OSError:
-            return
+        except (OSError, asyncio.CancelledError):  # a cancelled handler must end normally: Python 3.11's
+            return  # StreamReaderProtocol asks it for its exception and prints a traceback otherwise
         finally:
             for w in writers:
                 w.close()

@@ -65,14 +65,18 @@ class TelemetryEvents(EventLog):
         super().emit(event, **fields)
         if event != "inference":
             return
-        with self._observed:
-            self._latencies.append(float(fields["latency_ms"]["total"]))
+        try:
+            latency = float(fields["latency_ms"]["total"])
             requests = fields.get("requests") or {}
             # an inference request counts once per expert combined for it; a direct call once per input
-            for experts in requests.values():
-                self.routing.update(int(e) for e in experts)
+            routing = Counter(int(e) for experts in requests.values() for e in experts)
             if not requests:
-                self.routing.update({int(e): int(fields["inputs"]) for e in fields["answered"]})
+                routing.update({int(e): int(fields["inputs"]) for e in fields["answered"]})
+        except (KeyError, TypeError, ValueError):  # an event telemetry does not understand: never the agent's problem
+            return
+        with self._observed:
+            self._latencies.append(latency)
+            self.routing.update(routing)
 
     def window(self) -> LatencyWindow:
         """Latency percentiles of the inferences since the previous call."""
@@ -186,8 +190,8 @@ class DeviceTelemetry:
     def _publish(self, final: bool = False) -> None:
         try:
             payload = encode_telemetry(self.snapshot(final))
-        except ProtocolError as e:  # a counter out of range: say so, never stop the agent
-            self.events.emit("error", where="telemetry", error=str(e))
+        except Exception as e:  # noqa: BLE001 -- a counter out of range, a bug: say so, never stop the agent
+            self.events.emit("error", where="telemetry", error=f"{type(e).__name__}: {e}")
             return
         self.tap.publish(self.topic, payload)
 

@@ -38,7 +38,7 @@ class TappedTransport:
         self._connection_taps: list[ConnectionHandler] = []
         self._rewrites: list[Rewrite] = []
         self._gates: list[Gate] = []
-        self._sent = self._received = self._connects = self._refused = 0
+        self._sent = self._received = self._connects = self._refused = self._handler_errors = 0
 
     # counters ------------------------------------------------------------------------------------
 
@@ -57,6 +57,12 @@ class TappedTransport:
         """Incoming messages an `on_receive` hook dropped."""
         with self._lock:
             return self._refused
+
+    @property
+    def handler_errors(self) -> int:
+        """Exceptions raised by the handlers of `tap` (caught: the connection goes on)."""
+        with self._lock:
+            return self._handler_errors
 
     @property
     def reconnects(self) -> int:
@@ -103,7 +109,14 @@ class TappedTransport:
                 with self._lock:
                     self._refused += 1
                 return
-            (handler or on_message)(topic, payload)
+            if handler is None:
+                on_message(topic, payload)
+                return
+            try:
+                handler(topic, payload)
+            except Exception:  # noqa: BLE001 -- a lent topic's handler must never take the owner's connection down
+                with self._lock:
+                    self._handler_errors += 1
 
         def connection(event: ConnectionEvent, detail: str) -> None:
             with self._lock:

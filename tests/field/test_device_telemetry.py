@@ -19,6 +19,7 @@ from device_agent.wire.protocol import ExpertRequest, Topics, decode_presence, e
 from device_agent.wire.tap import TappedTransport
 from device_agent.wire.telemetry import (
     Drain,
+    LatencyWindow,
     Telemetry,
     decode_telemetry,
     drain_topic,
@@ -199,3 +200,27 @@ def test_nmoe_agent_refuses_bad_eval_samples_and_periods_in_one_line(onnx_tflite
     with pytest.raises(SystemExit) as exit_:
         main([*base, "--telemetry-period", "0"])
     assert exit_.value.code == 2 and "must be > 0" in capsys.readouterr().err
+
+
+def test_the_tap_survives_a_failing_lent_handler_and_telemetry_an_unexpected_event() -> None:
+    broker = MemoryBroker()
+    tap = TappedTransport(broker.transport("device-0"))
+    seen: list[str] = []
+
+    def broken(topic: str, payload: bytes) -> None:
+        raise RuntimeError("a bug in a lent handler")
+
+    tap.tap("nmoe/default/drain/device-0", broken)
+    tap.connect(None, lambda topic, payload: seen.append(topic), lambda *_: None)
+    other = broker.transport("operator")
+    other.connect(None, lambda *_: None, lambda *_: None)
+    other.publish("nmoe/default/drain/device-0", b"x")
+    broker.settle()
+    tap.subscribe("nmoe/default/presence/+")
+    other.publish("nmoe/default/presence/device-1", b"p")
+    broker.settle()
+    assert tap.handler_errors == 1 and seen == ["nmoe/default/presence/device-1"]  # the owner still hears
+    events = TelemetryEvents()
+    events.emit("inference", latency_ms="not a dict", requests={}, answered=[0], inputs=1)
+    events.emit("inference", latency_ms={"total": 2.0}, requests={"ab": [0, 2]}, answered=[0, 2], inputs=1)
+    assert events.window() == LatencyWindow(1, 2.0, 2.0, 2.0) and events.routing_counts() == {0: 1, 2: 1}

@@ -63,6 +63,22 @@ def test_an_answer_is_recorded_with_its_prediction_round_trip_and_size(tmp_path:
                         "label": 2}]
 
 
+def test_pixels_go_as_uint8_to_protocol_2_devices_and_as_fp16_to_version_1_devices() -> None:
+    broker = MemoryBroker()
+    v2 = FakeDevice(broker, TOPICS, "device-0", 0, protocols=(1, 2))
+    v1 = FakeDevice(broker, TOPICS, "device-1", 1)
+    driver = connected_driver(broker)
+    picture = np.arange(16, dtype=np.uint8).reshape(1, 4, 4) * 17  # 0..255
+    to_v2 = driver.send("device-0", 0, picture, 0, 0, 1000, 5)
+    to_v1 = driver.send("device-1", 1, picture, 0, 0, 1000, 5)
+    broker.settle()
+    assert to_v2.status == to_v1.status == RequestStatus.ANSWERED
+    (got_v2,), (got_v1,) = v2.requests, v1.requests
+    assert (got_v2.encoding, got_v1.encoding) == ("uint8", "fp16")
+    assert np.array_equal(got_v2.latent, picture[None]) and np.array_equal(got_v1.latent, picture[None])
+    assert to_v1.request_bytes - to_v2.request_bytes == picture.size  # one byte per pixel instead of two
+
+
 def test_an_error_answer_records_its_code() -> None:
     broker = MemoryBroker()
     FakeDevice(broker, TOPICS, "device-0", 0, error(ErrorCode.BUSY))
@@ -102,19 +118,22 @@ def test_a_late_reply_after_the_timeout_is_dropped_and_counted() -> None:
     assert driver.counters.snapshot() == {"late_or_unknown_replies": 1}
 
 
-def test_a_reply_from_another_device_is_refused_and_the_right_one_still_counts() -> None:
+@pytest.mark.parametrize(("sender", "expert", "dropped"), [("device-1", 0, "wrong_sender"),
+                                                           ("device-0", 1, "wrong_expert")])
+def test_a_reply_from_another_device_or_for_another_expert_is_refused_and_the_right_one_still_counts(
+        sender: str, expert: int, dropped: str) -> None:
     broker = MemoryBroker()
 
     def impostor_first(device: str, request: ExpertRequest) -> list[Reply]:
-        wrong = ExpertResponse(request.correlation_id, 0, 1, np.eye(4, dtype=np.float32)[[3]])
-        return [Reply(wrong, "device-1"), *answer(device, request)]
+        wrong = ExpertResponse(request.correlation_id, expert, 1, np.eye(4, dtype=np.float32)[[3]])
+        return [Reply(wrong, sender), *answer(device, request)]
 
     FakeDevice(broker, TOPICS, "device-0", 0, impostor_first)
     driver = connected_driver(broker)
     request = driver.send("device-0", 0, image(2), 2, 0, 1000, 5)
     broker.settle()
     assert request.status == RequestStatus.ANSWERED and request.predicted == 2
-    assert driver.counters.snapshot() == {"wrong_sender": 1}
+    assert driver.counters.snapshot() == {dropped: 1}
 
 
 def test_duplicate_unknown_malformed_and_non_reply_frames_are_counted_not_recorded() -> None:

@@ -78,6 +78,10 @@ def test_your_tls_broker_requiring_client_certificates(onnx_tflite_bundles: Path
     (["--broker", "mqtts://127.0.0.1:1", "--tls-ca", "/nonexistent/ca.pem"], "--tls-ca /nonexistent/ca.pem: no such file"),
     (["--prefix", "a b"], "--prefix/--fleet: bad topic prefix 'a b'"),
     (["--fleet", "x/y"], "--prefix/--fleet: "),
+    (["--arm64-devices", "1", "--remote", "--broker", "mqtt://127.0.0.1:1"],
+     "--arm64-devices starts emulated agents; a --remote trial starts none"),
+    (["--arm64-devices", "1", "--runtime", "executorch"],
+     "--arm64-devices with --runtime executorch: ExecuTorch's aarch64 Python bindings need torch"),
 ])
 def test_options_that_cannot_work_are_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                      args: list[str], message: str) -> None:
@@ -111,3 +115,28 @@ def test_help_says_which_mismatches_fail_the_exactness_check(capsys: pytest.Capt
             "counted)") in text
     for option in ("--tls ", "--tls-ca F", "--tls-cert F", "--tls-key F", "--prefix P", "--fleet F"):
         assert option in text
+
+
+def test_qemu_cpu_picks_the_emulated_cpu_and_help_says_emulation_is_slow(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from toolkit.fleet import trial as trial_module
+    from toolkit.fleet.trial_driver import TrialError
+
+    seen = []
+
+    def run_trial(options: trial_module.TrialOptions) -> None:
+        seen.append(options)
+        raise TrialError("stopped here")
+
+    monkeypatch.setattr(trial_module, "run_trial", run_trial)
+    argv = ["trial", "--bundles", str(tmp_path), "--out", str(tmp_path / "t"), "--arm64-devices", "2"]
+    monkeypatch.delenv("QEMU_CPU", raising=False)
+    assert main(argv) == 2
+    monkeypatch.setenv("QEMU_CPU", "cortex-a76")
+    assert main(argv) == 2
+    assert [(o.arm64_devices, o.arm64_cpu) for o in seen] == [(2, "cortex-a72"), (2, "cortex-a76")]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["trial", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--arm64-devices N" in text and "Emulation is ~300x slower than a real board" in text

@@ -41,8 +41,8 @@ def request(device: str, index: int, label: int, status: RequestStatus, *, sent:
 def inference(ids: list[str], answered: list[int], total_ms: float, sent: int, received: int, **extra: object) -> dict:
     """An agent's `inference` event for one input."""
     return {"event": "inference", "inputs": 1, "answered": answered, "missing": {}, "rerouted": {}, "fallback_rows": 0,
-            "latency_ms": {"total": total_ms}, "bytes_sent": sent, "bytes_received": received,
-            "requests": {i: answered for i in ids}, **extra}
+            "zero_weight_skipped": 0, "avoided": [], "latency_ms": {"total": total_ms}, "bytes_sent": sent,
+            "bytes_received": received, "requests": {i: answered for i in ids}, **extra}
 
 
 def expected(labels: list[int]) -> Prediction:
@@ -119,6 +119,29 @@ def test_paths_latency_bytes_and_routing(record: TrialRecord) -> None:
     r = s.reroutes
     assert (r.inputs_rerouted, r.per_device, r.experts_missing, r.fallback_rows) == \
         (2, {"device-0": 2, "device-1": 0}, {"timeout": 1, "busy": 1}, 1)
+
+
+def test_zero_weight_skips_and_suspect_experts_avoided_are_counted_and_shown(record: TrialRecord) -> None:
+    web_device = {k: v for k, v in inference([], [1], 3, 0, 0).items() if k not in ("zero_weight_skipped", "avoided")}
+    more = {"device-0": [inference([], [0], 3, 0, 0, inputs=3, zero_weight_skipped=2, avoided=[1])],
+            "device-1": [inference([], [1], 3, 0, 0, zero_weight_skipped=1, avoided=[0]),
+                         inference([], [1], 3, 0, 0, avoided=[0]), web_device]}  # the web device writes neither key
+    for device, events in more.items():
+        with (record.events_dir / f"{device}.jsonl").open("a") as f:
+            f.write("\n" + "".join(json.dumps(e) + "\n" for e in events))  # after device-1's torn line
+    r = summarize(record).reroutes
+    assert (r.zero_weight_skipped, r.zero_weight_skipped_per_device, r.avoided) == \
+        (3, {"device-0": 2, "device-1": 1}, {"0": 2, "1": 1})
+    s = summarize(record)
+    assert "peers not asked because their gate weight is exactly 0: 3 (input, expert) pairs" in summary_text(s)
+    assert ("left out of routing while their device was suspect: expert 0 in 2 inference(s), expert 1 in 1 "
+            "inference(s)") in summary_text(s)
+    page = render_html(s)
+    assert "<td>(input, peer expert) pairs not asked: gate weight exactly 0</td><td>3</td>" in page
+    assert "<td>inferences that left expert 0 out of routing: its device was suspect</td><td>2</td>" in page
+    j = json.loads(json.dumps(s.to_json()))["reroutes"]
+    assert (j["zero_weight_skipped"], j["zero_weight_skipped_per_device"], j["avoided"]) == \
+        (3, {"device-0": 2, "device-1": 1}, {"0": 2, "1": 1})
 
 
 def test_timing_agents_fleet_and_driver(record: TrialRecord) -> None:

@@ -70,8 +70,10 @@ class FakeDevice:
     """A device on the memory broker: retained presence (offline will), answers `infer/{device}/req`."""
 
     def __init__(self, broker: MemoryBroker, topics: Topics, device: str, expert: int,
-                 behaviour: Behaviour = answer, model: str = MODEL) -> None:
+                 behaviour: Behaviour = answer, model: str = MODEL, protocols: tuple[int, ...] | None = None) -> None:
+        """`protocols`: the frame versions its presence lists (None: none, which means version 1 only)."""
         self.topics, self.device, self.expert, self.behaviour, self.model = topics, device, expert, behaviour, model
+        self.protocols = protocols
         self.requests: list[ExpertRequest] = []
         self.announce = True  # publish an online presence on every (re)connection
         self.transport: MemoryTransport = broker.transport(f"fake-{device}")
@@ -87,7 +89,7 @@ class FakeDevice:
 
     def _on_connection(self, event: ConnectionEvent, detail: str) -> None:
         if self.announce and event in (ConnectionEvent.CONNECTED, ConnectionEvent.RECONNECTED):
-            presence = Presence(self.device, self.expert, "online", self.model, CAPS, time.time())
+            presence = Presence(self.device, self.expert, "online", self.model, CAPS, time.time(), self.protocols)
             self.transport.publish(self.topics.presence(self.device), encode_presence(presence), 1, True)
             self._announced.set()
 

@@ -3,7 +3,8 @@
 The trial starts mosquitto (unless given a broker), one `nmoe agent` process per bundle, waits
 until every agent is online, then feeds each device its own personalized test images at a fixed
 rate from the driver's MQTT connection and records every answer (optionally killing an agent or
-restarting the broker on the way). Afterwards it computes the same samples in-process with
+restarting the broker on the way). The last `arm64_devices` agents run as aarch64 programs under
+qemu-user (`toolkit.arm64_env`): emulated Raspberry Pis in the fleet. Afterwards it computes the same samples in-process with
 `LocalNMoE` and writes trial.json, events.jsonl and report.html (`toolkit.fleet.trial_report`).
 Whatever happens, no agent or broker outlives `run_trial`.
 """
@@ -33,6 +34,7 @@ from device_agent.wire.events import EventLog
 from device_agent.wire.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
 from device_agent.wire.protocol import ProtocolError, Topics
 from device_agent.wire.tap import TappedTransport
+from toolkit.arm64_env import Arm64EnvError, emulated_command, ensure_env
 from toolkit.artifacts import ArtifactError, load_nmoe
 from toolkit.federated_data import prepare, raw_images
 from toolkit.fleet.agent_processes import AgentLaunch, AgentProcesses
@@ -51,6 +53,7 @@ from toolkit.fleet.trial_driver import OPERATOR, RequestStatus, TrialDriver, Tri
 from toolkit.fleet.trial_record import BrokerRestart, TrialFacts, TrialRecord, options_json
 from toolkit.fleet.trial_report import write_outputs
 from toolkit.fleet.trial_summary import TrialSummary, summarize
+from toolkit.fleet.web_devices import fleet_processes, last_devices, web_fleet_check
 from toolkit.progress import progress_bar
 
 ONLINE_TIMEOUT_S = 120.0  # ten agents importing onnxruntime on two cores take ~10 s
@@ -59,6 +62,7 @@ RESTART_TIMEOUT_S = 30.0  # after a broker restart: for the driver to reconnect,
 START_WITHIN = 2  # an agent must start a request within START_WITHIN x --deadline-ms ...
 WAIT_SLACK_S = 0.5  # ... and the driver waits that, plus --deadline-ms for the peers, plus this
 TRIAL_OUTPUTS = ("trial.json", "events.jsonl", "report.html", "events", "logs", "fleet")
+ARM64_CPU = "cortex-a72"  # the emulated devices' CPU unless QEMU_CPU says otherwise: a Raspberry Pi 4
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,10 @@ class TrialOptions:
     precision: str | None = None  # None: fp32 when the bundles have it, else int8
     runtime: str = "onnx"
     deadline_ms: int = 1000
+    arm64_devices: int = 0  # the last N agents before the web devices run as aarch64 programs under qemu-user ...
+    arm64_cpu: str = ARM64_CPU  # ... emulating this CPU (QEMU_CPU)
     show_progress: bool = True
+    web_devices: int = 0  # the last N devices run as web devices (android_demo/) in headless Chromium
 
 
 @dataclass(frozen=True)
@@ -160,6 +167,7 @@ def check_options(options: TrialOptions) -> None:
     except ProtocolError as e:
         raise TrialError(f"--prefix/--fleet: {e}") from None
     _check_remote(options)
+    _check_arm64(options)
     tls_files = {"--tls-ca": options.tls_ca, "--tls-cert": options.tls_cert, "--tls-key": options.tls_key}
     given = [flag for flag, path in tls_files.items() if path is not None]
     if options.broker is None:
@@ -198,6 +206,17 @@ def _check_remote(options: TrialOptions) -> None:
         raise TrialError("--username/--password-file or --auth (the operator's password in --fleet-dir), not both")
 
 
+def _check_arm64(options: TrialOptions) -> None:
+    """--arm64-devices: what emulated agents cannot do."""
+    if not options.arm64_devices:
+        return
+    if options.remote:
+        raise TrialError("--arm64-devices starts emulated agents; a --remote trial starts none")
+    if options.runtime == "executorch":
+        raise TrialError("--arm64-devices with --runtime executorch: ExecuTorch's aarch64 Python bindings need torch, "
+                         "which the emulated environment does not have; use onnx or tflite")
+
+
 def load_fleet(options: TrialOptions) -> Fleet:
     """Verify every bundle of `options.bundles` (one fleet, one run, every expert present)."""
     folders = sorted(p for p in options.bundles.glob("device-*") if p.is_dir()) if options.bundles.is_dir() else []
@@ -221,6 +240,10 @@ def load_fleet(options: TrialOptions) -> Fleet:
     for flag, device in (("--kill-device", options.kill_device), ("--drain-device", options.drain_device)):
         if device is not None and device not in bundles:
             raise TrialError(f"{flag} {device}: no such device in {options.bundles} (devices: {', '.join(bundles)})")
+    if options.arm64_devices and options.arm64_devices + options.web_devices > len(bundles):
+        raise TrialError(f"--arm64-devices {options.arm64_devices}: the fleet in {options.bundles} has "
+                         f"{len(bundles)} devices" + (f", {options.web_devices} of them web devices"
+                                                      if options.web_devices else ""))
     return Fleet(bundles, _precision(loaded, options), Path(run_dir), str(method))
 
 
@@ -363,15 +386,39 @@ def _stored_password(layout: FleetLayout, account: str) -> Path:
     return path
 
 
-def agent_launches(options: TrialOptions, fleet: Fleet, broker: BrokerAccess, out: Path) -> list[AgentLaunch]:
-    """One `nmoe agent` per bundle, its events in OUT/events/<device>.jsonl, its log in OUT/logs/."""
+def emulated_devices(options: TrialOptions, devices: Collection[str]) -> list[str]:
+    """The devices whose agents run under emulation: the last --arm64-devices before the --web-devices (in
+    expert order)."""
+    agents = list(devices)[:len(devices) - options.web_devices]
+    return agents[len(agents) - options.arm64_devices:]
+
+
+def arm64_cache(options: TrialOptions) -> Path | None:
+    """With --arm64-devices, the emulated environment (built when missing, scripts/arm64_env.sh); else None."""
+    if not options.arm64_devices:
+        return None
+    try:
+        return ensure_env()
+    except Arm64EnvError as e:
+        raise TrialError(f"--arm64-devices: {e}") from None
+
+
+def agent_launches(options: TrialOptions, fleet: Fleet, broker: BrokerAccess, out: Path,
+                   arm64: Path | None = None) -> list[AgentLaunch]:
+    """One `nmoe agent` per bundle, its events in OUT/events/<device>.jsonl, its log in OUT/logs/; the
+    emulated devices' under the aarch64 Python of the `arm64` cache."""
     launches = []
+    emulated = emulated_devices(options, fleet.bundles) if arm64 is not None else []
     for device, bundle in fleet.bundles.items():
         args = ["--bundle", str(bundle.path), "--broker", broker.url, "--runtime", options.runtime,
                 "--precision", fleet.precision, "--latent-encoding", options.latent_encoding,
                 "--deadline-ms", str(options.deadline_ms), "--prefix", options.prefix, "--fleet", options.fleet,
                 "--events", str(out / "events" / f"{device}.jsonl"), *_login_args(broker.credential(device))]
-        launches.append(AgentLaunch(device, tuple(args), out / "logs" / f"{device}.log"))
+        launch = AgentLaunch(device, tuple(args), out / "logs" / f"{device}.log")
+        if arm64 is not None and device in emulated:
+            python, env = emulated_command(arm64, options.arm64_cpu)
+            launch = replace(launch, python=tuple(python), env=env)
+        launches.append(launch)
     return launches
 
 
@@ -557,9 +604,11 @@ def run_trial(options: TrialOptions) -> TrialResult:
     """Run the trial and write its outputs (also, partially, after Ctrl-C or SIGTERM)."""
     check_options(options)
     fleet = load_fleet(options)
+    web_fleet_check(options.web_devices, options.runtime, fleet.bundles)
     samples = load_samples(fleet, options.samples)
     plan = feeding_plan(options, samples)
-    links = trial_links(options, fleet.bundles)
+    web = set(last_devices(fleet.bundles, options.web_devices))  # in Chromium, through the WebSocket bridge: no link
+    links = trial_links(options, [d for d in fleet.bundles if d not in web])
     expected = in_process(fleet, samples, options.runtime)
     prepare_out(options.out)
     events = EventLog(options.out / "events.jsonl")
@@ -590,6 +639,7 @@ def _run(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan:
          facts: TrialFacts, links: dict[str, LinkSpec], telemetry: TelemetryCollector) -> None:
     """Broker, driver connection (also collecting telemetry), link proxies, agents, feeding; all stopped on the
     way out, in reverse order."""
+    arm64 = arm64_cache(options)
     with ExitStack() as stack:
         broker = stack.enter_context(fleet_broker(options, fleet, options.out))
         facts.broker, facts.broker_pids = broker.url, [] if broker.pid is None else [broker.pid]
@@ -607,11 +657,13 @@ def _run(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan:
                     send_drain(driver.transport, driver.topics, device, 0)  # type: ignore[arg-type]
             return
         proxies = stack.enter_context(LinkProxies())
-        agents = stack.enter_context(AgentProcesses())
+        agents = stack.enter_context(fleet_processes(options.web_devices, fleet.bundles, options.out))
         since = time.time()
-        for launch in through_proxies(agent_launches(options, fleet, broker, options.out), links, proxies, broker.url):
+        for launch in through_proxies(agent_launches(options, fleet, broker, options.out, arm64), links, proxies,
+                                      broker.url):
             agents.start(launch)
         facts.pids = {d: agents.pid(d) for d in fleet.bundles}
+        facts.emulated = {d: options.arm64_cpu for d in emulated_devices(options, fleet.bundles)}
         try:
             driver.wait_online(set(fleet.bundles), since, options.online_timeout,
                                lambda: _check_alive(agents, "before the trial started"))

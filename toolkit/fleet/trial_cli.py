@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,6 +82,17 @@ With --broker, the broker is yours: --auth reads the passwords `nmoe broker --au
 --tls-cert/--tls-key as the client certificate of the driver and every agent. --prefix and --fleet
 name the topics ({prefix}/{fleet}/..., docs/protocol.md), as for `nmoe agent` and `nmoe broker`.
 
+--arm64-devices N runs the agents of the last N devices (before those of --web-devices) as
+aarch64 programs under qemu-user: emulated Raspberry Pis (Cortex-A72, a Pi 4; set
+QEMU_CPU=cortex-a76 for a Pi 5), with Debian's arm64 Python and the aarch64 wheels of the agent's
+packages from the cache scripts/arm64_env.sh builds once (~250 MB in ~/.cache/nmoe-edge/arm64;
+`make arm64-env`), and the project's own code. They announce presence, serve their experts to the
+x86 agents and classify with the fleet over the same broker; with fp32 latents the exactness
+check holds for them too. Emulation is ~300x slower than a real board: this checks the agent's
+correctness on ARM, not its speed. Size the trial for it: few samples, a low --rate, a long
+--deadline-ms and --online-timeout (an emulated agent takes tens of seconds to start on a loaded
+machine).
+
 Ctrl-C or SIGTERM stops everything cleanly and still writes the partial results.
 Exit status: 0 done; 1 a request to a live device failed, or, with fp32 latents, a prediction
 differs from LocalNMoE's for an input whose chosen experts all answered (mismatches among degraded
@@ -99,10 +111,13 @@ examples:
   nmoe trial --bundles runs/quick-bundles --auth --latent-encoding int8
   nmoe trial --bundles runs/quick-bundles --auth --tls --prefix lab --fleet bench1
   nmoe trial --bundles runs/quick-bundles --runtime tflite --precision int8 --deadline-ms 500
+  nmoe trial --bundles runs/quick-bundles --web-devices 2                   # 2 of the devices in headless Chromium
   nmoe broker --auth --bundles runs/quick-bundles &                         # your own broker:
   nmoe trial --bundles runs/quick-bundles --broker mqtt://127.0.0.1:1883 --auth --fleet-dir fleet
   nmoe trial --bundles runs/quick-bundles --broker mqtts://127.0.0.1:8883 --tls-ca fleet/tls/ca.crt
   nmoe trial --bundles runs/quick-bundles --remote --broker mqtt://broker.lan:1883 --auth --fleet-dir fleet
+  nmoe trial --bundles runs/quick-bundles --arm64-devices 2 --samples 3 --rate 0.5 --deadline-ms 20000 \
+             --online-timeout 600                                         # two emulated Raspberry Pis
 """
 
 
@@ -166,6 +181,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="model format the agents run (default: onnx)")
     p.add_argument("--deadline-ms", type=positive_int, default=1000, metavar="MS",
                    help="how long an agent waits for peer experts (default: 1000)")
+    p.add_argument("--web-devices", type=int, default=0, metavar="N",
+                   help="run the last N devices as web devices (android_demo/) in headless Chromium, reaching the "
+                        "broker through a WebSocket bridge (default: 0)")
+    p.add_argument("--arm64-devices", type=positive_int, default=0, metavar="N",
+                   help="run the agents of the last N devices (before the web devices) as aarch64 programs under "
+                        "qemu-user (slow: see above)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_trial)
 
@@ -179,7 +200,7 @@ def _trial(args: argparse.Namespace) -> int:
     from device_agent.bundle import BundleError
     from device_agent.runtime import UnsupportedFormat
     from device_agent.wire.mqtt_transport import BrokerUrlError
-    from toolkit.fleet.trial import TrialOptions, run_trial
+    from toolkit.fleet.trial import ARM64_CPU, TrialOptions, run_trial
     from toolkit.fleet.trial_driver import TrialError
     from toolkit.fleet.trial_report import summary_text
 
@@ -191,7 +212,9 @@ def _trial(args: argparse.Namespace) -> int:
         password_file=args.password_file, online_timeout=args.online_timeout, kill_device=args.kill_device, kill_after=args.kill_after,
         restart_broker_after=args.restart_broker_after, drain_device=args.drain_device, drain_after=args.drain_after,
         link=args.link, link_file=args.link_file, latent_encoding=args.latent_encoding,
-        precision=args.precision, runtime=args.runtime, deadline_ms=args.deadline_ms, show_progress=not args.quiet)
+        precision=args.precision, runtime=args.runtime, deadline_ms=args.deadline_ms, show_progress=not args.quiet,
+        web_devices=args.web_devices, arm64_devices=args.arm64_devices,
+        arm64_cpu=os.environ.get("QEMU_CPU") or ARM64_CPU)
     try:
         result = run_trial(options)
     except (TrialError, BundleError, BrokerError, BrokerUrlError, UnsupportedFormat) as e:

@@ -32,7 +32,7 @@ PATH_COLORS = {RequestPath.LOCAL: "tab:blue", RequestPath.REMOTE: "tab:orange", 
 def summary_text(summary: TrialSummary) -> str:
     """A few lines for the terminal."""
     f, c, a, x = summary.fleet, summary.counts, summary.accuracy.overall, summary.exactness
-    lat, b, t = summary.latency_ms.end_to_end, summary.bytes, summary.timing
+    lat, b, t, r = summary.latency_ms.end_to_end, summary.bytes, summary.timing, summary.reroutes
     lines = [
         (f"nmoe trial: {len(f.devices)} devices x {f.samples} samples at {f.rate:g}/s "
          f"({f.runtime} {f.precision}, latents {f.latent_encoding}) on {f.broker}"),
@@ -48,15 +48,22 @@ def summary_text(summary: TrialSummary) -> str:
             for p, s in lat.items()),
         (f"  bytes between agents per inference: {_fmt(b.between_agents_per_inference.all)} "
          f"(remote path {_fmt(b.between_agents_per_inference.remote)}) vs raw input {b.raw_input}"),
-        f"  re-routed inputs: {summary.reroutes.inputs_rerouted}",
+        (f"  re-routed inputs: {r.inputs_rerouted}; peers not asked because their gate weight is exactly 0: "
+         f"{r.zero_weight_skipped} (input, expert) pairs"),
     ]
+    if r.avoided:
+        lines.append("  left out of routing while their device was suspect: " + ", ".join(
+            f"expert {e} in {n} inference(s)" for e, n in r.avoided.items()))
+    if f.arm64_devices:
+        lines.append("  emulated aarch64 agents (qemu-user): " + ", ".join(
+            f"{d} ({cpu})" for d, cpu in f.arm64_devices.items()))
     if f.absent:
         lines.append("  absent, not fed: " + "; ".join(f"{d} ({why})" for d, why in f.absent.items()))
     lines += [f"  killed {k.device} at {k.at_s:.2f} s; offline presence after {_fmt(k.offline_after_ms)} ms"
               for k in t.kills]
-    lines += [f"  broker restarted at {r.at_s:.2f} s; every live agent online again after "
-              f"{_fmt(r.outage_s)} s (the driver reconnected after {_fmt(r.driver_reconnect_s)} s)"
-              for r in t.broker_restarts]
+    lines += [f"  broker restarted at {restart.at_s:.2f} s; every live agent online again after "
+              f"{_fmt(restart.outage_s)} s (the driver reconnected after {_fmt(restart.driver_reconnect_s)} s)"
+              for restart in t.broker_restarts]
     return "\n".join(lines)
 
 
@@ -109,14 +116,16 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 def _device_table(summary: TrialSummary) -> Table:
     acc, ex, rows = summary.accuracy.per_device, summary.exactness.per_device, summary.requests
     header = ["device", "expert", "answered", "failed", "not served", "accuracy %", "in-process %", "mismatches",
-              "re-routed inputs"]
+              "re-routed inputs", "zero-weight peers not asked"]
+    routes = summary.reroutes
     body = [[d, e, acc[d].answered, sum(r.device == d and r.status.failed for r in rows),
              sum(r.device == d and r.status == RequestStatus.NOT_SERVED for r in rows), acc[d].accuracy,
-             acc[d].in_process_accuracy, ex[d].mismatches, summary.reroutes.per_device.get(d, 0)]
+             acc[d].in_process_accuracy, ex[d].mismatches, routes.per_device.get(d, 0),
+             routes.zero_weight_skipped_per_device.get(d, 0)]
             for d, e in summary.fleet.devices.items()]
     o, c = summary.accuracy.overall, summary.counts
     body.append(["all", "", o.answered, c.failed, c.not_served, o.accuracy, o.in_process_accuracy,
-                 summary.exactness.mismatches, summary.reroutes.inputs_rerouted])
+                 summary.exactness.mismatches, routes.inputs_rerouted, routes.zero_weight_skipped])
     return header, body
 
 
@@ -131,7 +140,10 @@ def _latency_table(summary: TrialSummary) -> Table:
 def _failure_table(summary: TrialSummary) -> Table:
     r = summary.reroutes
     body: list[list[Any]] = [["inputs re-routed before sending", r.inputs_rerouted],
-                             ["rows answered by the own expert alone (every chosen expert lost)", r.fallback_rows]]
+                             ["rows answered by the own expert alone (every chosen expert lost)", r.fallback_rows],
+                             ["(input, peer expert) pairs not asked: gate weight exactly 0", r.zero_weight_skipped]]
+    body += [[f"inferences that left expert {e} out of routing: its device was suspect", n]
+             for e, n in r.avoided.items()]
     body += [[f"chosen expert left out: {why}", n] for why, n in sorted(r.experts_missing.items())]
     body += [[f"failed requests: {why}", n] for why, n in sorted(summary.counts.failures_by_reason.items())]
     body.append(["not served (device killed or absent)", summary.counts.not_served])
@@ -199,7 +211,7 @@ def latency_figure(summary: TrialSummary) -> Figure:
 def bytes_figure(summary: TrialSummary) -> Figure:
     b = summary.bytes
     per = b.between_agents_per_inference
-    bars = [("raw input (C*H*W)", b.raw_input), ("app request (image, fp16)", b.app_request),
+    bars = [("raw input (C*H*W)", b.raw_input), ("app request (image)", b.app_request),
             ("between agents: all", per.all), ("between agents: local path", per.local),
             ("between agents: remote path", per.remote)]
     fig, ax = plt.subplots(figsize=(8, 2.6))

@@ -89,6 +89,7 @@ class FleetSummary:
     broker_pids: list[int]
     remote: bool  # the agents ran already (nmoe trial --remote): the trial started none
     absent: dict[str, str]  # a remote fleet's devices that could not take part -> why (their samples not sent)
+    arm64_devices: dict[str, str]  # device -> the CPU emulated for its aarch64 agent (qemu-user)
     options: dict[str, Any]  # every option of the trial
 
 
@@ -174,7 +175,7 @@ class Bytes:
 
     raw_input: int  # one raw image, C*H*W uint8
     between_agents_per_inference: ByPath[float | None]  # expert requests + replies, mean per input
-    app_request: float | None  # the driver's request (the image as fp16), mean
+    app_request: float | None  # the driver's request (the image: uint8 to protocol-2 devices, else fp16), mean
     app_reply: float | None  # the combined answer, mean
 
 
@@ -186,10 +187,15 @@ class Routing:
 
 @dataclass(frozen=True)
 class Reroutes:
-    inputs_rerouted: int  # re-routed before sending (a chosen expert was offline or incompatible)
+    """How routing differed from the gate's choice over the whole fleet, and the peers not asked."""
+
+    inputs_rerouted: int  # re-routed before sending (a chosen expert was offline, suspect or incompatible)
     per_device: dict[str, int]
     experts_missing: dict[str, int]  # why a chosen expert was left out (timeout, busy...) -> times
     fallback_rows: int  # inputs answered by the own expert alone (every chosen expert lost)
+    zero_weight_skipped: int  # (input, peer expert) pairs not asked: the gate weight was exactly 0
+    zero_weight_skipped_per_device: dict[str, int]
+    avoided: dict[str, int]  # expert -> inferences that left it out of routing because its device was suspect
 
 
 @dataclass(frozen=True)
@@ -265,6 +271,8 @@ class Inference:
     missing: dict[str, str]  # expert -> why it was left out
     rerouted: dict[str, int]  # expert -> inputs re-routed away from it before sending
     fallback_rows: int
+    zero_weight_skipped: int  # (input, peer expert) pairs not asked: the gate weight was exactly 0
+    avoided: list[int]  # live experts left out of routing: their device was suspect
     total_ms: float
     bytes_sent: int
     bytes_received: int
@@ -272,9 +280,11 @@ class Inference:
 
     @classmethod
     def of(cls, event: dict[str, Any]) -> Inference:
+        """An event of `nmoe agent` or of another implementation (the web device) that neither skips zero-weight
+        peers nor avoids suspect ones, and so writes neither key."""
         return cls(event["inputs"], event["answered"], event["missing"], event["rerouted"], event["fallback_rows"],
-                   event["latency_ms"]["total"], event["bytes_sent"], event["bytes_received"],
-                   event.get("requests", {}))
+                   event.get("zero_weight_skipped", 0), event.get("avoided", []), event["latency_ms"]["total"],
+                   event["bytes_sent"], event["bytes_received"], event.get("requests", {}))
 
     @property
     def intact(self) -> bool:
@@ -344,7 +354,7 @@ def _fleet(record: TrialRecord) -> FleetSummary:
     f, o = record.facts, record.options
     return FleetSummary(record.devices, record.num_experts, f.broker, o.auth, o.runtime, record.precision,
                         o.latent_encoding, o.deadline_ms, o.samples, o.rate, str(record.run_dir), record.method,
-                        record.model_version, f.pids, f.broker_pids, o.remote, f.absent, options_json(o))
+                        record.model_version, f.pids, f.broker_pids, o.remote, f.absent, f.emulated, options_json(o))
 
 
 def _timing(record: TrialRecord) -> Timing:
@@ -427,8 +437,11 @@ def _routing(record: TrialRecord, rows: list[RequestRow]) -> Routing:
 def _reroutes(inferences: dict[str, list[Inference]]) -> Reroutes:
     per_device = {d: sum(n for i in infs for n in i.rerouted.values()) for d, infs in inferences.items()}
     missing = Counter(why for infs in inferences.values() for i in infs for why in i.missing.values())
+    skipped = {d: sum(i.zero_weight_skipped for i in infs) for d, infs in inferences.items()}
+    avoided = Counter(str(e) for infs in inferences.values() for i in infs for e in i.avoided)
     return Reroutes(sum(per_device.values()), per_device, dict(missing),
-                    sum(i.fallback_rows for infs in inferences.values() for i in infs))
+                    sum(i.fallback_rows for infs in inferences.values() for i in infs), sum(skipped.values()), skipped,
+                    dict(sorted(avoided.items(), key=lambda kv: int(kv[0]))))
 
 
 def _agents(record: TrialRecord, events: dict[str, list[dict[str, Any]]],

@@ -4,6 +4,8 @@ A device publishes only what names it (its presence, its replies `reply/+/{devic
 requests and its own training RESULTs; it reads presence, its own replies, its own expert's requests,
 its own inference requests and its own training COMMANDs. The operator sends inference and expert
 requests and reads presence and its replies; the coordinator sends COMMANDs and reads RESULTs.
+The operator's channel (protocol §15): a device publishes its own telemetry and reads its own drain
+commands; only the operator reads telemetry and sends drain commands.
 Every topic comes from `device_agent.wire.protocol.Topics`, so the ACL follows the protocol's layout.
 """
 
@@ -14,6 +16,7 @@ from typing import Literal, TypeVar
 
 from broker.accounts import OPERATOR, Device
 from device_agent.wire.protocol import Topics
+from device_agent.wire.telemetry import drain_filter, drain_topic, telemetry_filter, telemetry_topic
 from device_agent.wire.training_link import COORDINATOR
 
 Access = Literal["read", "write"]
@@ -40,6 +43,8 @@ def device_rules(topics: Topics, device: Device) -> list[Rule]:
         ("read", topics.infer_request(me)),
         ("write", topics.train_result(me)),
         ("read", topics.train_command(me)),
+        ("write", telemetry_topic(topics, me)),
+        ("read", drain_topic(topics, me)),
     ]
 
 
@@ -50,6 +55,8 @@ def operator_rules(topics: Topics) -> list[Rule]:
         ("write", any_of(topics.expert_request, 0, 1)),
         ("read", topics.presence_filter()),
         ("read", topics.reply_filter(OPERATOR)),
+        ("write", drain_filter(topics)),
+        ("read", telemetry_filter(topics)),
     ]
 
 

@@ -24,6 +24,9 @@ if the device vanishes) and subscribes to:
   {prefix}/{fleet}/infer/{device}/req        raw images from apps -> the combined NMoE output
   {prefix}/{fleet}/reply/{device}/+          answers to its own requests
   {prefix}/{fleet}/presence/+                who is online, with which model version
+  {prefix}/{fleet}/drain/{device}            the operator's drain command: stop serving for a while
+It publishes telemetry (its counters, latency, errors, CPU, memory, bytes; docs/protocol.md §15)
+on {prefix}/{fleet}/telemetry/{device} every --telemetry-period seconds.
 
 To classify, it runs extractor and gate locally, asks the devices holding the other top-k
 experts (re-routing to the next-best live expert before sending when one is offline or runs
@@ -65,6 +68,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `nmoe agent`."""
     p = subparsers.add_parser("agent", help="run a device agent: serve its expert, classify with the fleet",
@@ -97,6 +111,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--fleet", default="default", metavar="F", help="fleet id (default: default)")
     p.add_argument("--mqtt-version", choices=("3.1.1", "5"), default="3.1.1", help="(default: 3.1.1)")
     p.add_argument("--events", type=Path, metavar="FILE", help="append JSON-lines events to FILE")
+    p.add_argument("--keepalive", type=positive_int, default=30, metavar="S",
+                   help="MQTT keep-alive; the broker publishes the offline will after 1.5 x S of silence (default: 30)")
+    p.add_argument("--telemetry-period", type=positive_float, default=10.0, metavar="S",
+                   help="publish telemetry on {prefix}/{fleet}/telemetry/{device} every S seconds (default: 10)")
+    p.add_argument("--eval-samples", type=Path, metavar="FILE",
+                   help="an .npz of this device's own labelled inputs (uint8 `images`, `labels`; a bundle's "
+                        "samples.npz is one): classify them with the fleet and report the accuracy in telemetry")
+    p.add_argument("--eval-rate", type=positive_float, default=5.0, metavar="R",
+                   help="--eval-samples inputs per second (default: 5)")
     t = p.add_argument_group("federated training (nmoe federate; docs/federated.md)")
     t.add_argument("--data", type=Path, metavar="FILE",
                    help="this device's training data (.npz, docs/federated.md): take part in federated training")
@@ -116,9 +139,9 @@ def _agent(args: argparse.Namespace) -> int:
     from device_agent.device_models import DeviceModels
     from device_agent.runtime import UnsupportedFormat
     from device_agent.serving import ServerLimits
+    from device_agent.telemetry import DeviceTelemetry, EvalSamples, TelemetryEvents
     from device_agent.training.device_ops import OperationRefused, trainer_backend
     from device_agent.training_service import ServiceOptions, TrainingService
-    from device_agent.wire.events import EventLog
     from device_agent.wire.mqtt_transport import (
         BrokerUrl,
         BrokerUrlError,
@@ -126,6 +149,7 @@ def _agent(args: argparse.Namespace) -> int:
         MqttTransport,
     )
     from device_agent.wire.protocol import ProtocolError
+    from device_agent.wire.tap import TappedTransport
 
     if args.bundle is None and args.data is None:
         print("nmoe: error: nmoe agent needs --bundle DIR, or --data FILE to join federated training", file=sys.stderr)
@@ -148,9 +172,15 @@ def _agent(args: argparse.Namespace) -> int:
             deadline_ms=args.deadline_ms,
             limits=ServerLimits(args.max_batch, args.queue, microbatch=not args.no_microbatch))
         settings = MqttSettings(url, f"{args.fleet}-{device}", args.username, password,
-                                args.tls_ca, args.tls_cert, args.tls_key, args.mqtt_version)
-        events = EventLog(args.events, echo=sys.stderr)
-        agent = Agent(bundle, MqttTransport(settings), models, config, events, device=device, expert=expert)
+                                args.tls_ca, args.tls_cert, args.tls_key, args.mqtt_version, args.keepalive)
+        if args.eval_samples is not None and bundle is None:
+            raise OSError("--eval-samples needs --bundle (it classifies with the bundle's models)")
+        samples = None if args.eval_samples is None or bundle is None else EvalSamples.load(
+            args.eval_samples, tuple(bundle.manifest.input.shape), bundle.manifest.num_classes)
+        events = TelemetryEvents(args.events, echo=sys.stderr)
+        tap = TappedTransport(MqttTransport(settings))
+        agent = Agent(bundle, tap, models, config, events, device=device, expert=expert)
+        telemetry = DeviceTelemetry(agent, tap, events, args.telemetry_period, samples, args.eval_rate)
         service = None if data is None else TrainingService(
             agent, data, args.state or Path(f"state-{device}"), ServiceOptions(trainer_backend(args.trainer)), events)
     except (BundleError, UnsupportedFormat, BrokerUrlError, ProtocolError, OSError, DeviceDataError,
@@ -162,6 +192,7 @@ def _agent(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    telemetry.start()
     agent.start()
     serving = f"model {agent.model_version[:12]}, {models.expert.name}" if models else "untrained"
     training = f"; trains with {service.options.backend}, state in {service.state_dir}" if service else ""
@@ -173,6 +204,7 @@ def _agent(args: argparse.Namespace) -> int:
         pass
     if service is not None:
         service.stop()
+    telemetry.stop()
     agent.stop()
     events.close()
     return 0

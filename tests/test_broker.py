@@ -166,10 +166,12 @@ def test_acl_topics_come_from_the_protocol() -> None:
         "topic write lab/nmoe/f1/expert/+/req", "topic read lab/nmoe/f1/presence/+",
         "topic read lab/nmoe/f1/reply/device-0/+", "topic read lab/nmoe/f1/expert/0/req",
         "topic read lab/nmoe/f1/infer/device-0/req", "topic write lab/nmoe/f1/train/device-0/up",
-        "topic read lab/nmoe/f1/train/device-0/cmd"]
+        "topic read lab/nmoe/f1/train/device-0/cmd", "topic write lab/nmoe/f1/telemetry/device-0",
+        "topic read lab/nmoe/f1/drain/device-0"]
     assert acl[acl.index("user operator") + 1: acl.index("user coordinator") - 1] == [
         "topic write lab/nmoe/f1/infer/+/req", "topic write lab/nmoe/f1/expert/+/req",
-        "topic read lab/nmoe/f1/presence/+", "topic read lab/nmoe/f1/reply/operator/+"]
+        "topic read lab/nmoe/f1/presence/+", "topic read lab/nmoe/f1/reply/operator/+",
+        "topic write lab/nmoe/f1/drain/+", "topic read lab/nmoe/f1/telemetry/+"]
     assert acl[acl.index("user coordinator") + 1:] == [
         "topic write lab/nmoe/f1/train/+/cmd", "topic read lab/nmoe/f1/train/+/up", "topic read lab/nmoe/f1/presence/+"]
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "agent": ("paho", "onnxruntime", "onnx", "threadpoolctl"),
-    "train": ("torch", "matplotlib", "tqdm"),
+    "train": ("torch", "matplotlib", "tqdm", "rich"),
     "tflite": ("ai_edge_litert",),
     "export": ("onnx", "onnxruntime", "onnxscript", "executorch", "litert_torch", "ai_edge_litert"),
 }

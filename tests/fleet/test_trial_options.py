@@ -66,7 +66,7 @@ def test_your_tls_broker_requiring_client_certificates(onnx_tflite_bundles: Path
     assert status == 0 and summary["counts"]["answered"] == 12
     assert spy.topics and all(t.startswith("p/f/") for t in spy.topics)
     kinds = {t.split("/")[2] for t in spy.topics}
-    assert kinds == {"presence", "infer", "expert", "reply"}
+    assert kinds == {"presence", "infer", "expert", "reply", "telemetry"}
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -163,7 +163,7 @@ def test_trial_json_is_plain_json_with_the_documented_sections(record: TrialReco
     j = json.loads(json.dumps(summarize(record).to_json()))
     assert j["version"] == 2
     assert list(j) == ["version", "fleet", "timing", "counts", "accuracy", "exactness", "latency_ms", "bytes", "routing",
-                       "reroutes", "failures", "agents", "driver", "requests"]
+                       "reroutes", "failures", "agents", "driver", "telemetry", "requests"]
     assert j["requests"][0] == {
         "device": "device-0", "index": 0, "label": 0, "status": "answered", "detail": "", "predicted": 0, "expected": 0,
         "prob_diff": 0.001, "path": "remote", "answered": [0, 1], "intact": True, "sent_s": 0.0, "rtt_ms": 10,

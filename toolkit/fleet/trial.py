@@ -33,16 +33,28 @@ from device_agent.nmoe_local import LocalNMoE, Prediction
 from device_agent.wire.events import EventLog
 from device_agent.wire.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
 from device_agent.wire.protocol import ProtocolError, Topics
+from device_agent.wire.tap import TappedTransport
 from toolkit.arm64_env import Arm64EnvError, emulated_command, ensure_env
 from toolkit.config import ConfigError, from_dict
 from toolkit.errors import DamagedFile
 from toolkit.federated_data import prepare, raw_images
 from toolkit.fleet.agent_processes import AgentLaunch, AgentProcesses
+from toolkit.fleet.field_trial import (
+    FINAL_TELEMETRY_TIMEOUT_S,
+    UNTIL_THE_END_S,
+    send_drain,
+    through_proxies,
+    trial_links,
+)
+from toolkit.fleet.link import LinkSpec
+from toolkit.fleet.link_proxy import LinkProxies
+from toolkit.fleet.telemetry_collector import TelemetryCollector
+from toolkit.fleet.telemetry_report import telemetry_json
 from toolkit.fleet.trial_driver import OPERATOR, RequestStatus, TrialDriver, TrialError
 from toolkit.fleet.trial_record import BrokerRestart, TrialFacts, TrialRecord, options_json
 from toolkit.fleet.trial_report import write_outputs
 from toolkit.fleet.trial_summary import TrialSummary, summarize
-from toolkit.fleet.web_devices import fleet_processes, web_fleet_check
+from toolkit.fleet.web_devices import fleet_processes, last_devices, web_fleet_check
 from toolkit.progress import progress_bar
 from toolkit.run_files import read_json
 
@@ -78,6 +90,10 @@ class TrialOptions:
     online_timeout: float = ONLINE_TIMEOUT_S  # for every device's presence
     kill_device: str | None = None
     kill_after: float | None = None
+    drain_device: str | None = None  # sent a drain command (protocol §15.2) for the rest of the feeding ...
+    drain_after: float | None = None  # ... this many seconds in: kill-like, also for a --remote fleet
+    link: str | None = None  # every local agent's emulated radio link (toolkit.fleet.link), ...
+    link_file: Path | None = None  # ... or per device from a TOML file
     restart_broker_after: float | None = None  # seconds into the feeding; only with the trial's own broker
     latent_encoding: str = "fp32"
     precision: str | None = None  # None: fp32 when the bundles have it, else int8
@@ -116,6 +132,7 @@ class StepKind(StrEnum):
 
     SEND = "send"  # send `device` its sample `index`
     KILL = "kill"  # SIGKILL the agent of `device`
+    DRAIN = "drain"  # send `device` a drain command until the end of the trial
     RESTART_BROKER = "restart_broker"  # stop the trial's mosquitto and start it again
 
 
@@ -180,7 +197,8 @@ def _check_remote(options: TrialOptions) -> None:
     if options.remote and options.broker is None:
         raise TrialError("--remote drives agents that already run: give their broker with --broker URL")
     if options.remote and options.kill_device is not None:
-        raise TrialError("--kill-device: a --remote trial starts no agent, so it has none to kill")
+        raise TrialError("--kill-device: a --remote trial starts no agent, so it has none to kill (--drain-device "
+                         "takes a device out of any fleet)")
     if (options.username is None) != (options.password_file is None):
         raise TrialError("--username and --password-file go together")
     if options.username is not None and not options.remote:
@@ -221,9 +239,9 @@ def load_fleet(options: TrialOptions) -> Fleet:
     missing = sorted(set(range(loaded[0].manifest.num_experts)) - {b.manifest.expert_id for b in loaded})
     if missing:
         raise TrialError(f"{options.bundles}: no bundle holds expert(s) {missing}; a trial needs the whole fleet")
-    if options.kill_device is not None and options.kill_device not in bundles:
-        raise TrialError(f"--kill-device {options.kill_device}: no such device in {options.bundles} "
-                         f"(devices: {', '.join(bundles)})")
+    for flag, device in (("--kill-device", options.kill_device), ("--drain-device", options.drain_device)):
+        if device is not None and device not in bundles:
+            raise TrialError(f"{flag} {device}: no such device in {options.bundles} (devices: {', '.join(bundles)})")
     if options.arm64_devices and options.arm64_devices + options.web_devices > len(bundles):
         raise TrialError(f"--arm64-devices {options.arm64_devices}: the fleet in {options.bundles} has "
                          f"{len(bundles)} devices" + (f", {options.web_devices} of them web devices"
@@ -269,6 +287,9 @@ def feeding_plan(options: TrialOptions, samples: dict[str, Samples]) -> list[Ste
     if options.kill_device is not None:
         steps.append(Step(_within("--kill-after", options.kill_after or 0.0, *feeding), StepKind.KILL,
                           options.kill_device))
+    if options.drain_device is not None:
+        steps.append(Step(_within("--drain-after", options.drain_after or 0.0, *feeding), StepKind.DRAIN,
+                          options.drain_device))
     if options.restart_broker_after is not None:
         steps.append(Step(_within("--restart-broker-after", options.restart_broker_after, *feeding),
                           StepKind.RESTART_BROKER))
@@ -414,16 +435,20 @@ def login_args(login: FleetCredential) -> list[str]:
 
 
 @contextmanager
-def connected(driver: TrialDriver, url: str, login: FleetCredential, fleet: str) -> Iterator[TrialDriver]:
-    """The driver connected to the broker (as `operator` with --auth); disconnected on exit."""
+def connected(driver: TrialDriver, url: str, login: FleetCredential, fleet: str,
+              telemetry: TelemetryCollector | None = None) -> Iterator[TrialDriver]:
+    """The driver connected to the broker (as `operator` with --auth), `telemetry` collecting the fleet's
+    telemetry on the same connection; disconnected on exit."""
     password = None if login.password_file is None else login.password()
     settings = MqttSettings(BrokerUrl.parse(url), f"{fleet}-{OPERATOR}-trial",
                             None if password is None else login.username, password, login.ca_file, login.cert_file,
                             login.key_file)
     try:
-        transport = MqttTransport(settings)
+        transport = TappedTransport(MqttTransport(settings))
     except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
         raise TrialError(f"cannot use the TLS files {login.ca_file}, {login.cert_file}, {login.key_file}: {e}") from None
+    if telemetry is not None:
+        telemetry.attach(transport)
     try:  # a failed connect closes the transport too: it would retry in the background forever
         driver.connect(transport, CONNECT_TIMEOUT_S)
         yield driver
@@ -490,6 +515,8 @@ class Feeder:
                 self._send(device, index)
             case Step(kind=StepKind.KILL, device=str(device)):
                 self._kill(device)
+            case Step(kind=StepKind.DRAIN, device=str(device)):
+                self._drain(device)
             case Step(kind=StepKind.RESTART_BROKER):
                 self._restart_broker(step.at_s)
 
@@ -508,6 +535,14 @@ class Feeder:
         pid, self.killed[device] = self.agents.pid(device), round(self.driver.elapsed(), 6)
         self.agents.kill(device)
         self.driver.events.emit("kill", device=device, pid=pid, at_s=self.killed[device])
+        self.driver.abandon(RequestStatus.NOT_SERVED, device)
+
+    def _drain(self, device: str) -> None:
+        """Kill-like for any fleet: the device goes offline and serves nothing more (until the trial resumes it)."""
+        assert self.driver.transport is not None, "connected before the feeding"
+        self.killed[device] = round(self.driver.elapsed(), 6)
+        send_drain(self.driver.transport, self.driver.topics, device, UNTIL_THE_END_S)
+        self.driver.events.emit("kill", device=device, how="drain", at_s=self.killed[device])
         self.driver.abandon(RequestStatus.NOT_SERVED, device)
 
     def _restart_broker(self, planned_s: float) -> None:
@@ -575,20 +610,24 @@ def run_trial(options: TrialOptions) -> TrialResult:
     web_fleet_check(options.web_devices, options.runtime, fleet.bundles)
     samples = load_samples(fleet, options.samples)
     plan = feeding_plan(options, samples)
+    web = set(last_devices(fleet.bundles, options.web_devices))  # in Chromium, through the WebSocket bridge: no link
+    links = trial_links(options, [d for d in fleet.bundles if d not in web])
     expected = in_process(fleet, samples, options.runtime)
     prepare_out(options.out)
     events = EventLog(options.out / "events.jsonl")
     events.emit("start", options=options_json(options), devices=fleet.experts, precision=fleet.precision)
     driver = TrialDriver(Topics(options.prefix, options.fleet), model_version(next(iter(fleet.bundles.values()))), events)
     facts = TrialFacts(planned=sum(s.kind == StepKind.SEND for s in plan))
+    telemetry = TelemetryCollector(driver.topics)
     with stop_signals(driver):  # also while the outputs are written: a late signal must not lose them
         try:
-            _run(options, fleet, samples, plan, driver, facts)
+            _run(options, fleet, samples, plan, driver, facts, links, telemetry)
         except KeyboardInterrupt:
             facts.interrupted = True
         finally:
             events.emit("stop", interrupted=facts.interrupted)
             events.close()
+        facts.telemetry = telemetry_json(telemetry.received(), driver.t0, fleet.bundles, telemetry.malformed)
         first = next(iter(fleet.bundles.values())).manifest
         record = TrialRecord(
             options, fleet.experts, first.num_experts, int(np.prod(first.input.shape)), fleet.precision,
@@ -600,24 +639,31 @@ def run_trial(options: TrialOptions) -> TrialResult:
 
 
 def _run(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan: list[Step], driver: TrialDriver,
-         facts: TrialFacts) -> None:
-    """Broker, driver connection, agents, feeding; all stopped on the way out, in reverse order."""
+         facts: TrialFacts, links: dict[str, LinkSpec], telemetry: TelemetryCollector) -> None:
+    """Broker, driver connection (also collecting telemetry), link proxies, agents, feeding; all stopped on the
+    way out, in reverse order."""
     arm64 = arm64_cache(options)
     with ExitStack() as stack:
         broker = stack.enter_context(fleet_broker(options, fleet, options.out))
         facts.broker, facts.broker_pids = broker.url, [] if broker.pid is None else [broker.pid]
-        stack.enter_context(connected(driver, broker.url, broker.credential(OPERATOR), options.fleet))
+        stack.enter_context(connected(driver, broker.url, broker.credential(OPERATOR), options.fleet, telemetry))
         if options.remote:
             since = time.time()
             facts.absent = absent_devices(driver, fleet.experts, options.online_timeout)
             facts.online_s = round(time.time() - since, 3)
             driver.events.emit("online", devices=sorted(set(fleet.bundles) - set(facts.absent)), absent=facts.absent,
                                after_s=facts.online_s)
-            _feed(options, fleet, samples, plan, driver, None, broker, facts)
+            try:
+                _feed(options, fleet, samples, plan, driver, None, broker, facts)
+            finally:  # a remote fleet keeps running: serve again
+                for device in facts.killed:
+                    send_drain(driver.transport, driver.topics, device, 0)  # type: ignore[arg-type]
             return
+        proxies = stack.enter_context(LinkProxies())
         agents = stack.enter_context(fleet_processes(options.web_devices, fleet.bundles, options.out))
         since = time.time()
-        for launch in agent_launches(options, fleet, broker, options.out, arm64):
+        for launch in through_proxies(agent_launches(options, fleet, broker, options.out, arm64), links, proxies,
+                                      broker.url):
             agents.start(launch)
         facts.pids = {d: agents.pid(d) for d in fleet.bundles}
         facts.emulated = {d: options.arm64_cpu for d in emulated_devices(options, fleet.bundles)}
@@ -626,9 +672,11 @@ def _run(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan:
                                lambda: _check_alive(agents, "before the trial started"))
             facts.online_s = round(time.time() - since, 3)
             driver.events.emit("online", devices=sorted(fleet.bundles), after_s=facts.online_s)
+            proxies.start_clock()
             _feed(options, fleet, samples, plan, driver, agents, broker, facts)
         finally:
             facts.exit_status = agents.stop()
+            telemetry.wait_final(set(fleet.bundles) - set(facts.killed), FINAL_TELEMETRY_TIMEOUT_S)
 
 
 def _feed(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan: list[Step], driver: TrialDriver,

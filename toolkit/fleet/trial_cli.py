@@ -32,6 +32,10 @@ one (it starts the broker and the agents) or, with --remote, one of agents that 
   4. with --kill-device, SIGKILLs that agent --kill-after seconds into the feeding: the broker
      publishes its last will (offline), the other agents re-route to live experts, and the killed
      device's remaining samples are reported as not served (not as failures of the fleet);
+  4b. with --drain-device, sends that device a drain command (docs/protocol.md §15.2) --drain-after
+     seconds into the feeding: it publishes its offline presence and serves nothing more; its
+     remaining samples are not served, as for a kill. This works for a --remote fleet too; the
+     trial ends the drain when it ends;
   5. with --restart-broker-after, pauses the feeding that many seconds in until the requests in
      flight are settled, stops the trial's own mosquitto (SIGTERM: it publishes the agents' wills
      and saves the retained messages) and starts it again on the same port and fleet dir; the
@@ -41,6 +45,16 @@ one (it starts the broker and the agents) or, with --remote, one of agents that 
      in-process with LocalNMoE, and writes OUT/trial.json (every number; docs/trial.md),
      OUT/events.jsonl (the driver's events), OUT/events/<device>.jsonl (each agent's), OUT/logs/
      and OUT/report.html.
+
+--link SPEC gives every agent the trial starts its own TCP proxy to the broker that emulates a
+radio link in user space: one-way delay, jitter, a bandwidth cap and scheduled outages, e.g.
+"delay=30ms,jitter=10ms,rate=5mbit", a preset (wifi, lte, congested), or "lte,outage=10s@5s" (no
+traffic for 10 s from 5 s into the feeding: an outage longer than 1.5 x the agent's keep-alive
+makes the broker publish its will). --link-file FILE sets it per device (TOML: device-3 = "lte",
+"*" = "wifi" for the others). The driver (the operator's machine) is not behind a link.
+
+The driver also collects the telemetry every agent publishes (docs/protocol.md §15): trial.json's
+`telemetry` lists each device's reports over time and what they cost in MQTT bytes.
 
 The report gives accuracy per device and overall (over MQTT vs in-process), latency median/p95/p99
 by path (local: only the device's own expert answered; remote: at least one peer expert did), from
@@ -92,6 +106,8 @@ examples:
   nmoe trial --bundles runs/quick-bundles --samples 200 --rate 20 --out runs/t1
   nmoe trial --bundles runs/quick-bundles --kill-device device-3 --kill-after 2
   nmoe trial --bundles runs/quick-bundles --restart-broker-after 2          # the broker restarts mid-run
+  nmoe trial --bundles runs/quick-bundles --link lte --drain-device device-3 --drain-after 2
+  nmoe trial --bundles runs/quick-bundles --link wifi --link-file links.toml   # per device, outages...
   nmoe trial --bundles runs/quick-bundles --auth --latent-encoding int8
   nmoe trial --bundles runs/quick-bundles --auth --tls --prefix lab --fleet bench1
   nmoe trial --bundles runs/quick-bundles --runtime tflite --precision int8 --deadline-ms 500
@@ -153,6 +169,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="requests per second per device (default: 10)")
     p.add_argument("--kill-device", metavar="ID", help="SIGKILL this device's agent during the feeding")
     p.add_argument("--kill-after", type=float, metavar="S", help="seconds into the feeding to kill it")
+    p.add_argument("--drain-device", metavar="ID", help="send this device a drain command during the feeding")
+    p.add_argument("--drain-after", type=float, metavar="S", help="seconds into the feeding to drain it")
+    p.add_argument("--link", metavar="SPEC", help="emulated radio link of every agent the trial starts: preset "
+                   "(wifi, lte, congested) and/or delay=40ms,jitter=10ms,rate=10mbit,outage=10s@5s")
+    p.add_argument("--link-file", type=Path, metavar="FILE", help="per-device links (TOML: device-3 = \"lte\")")
     p.add_argument("--restart-broker-after", type=float, metavar="S",
                    help="restart the trial's own mosquitto (same port and files) S seconds into the feeding; the "
                         "agents reconnect and the feeding resumes once they are all online again")
@@ -175,9 +196,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _trial(args: argparse.Namespace) -> int:
-    if (args.kill_device is None) != (args.kill_after is None):
-        print("nmoe: error: --kill-device and --kill-after go together", file=sys.stderr)
-        return 2
+    for device, after in (("--kill-device", "--kill-after"), ("--drain-device", "--drain-after")):
+        if (getattr(args, device[2:].replace("-", "_")) is None) != (getattr(args, after[2:].replace("-", "_")) is None):
+            print(f"nmoe: error: {device} and {after} go together", file=sys.stderr)
+            return 2
     from broker.errors import BrokerError
     from device_agent.bundle import BundleError
     from device_agent.runtime import UnsupportedFormat
@@ -208,7 +230,8 @@ def _trial(args: argparse.Namespace) -> int:
         auth=args.auth, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
         prefix=args.prefix, fleet=args.fleet, remote=args.remote, username=args.username,
         password_file=args.password_file, online_timeout=args.online_timeout, kill_device=args.kill_device, kill_after=args.kill_after,
-        restart_broker_after=args.restart_broker_after, latent_encoding=args.latent_encoding,
+        restart_broker_after=args.restart_broker_after, drain_device=args.drain_device, drain_after=args.drain_after,
+        link=args.link, link_file=args.link_file, latent_encoding=args.latent_encoding,
         precision=args.precision, runtime=args.runtime, deadline_ms=args.deadline_ms, show_progress=not args.quiet,
         web_devices=args.web_devices, arm64_devices=args.arm64_devices,
         arm64_cpu=os.environ.get("QEMU_CPU") or ARM64_CPU)

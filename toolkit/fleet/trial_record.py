@@ -40,6 +40,7 @@ class TrialFacts:
     broker_restarts: list[BrokerRestart] = field(default_factory=list)
     exit_status: dict[str, int] = field(default_factory=dict)  # device -> its agent's exit status
     absent: dict[str, str] = field(default_factory=dict)  # a remote fleet's devices not fed -> why
+    telemetry: dict[str, Any] = field(default_factory=dict)  # trial.json `telemetry` (toolkit.fleet.telemetry_report)
     emulated: dict[str, str] = field(default_factory=dict)  # device -> the CPU qemu-user emulated for its agent
 
 

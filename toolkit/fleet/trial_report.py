@@ -18,6 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from toolkit.fleet.telemetry_report import telemetry_figure, telemetry_table
 from toolkit.fleet.trial_driver import RequestStatus
 from toolkit.fleet.trial_summary import RequestPath, TrialSummary
 
@@ -88,6 +89,9 @@ def render_html(summary: TrialSummary) -> str:
             "<h2>Devices</h2>" + _table(*_device_table(summary)),
             "<h2>Latency (ms)</h2>" + _table(*_latency_table(summary)),
             "<h2>Re-routes and failures</h2>" + _table(*_failure_table(summary))]
+    if any(summary.telemetry.get("per_device", {}).values()):
+        body.append("<h2>Telemetry (each device's last report)</h2>" + _table(*telemetry_table(summary.telemetry)))
+        figures.append(("Telemetry over time", lambda s: telemetry_figure(s.telemetry)))
     for title, figure in figures:
         body.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{_png(figure(summary))}'>")
     setup = summary.to_json()["fleet"]

@@ -255,6 +255,7 @@ class TrialSummary:
     failures: list[Failure]
     agents: dict[str, AgentSummary]
     driver: dict[str, int]  # the driver's counters
+    telemetry: dict[str, Any]  # every telemetry report per device over time, and its cost (telemetry_report)
     requests: list[RequestRow]
 
     def to_json(self) -> dict[str, Any]:
@@ -344,6 +345,7 @@ def summarize(record: TrialRecord) -> TrialSummary:
         failures=[Failure(r.device, r.index, r.status, r.detail, r.sent_s) for r in rows if r.status.failed],
         agents=_agents(record, events, inferences),
         driver=record.driver_counters,
+        telemetry=record.facts.telemetry,
         requests=rows,
     )
 

@@ -4,6 +4,8 @@ private on the wire, a device that drops off, a coordinator that restarts, the c
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -133,3 +135,30 @@ def test_private_state_survives_a_restarted_agent(tmp_path: Path) -> None:
         assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
     finally:
         again.stop()
+
+
+def test_a_device_lost_during_the_gate_rounds_is_a_failure_not_the_end(tmp_path: Path) -> None:
+    """device-2 vanishes (its will says offline) after the first FedGate round: later rounds sample the
+    devices still online, the quorum (half of the sampled) holds, the run completes and says what failed."""
+    cfg = small_config('gate.methods=["fedgate"]', "baselines.methods=[]", "gate.rounds=4",
+                       "gate.min_fit_fraction=0.5", "gate.round_timeout=5")
+    out = tmp_path / "run"
+    with fleet(cfg, tmp_path) as f:
+        def kill_after_round_1() -> None:
+            while "stage3_fedce_fedgate: round 1 fit" not in _text(out / "run.log"):
+                time.sleep(0.02)
+            f.agents[2].transport.kill()  # type: ignore[attr-defined]
+
+        threading.Thread(target=kill_after_round_1, daemon=True).start()
+        metrics = federate(cfg, out, f.broker.transport("coordinator"),
+                           FederateOptions(wait_s=3, show_progress=False, commit_precisions=("fp32",)))
+    assert metrics["fleet"]["committed"]["committed"] == [0, 1]  # the lost device is reported, not fatal
+    assert metrics["fleet"]["committed"]["failed"] == {"2": "offline"}
+    fedgate = metrics["methods"]["nmoe_fedce_fedgate"]
+    assert len(fedgate["curve"]) == 4
+    assert {row["client"] for row in fedgate["per_client"]} == {0, 1}
+    assert any(f["client"] == 2 and f["job"] == "stage3_fedce_fedgate" for f in fedgate["failures"])
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""

@@ -139,6 +139,7 @@ def _run(cfg: Config, out: Path, link: FleetLink, run: str, deploy: tuple[str, s
                             f"(a config with data.num_clients={n} needs devices for experts 0..{n - 1})")
     timeout = cfg.federated.round_timeout or options.task_timeout_s
     session = FleetSession(link, run, timeout)
+    at_start = {str(c): device for c, device in sorted(link.live().items()) if c < n}
     devices = [RemoteDevice(session, c) for c in range(n)]
     threads = options.device_threads or torch.get_num_threads()
     setups = _every(devices, "setup", lambda d: d.setup({**cfg.to_dict(), "torch_threads": threads}), timeout)
@@ -154,7 +155,8 @@ def _run(cfg: Config, out: Path, link: FleetLink, run: str, deploy: tuple[str, s
         methods.update(recipe.nmoe(method))
     committed = _commit(cfg, out, recipe, devices, run, deploy, options, timeout) if deploy else None
     traffic = link.traffic()
-    fleet = {"run": run, "devices": {str(c): session.device_of(c) for c in range(n)},
+    online = set(link.live())
+    fleet = {"run": run, "devices": at_start, "offline_at_end": [c for c in range(n) if c not in online],
              "traffic": {"commands_bytes": traffic.sent, "results_bytes": traffic.received},
              "counters": dict(link.counters.snapshot()), "committed": committed, "device_threads": threads}
     write_json(out / FLEET_FILE, fleet)
@@ -208,8 +210,16 @@ def _commit(cfg: Config, out: Path, recipe: NMoERecipe, devices: Sequence[Remote
               "model_version": version, "precisions": list(options.commit_precisions), "config_hash": cfg.hash(),
               "provenance": {"run_dir": str(out.resolve()), "method": f"nmoe_{stage1}_{gate}"}}
     shared = recipe.gates.get(job, {})
-    log.info("commit %s/%s as model version %s on %d devices", stage1, gate, version, len(devices))
+    online = devices[0].session.link.live() if devices else {}
+    live = [d for d in devices if d.cid in online]
+    log.info("commit %s/%s as model version %s on %d of %d devices", stage1, gate, version, len(live), len(devices))
     started = time.perf_counter()
-    results = _every(devices, "commit", lambda d: d.commit(config, shared), max(timeout, 600.0))
+    answers, errors = ask(ThreadPool(), {d.cid: (lambda d=d: d.commit(config, shared)) for d in live},
+                          max(timeout, 600.0))
+    failed = {str(d.cid): "offline" for d in devices if d not in live} | {str(c): str(e) for c, e in errors}
+    for cid, why in failed.items():
+        log.warning("commit: client %s did not commit: %s", cid, why)
     return {"method": f"nmoe_{stage1}_{gate}", "model_version": version, "seconds": round(time.perf_counter() - started, 1),
-            "rebuild_s": [r.metrics.get("rebuild_s") for r in results]}
+            "committed": sorted(c for c, _ in answers), "failed": failed,
+            "rebuild_s": [r.metrics.get("rebuild_s") for _, r in sorted(answers, key=lambda a: a[0])]}
+

@@ -10,7 +10,7 @@ from toolkit.checkpoint import JobState, JobStore, unpack
 from toolkit.config import GATE_METHODS, STAGE1_METHODS, Config
 from toolkit.errors import DamagedFile
 from toolkit.federated import Params
-from toolkit.run_files import read_config, read_dataset_info
+from toolkit.run_files import FLEET_FILE, read_config, read_dataset_info
 from toolkit.torch_params import subset
 
 
@@ -70,6 +70,9 @@ def load_nmoe(run_dir: Path, method: str) -> TrainedNMoE:
     """Every device's models for `method` from a finished run dir."""
     run_dir = Path(run_dir)
     stage1, gate = parse_method(method)
+    if (run_dir / FLEET_FILE).exists():
+        raise ArtifactError(f"{run_dir} is a federated run (nmoe federate): the private models live on the devices, "
+                            "which rebuilt their own bundles at the commit (docs/federated.md); nothing to export here")
     for name in ("config.json", "dataset.json"):
         if not (run_dir / name).exists():
             raise ArtifactError(f"{run_dir} is not a run dir ({run_dir / name} is missing)")

@@ -16,6 +16,8 @@ from toolkit.errors import DamagedFile, one_line
 METRIC_KEYS = ("personalized_accuracy", "global_accuracy", "upload_bytes", "download_bytes")
 
 
+FLEET_FILE = "fleet.json"  # a run dir of `nmoe federate` (toolkit.fleet.federate) has it: its devices hold the models
+
 def read_json(path: Path, expected: str) -> Any:
     """The JSON value in `path`; DamagedFile (saying `expected`) when it cannot be read or parsed."""
     try:

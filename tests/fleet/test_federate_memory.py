@@ -20,6 +20,7 @@ from device_agent.training_service import ServiceOptions, TrainingService
 from device_agent.wire.memory_transport import MemoryBroker
 from device_agent.wire.training_frames import Command, decode_training
 from toolkit import config
+from toolkit.cli import main
 from toolkit.fleet.device_data_files import write_fleet_data
 from toolkit.fleet.federate import FederateOptions, federate
 from toolkit.rundir import train
@@ -71,7 +72,8 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return train(small_config(), tmp_path_factory.mktemp("sim"), show_progress=False)
 
 
-def test_a_federated_fleet_reproduces_the_simulation(tmp_path: Path, simulated: dict) -> None:
+def test_a_federated_fleet_reproduces_the_simulation(tmp_path: Path, simulated: dict,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     cfg = small_config()
     wire: list[bytes] = []
     with fleet(cfg, tmp_path) as f:
@@ -93,6 +95,8 @@ def test_a_federated_fleet_reproduces_the_simulation(tmp_path: Path, simulated: 
             assert m["upload_bytes"] == simulated["methods"][name]["upload_bytes"]
     assert served == {metrics["fleet"]["committed"]["model_version"]}
     assert (tmp_path / "run" / "report.md").exists()
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "bundles")]) == 2  # models are on devices
+    assert "is a federated run" in capsys.readouterr().err
     assert len(private) >= 3 * 3
     capture = b"".join(wire)
     assert all(np.ascontiguousarray(t, np.float32).reshape(-1)[:8].tobytes() in capture for t in shared)  # it would see

@@ -39,11 +39,11 @@ from toolkit.federated.executor import ThreadPool
 from toolkit.federated.recipe import NMoERecipe
 from toolkit.fleet.fleet_link import FleetLink
 from toolkit.fleet.remote_devices import FleetSession, RemoteDevice
+from toolkit.run_files import FLEET_FILE
 from toolkit.rundir import claim, finish, run_log, write_json
 from toolkit.simulation import ModelFactory
 
 log = logging.getLogger("nmoe")
-FLEET_FILE = "fleet.json"
 
 
 class FederateError(RuntimeError):

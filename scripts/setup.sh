@@ -31,3 +31,7 @@ if [ ! -f android_demo/node_modules/.package-lock.json ] || [ android_demo/packa
 fi
 (cd android_demo && npm run --silent build)
 echo "setup: android_demo built (android_demo/dist)"
+# The live fleet page's browser test (tests/field/browser): playwright-core only, the version android_demo pins.
+if [ ! -f tests/field/browser/node_modules/.package-lock.json ] || [ tests/field/browser/package-lock.json -nt tests/field/browser/node_modules/.package-lock.json ]; then
+  (cd tests/field/browser && npm ci --no-audit --no-fund --loglevel=error)
+fi

@@ -131,19 +131,19 @@ def test_an_outage_longer_than_the_keepalive_makes_the_broker_publish_the_will(o
     login = broker.credentials["device-0"]
     try:
         with LinkProxies() as proxies, AgentProcesses() as agents:
-            port = proxies.add("device-0", LinkSpec(outages=(Outage(0.0, 6.0),)), url.host, url.port)
+            port = proxies.add("device-0", LinkSpec(outages=(Outage(0.0, 12.0),)), url.host, url.port)
             agents.start(AgentLaunch("device-0", ("--bundle", str(onnx_tflite_bundles / "device-0"), "--broker",
                                                   f"mqtt://127.0.0.1:{port}", "--username", "device-0",
                                                   "--password-file", str(login.password_file), "--keepalive", "2"),
                                      tmp_path / "device-0.log"))
             online = spy.wait("device-0", "online")
-            proxies.start_clock()  # 6 s of silence from now: more than 1.5 x 2 s
+            proxies.start_clock()  # 12 s of silence from now: much more than 1.5 x 2 s
             started = time.monotonic()
             offline = spy.wait("device-0", "offline", online, timeout_s=30)
             will_after = time.monotonic() - started
             back = spy.wait("device-0", "online", offline, timeout_s=60)  # it reconnects once the link is back
             assert back > offline and agents.exited() == {}
-            assert 2.5 <= will_after < 6.0, will_after  # the broker's keep-alive, not the end of the outage
+            assert 2.5 <= will_after < 11.0, will_after  # the broker's keep-alive (3 s), not the outage's end (12 s)
             stats = proxies.stats()["device-0"]
             assert stats.held_by_outage >= 1 and stats.connections >= 2
     finally:

@@ -12,6 +12,13 @@ import ssl
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from device_agent.agent import Agent
+    from device_agent.device_data import DeviceData
+    from device_agent.training_service import TrainingService
+    from device_agent.wire.events import EventLog
 
 HELP = """\
 Run the device agent of one bundle: it serves the device's expert to the fleet and classifies
@@ -140,8 +147,6 @@ def _agent(args: argparse.Namespace) -> int:
     from device_agent.runtime import UnsupportedFormat
     from device_agent.serving import ServerLimits
     from device_agent.telemetry import DeviceTelemetry, EvalSamples, TelemetryEvents
-    from device_agent.training.device_ops import OperationRefused, trainer_backend
-    from device_agent.training_service import ServiceOptions, TrainingService
     from device_agent.wire.mqtt_transport import (
         BrokerUrl,
         BrokerUrlError,
@@ -181,10 +186,8 @@ def _agent(args: argparse.Namespace) -> int:
         tap = TappedTransport(MqttTransport(settings))
         agent = Agent(bundle, tap, models, config, events, device=device, expert=expert)
         telemetry = DeviceTelemetry(agent, tap, events, args.telemetry_period, samples, args.eval_rate)
-        service = None if data is None else TrainingService(
-            agent, data, args.state or Path(f"state-{device}"), ServiceOptions(trainer_backend(args.trainer)), events)
-    except (BundleError, UnsupportedFormat, BrokerUrlError, ProtocolError, OSError, DeviceDataError,
-            OperationRefused) as e:
+        service = None if data is None else _training_service(agent, data, args, events)
+    except (BundleError, UnsupportedFormat, BrokerUrlError, ProtocolError, OSError, DeviceDataError) as e:
         print(f"nmoe: error: {e}", file=sys.stderr)
         return 2
     if service is not None:
@@ -208,6 +211,19 @@ def _agent(args: argparse.Namespace) -> int:
     agent.stop()
     events.close()
     return 0
+
+
+def _training_service(agent: Agent, data: DeviceData, args: argparse.Namespace, events: EventLog) -> TrainingService:
+    """The agent's part in federated training (imported only with --data: the trainer needs threadpoolctl);
+    OSError when the chosen trainer is not installed here."""
+    from device_agent.training.device_ops import OperationRefused, trainer_backend
+    from device_agent.training_service import ServiceOptions, TrainingService
+
+    try:
+        backend = trainer_backend(args.trainer)
+    except OperationRefused as e:
+        raise OSError(f"--trainer {args.trainer}: {e}") from None
+    return TrainingService(agent, data, args.state or Path(f"state-{agent.me}"), ServiceOptions(backend), events)
 
 
 def _read_password(path: Path) -> str:

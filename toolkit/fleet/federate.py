@@ -38,7 +38,7 @@ from toolkit.federated.engine import ask
 from toolkit.federated.executor import ThreadPool
 from toolkit.federated.recipe import NMoERecipe
 from toolkit.fleet.fleet_link import FleetLink
-from toolkit.fleet.remote_devices import FleetSession, RemoteDevice
+from toolkit.fleet.remote_devices import FleetSession, Initializations, RemoteDevice
 from toolkit.fleet.stage1_source import FEDAVG_JOB, take_stage1
 from toolkit.rundir import claim, finish, run_log, write_json
 from toolkit.simulation import ModelFactory
@@ -145,6 +145,7 @@ def _run(cfg: Config, out: Path, link: FleetLink, run: str, deploy: tuple[str, s
     threads = options.device_threads or torch.get_num_threads()
     setups = _every(devices, "setup", lambda d: d.setup({**cfg.to_dict(), "torch_threads": threads}), timeout)
     models = ModelFactory(cfg, *_data_shape(setups))
+    session.inits = Initializations(models, frozenset(c for c, r in enumerate(setups) if r.metrics.get("wants_init")))
     recipe = NMoERecipe(cfg, devices, models.initial, out / "checkpoints", executor=ThreadPool(),
                         availability=LiveDevices(link, n, options.wait_s), show_progress=options.show_progress)
     methods: dict[str, dict[str, Any]] = {}

@@ -38,6 +38,7 @@ from device_agent.device_models import DeviceModels
 from device_agent.expert_queries import ExpertQueryError, QueryLimits, expert_outputs
 from device_agent.training.device_ops import (
     DRAWS_TORCH_INIT,
+    INIT,
     DeviceOps,
     OperationRefused,
     Params,
@@ -53,7 +54,6 @@ from device_agent.wire.training_link import (
     send_training,
 )
 
-INIT = "init."  # TRAIN_EXPERT / PREPARE_GATE tensors: the coordinator's seeded initial parameters
 RESULTS_KEPT = 64  # RESULTs remembered by task id, for COMMANDs delivered twice
 STATE_FILE, JOURNAL_FILE, BUNDLE_DIR = "state.npz", "journal.json", "bundle"
 BEFORE = "before/"  # state.npz key prefix of a job's state before its last round

@@ -93,7 +93,8 @@ class DeviceOps(Protocol):
 
 
 OPS_MODULES = {"torch": "toolkit.device_ops", "numpy": "device_agent.training.numpy_ops"}
-DRAWS_TORCH_INIT = {"torch"}  # backends that draw the simulation's initial parameters themselves
+DRAWS_TORCH_INIT = {"torch"}  # backends that draw the simulation's initial parameters themselves; to the others
+INIT = "init."  # the coordinator sends them as tensors init.<name> (TRAIN_EXPERT: the expert, PREPARE_GATE: the gate)
 OPS_EXTRAS = {"torch": "train", "numpy": "agent"}
 Factory = Callable[[int, dict[str, Any], DeviceData, Path], DeviceOps]
 

@@ -148,8 +148,12 @@ def test_without_the_sources_fedce_the_fedavg_baseline_is_skipped_and_no_device_
                            FederateOptions(wait_s=10, show_progress=False, deploy="", stage1_from=copy))
     assert set(metrics["methods"]) == {"nmoe_fedsc_fedgate"}
     assert "baseline fedavg skipped" in (tmp_path / "run" / "run.log").read_text()
-    jobs = {m.job for p in wire if isinstance(m := _decoded(p), Command)}
+    commands = [m for p in wire if isinstance(m := _decoded(p), Command)]
+    jobs = {m.job for m in commands}
     assert "stage3_fedsc_fedgate" in jobs and not any(j.startswith("stage1") for j in jobs), jobs
+    initial = {c.op.value: {n for n in c.tensors if n.startswith("init.")} for c in commands if c.job == "stage2_fedsc"}
+    assert initial["train_expert"] == {"init.net.0.weight", "init.net.0.bias", "init.net.2.weight", "init.net.2.bias"}
+    assert {"init.final.weight", "init.body.0.weight"} <= initial["prepare_gate"]  # numpy devices ask for them
     assert metrics["fleet"]["stage1_from"] == str(copy)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.training.device_ops import INIT
 from device_agent.wire.clock import now_ms
 from device_agent.wire.training_frames import Command, Op, Result
 from device_agent.wire.training_link import new_task_id
@@ -26,8 +27,6 @@ from toolkit.federated.client import EvaluateIns, EvaluateRes, FitIns, FitRes
 from toolkit.federated.operations import ExpertIns, ExtractorIns, GateDataIns, Report
 from toolkit.fleet.fleet_link import FleetLink
 from toolkit.simulation import ModelFactory, rangate_seed
-
-INIT = "init."  # tensor-name prefix of initial parameters (device_agent.training_service reads it)
 
 
 class DeviceOffline(ConnectionError):

@@ -36,7 +36,14 @@ from device_agent.bundle import BundleError, InputSpec, load_bundle
 from device_agent.device_data import DeviceData
 from device_agent.device_models import DeviceModels
 from device_agent.expert_queries import ExpertQueryError, QueryLimits, expert_outputs
-from device_agent.training.device_ops import DeviceOps, OperationRefused, Params, load_device_ops
+from device_agent.training.device_ops import (
+    DRAWS_TORCH_INIT,
+    INIT,
+    DeviceOps,
+    OperationRefused,
+    Params,
+    load_device_ops,
+)
 from device_agent.wire.clock import now_ms
 from device_agent.wire.events import Counters, EventLog
 from device_agent.wire.training_frames import Command, Op, Result, Status
@@ -50,6 +57,11 @@ from device_agent.wire.training_link import (
 RESULTS_KEPT = 64  # RESULTs remembered by task id, for COMMANDs delivered twice
 STATE_FILE, JOURNAL_FILE, BUNDLE_DIR = "state.npz", "journal.json", "bundle"
 BEFORE = "before/"  # state.npz key prefix of a job's state before its last round
+
+
+def _initial(tensors: Params) -> Params:
+    """The initial parameters a COMMAND carries (`init.<name>`), by name."""
+    return {k.removeprefix(INIT): v for k, v in tensors.items() if k.startswith(INIT)}
 
 
 def training_version(run: str, stage1: str) -> str:
@@ -159,19 +171,19 @@ class TrainingService:
         if cmd.op == Op.FIT:
             return self._fit(ops, cmd)
         if cmd.op == Op.EVALUATE:
-            n, metrics = ops.evaluate(cmd.job, cmd.round, cmd.tensors)
+            n, metrics = ops.evaluate(cmd.job, cmd.round, cmd.tensors, cmd.seed)
             return self._result(cmd, Status.OK, n, metrics)
         if cmd.op == Op.USE_EXTRACTOR:
             n, metrics = ops.use_extractor(str(c["stage1"]), cmd.tensors)
         elif cmd.op == Op.TRAIN_EXPERT:
-            n, metrics = ops.train_expert(str(c["stage1"]), int(c["init_seed"]), cmd.seed)
+            n, metrics = ops.train_expert(str(c["stage1"]), int(c["init_seed"]), cmd.seed, _initial(cmd.tensors))
             self._serve_staging(ops, str(c["stage1"]))
         elif cmd.op == Op.PREPARE_GATE:
             stage1 = str(c["stage1"])
             version = training_version(cmd.run, stage1)
             n, metrics = ops.prepare_gate(stage1, tuple(int(e) for e in c["experts"]), lambda e, z: expert_outputs(
                 self.agent.requester, self.agent.fleet, self.agent.topics, self.agent.inbox, e, version, z,
-                self.options.query))
+                self.options.query), _initial(cmd.tensors))
         elif cmd.op == Op.COMMIT:
             n, metrics = self._commit(ops, cmd)
         else:
@@ -194,7 +206,8 @@ class TrainingService:
         return self._result(cmd, Status.OK, len(self.data.train), {
             "client": self.data.client, "num_classes": self.data.num_classes, "input_channels": c,
             "input_height": h, "input_width": w, "test_examples": len(self.data.test),
-            "global_test_examples": 0 if self.data.global_test is None else len(self.data.global_test)})
+            "global_test_examples": 0 if self.data.global_test is None else len(self.data.global_test),
+            "wants_init": float(self.options.backend not in DRAWS_TORCH_INIT)})
 
     def _fit(self, ops: DeviceOps, cmd: Command) -> Result:
         """A round, recomputed from the same state when asked again; a stale round is refused."""

@@ -71,7 +71,7 @@ class TorchOps:
         res = self._client(job).fit(FitIns(rnd, params, upload, seed))
         return res.params, res.num_examples, res.metrics
 
-    def evaluate(self, job: str, rnd: int, params: Params) -> tuple[int, Metrics]:
+    def evaluate(self, job: str, rnd: int, params: Params, seed: int = 0) -> tuple[int, Metrics]:
         stage, stage1, gate = _parse(job)
         if stage == 3 and gate == "rangate":
             res = self.device.random_gate(stage1).evaluate(EvaluateIns(rnd, params))
@@ -84,14 +84,16 @@ class TorchOps:
         report = self.device.use_extractor(ExtractorIns(stage1, extractor))
         return report.num_examples, report.metrics
 
-    def train_expert(self, stage1: str, init_seed: int, seed: int) -> tuple[int, Metrics]:
+    def train_expert(self, stage1: str, init_seed: int, seed: int, init: Params | None = None) -> tuple[int, Metrics]:
+        """(`init` is the initialization this device draws itself from init_seed.)"""
         report = self.device.train_expert(ExpertIns(stage1, init_seed, seed))
         return report.num_examples, report.metrics
 
     def expert_outputs(self, stage1: str, z: np.ndarray) -> np.ndarray:
         return self.device.expert_outputs(stage1, np.ascontiguousarray(z, np.float32))
 
-    def prepare_gate(self, stage1: str, experts: tuple[int, ...], peers: PeerOutputs) -> tuple[int, Metrics]:
+    def prepare_gate(self, stage1: str, experts: tuple[int, ...], peers: PeerOutputs,
+                     init: Params | None = None) -> tuple[int, Metrics]:
         self._outputs = peers
         try:
             report = self.device.prepare_gate(GateDataIns(stage1, experts))

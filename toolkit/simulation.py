@@ -53,6 +53,11 @@ def sgd(f: FederatedConfig, lr: float | None = None) -> OptimSpec:
     return OptimSpec("sgd", lr or f.lr, f.momentum, f.weight_decay)
 
 
+def rangate_seed(seed: int, cid: int) -> int:
+    """The seed of client `cid`'s RanGate routing."""
+    return derive_seed(seed, "rangate", cid)
+
+
 _TORCH_RNG = threading.RLock()  # building a module draws from torch's global RNG: one builder at a time
 
 
@@ -266,8 +271,7 @@ class SimDevice:
         return self._clients[job]
 
     def random_gate(self, stage1: str) -> Evaluator:
-        router = random_router(self.models.num_experts, self.cfg.model.top_k,
-                               derive_seed(self.cfg.seed, "rangate", self.cid))
+        router = random_router(self.models.num_experts, self.cfg.model.top_k, rangate_seed(self.cfg.seed, self.cid))
         return FixedEvaluator(self.cid, partial(self._evaluate_nmoe, stage1, router))
 
     def _evaluate_nmoe(self, stage1: str, router: Router) -> EvaluateRes:

@@ -54,24 +54,27 @@ class DeviceOps(Protocol):
         """Stage 1 or 3 round of `job`: merge `params`, train, return exactly `upload`, examples, metrics."""
         ...
 
-    def evaluate(self, job: str, rnd: int, params: Params) -> tuple[int, Metrics]:
-        """The device's model of `job` with the shared `params`, on its own test data."""
+    def evaluate(self, job: str, rnd: int, params: Params, seed: int = 0) -> tuple[int, Metrics]:
+        """The device's model of `job` with the shared `params`, on its own test data (`seed`: RanGate's
+        routing, for a backend that cannot derive the simulation's)."""
         ...
 
     def use_extractor(self, stage1: str, extractor: Params) -> tuple[int, Metrics]:
         """Keep Stage 1's extractor (names with the "extractor." prefix) and compute the latents."""
         ...
 
-    def train_expert(self, stage1: str, init_seed: int, seed: int) -> tuple[int, Metrics]:
-        """Stage 2: train the own expert on the own latents."""
+    def train_expert(self, stage1: str, init_seed: int, seed: int, init: Params | None = None) -> tuple[int, Metrics]:
+        """Stage 2: train the own expert on the own latents (from `init` when given, else drawn with init_seed)."""
         ...
 
     def expert_outputs(self, stage1: str, z: np.ndarray) -> np.ndarray:
         """softmax(own expert(z)), for a peer's gate data."""
         ...
 
-    def prepare_gate(self, stage1: str, experts: tuple[int, ...], peers: PeerOutputs) -> tuple[int, Metrics]:
-        """Every expert's probabilities on the own latents (the own expert's computed here)."""
+    def prepare_gate(self, stage1: str, experts: tuple[int, ...], peers: PeerOutputs,
+                     init: Params | None = None) -> tuple[int, Metrics]:
+        """Every expert's probabilities on the own latents (the own expert's computed here); `init`: the
+        gates' initial parameters, for a backend that cannot draw the simulation's."""
         ...
 
     def final_models(self, stage1: str, gate_job: str | None, shared: Params) -> FinalModels:
@@ -90,6 +93,8 @@ class DeviceOps(Protocol):
 
 
 OPS_MODULES = {"torch": "toolkit.device_ops", "numpy": "device_agent.training.numpy_ops"}
+DRAWS_TORCH_INIT = {"torch"}  # backends that draw the simulation's initial parameters themselves; to the others
+INIT = "init."  # the coordinator sends them as tensors init.<name> (TRAIN_EXPERT: the expert, PREPARE_GATE: the gate)
 OPS_EXTRAS = {"torch": "train", "numpy": "agent"}
 Factory = Callable[[int, dict[str, Any], DeviceData, Path], DeviceOps]
 

@@ -5,8 +5,11 @@ own inference runtime); the expert and the gate train with device_agent.training
 NMoE evaluation routes and combines as the agent does at inference (device_agent.nmoe_local).
 Stage 1 trains convolutions: it goes to the torch operations when torch is installed here, and is
 refused otherwise (a Raspberry Pi with the [agent] extra takes part in Stages 2 and 3 only).
-Initial parameters come from numpy generators, so the numbers are close to the simulation's
-(same updates, other draws), not equal.
+The batch order and RanGate's routing come from torch's random stream drawn in numpy
+(device_agent.training.torch_stream, seeded as the simulation seeds them), and the initial expert
+and gate are the coordinator's seeded initializations (`init.*` tensors of TRAIN_EXPERT and
+PREPARE_GATE; without them, numpy draws). What still differs from the simulation is float
+rounding: latents from ONNX Runtime, MLPs in numpy.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 
 from device_agent.bundle import InputSpec
 from device_agent.device_data import DeviceData, Split
-from device_agent.nmoe_local import combine, preprocess, random_route, softmax, top_k_route
+from device_agent.nmoe_local import combine, preprocess, softmax, top_k_route
 from device_agent.training.device_ops import (
     DeviceOps,
     FinalModels,
@@ -32,9 +35,11 @@ from device_agent.training.device_ops import (
 from device_agent.training.mlp import EXPERT, GATE, Dims
 from device_agent.training.optim import OptimSpec
 from device_agent.training.tasks import ExpertTask, GateTask
+from device_agent.training.torch_stream import TorchStream, torch_order
 
 ROUTING = "routing."  # metric routing.<e>: share of the device's top-k choices that went to expert e
 _BATCH = 512  # rows per extractor call
+GATE_INIT = "init."  # gate-data key prefix of the gate's initial parameters (from PREPARE_GATE)
 
 
 def _seed(*parts: object) -> np.random.Generator:
@@ -77,19 +82,19 @@ class NumpyOps:
         state = {**self._gate_state(job), **params}
         inputs = self._gate_inputs[stage1]
         task = GateTask(int(g["local_epochs"]), int(g["batch_size"]),
-                        OptimSpec("adam", float(g["lr"]), weight_decay=float(g["weight_decay"])))
+                        OptimSpec("adam", float(g["lr"]), weight_decay=float(g["weight_decay"])), torch_order)
         new, metrics = task.fit(state, inputs["train_z"], inputs["train_probs"], self.data.train.y, seed)
         self._gates[job] = new
         return {n: new[n] for n in upload}, len(self.data.train), metrics
 
-    def evaluate(self, job: str, rnd: int, params: Params) -> tuple[int, Metrics]:
+    def evaluate(self, job: str, rnd: int, params: Params, seed: int = 0) -> tuple[int, Metrics]:
         stage, stage1, gate = _parse(job)
         if stage == 1:
-            return self._stage1_ops().evaluate(job, rnd, params)
+            return self._stage1_ops().evaluate(job, rnd, params, seed)
         inputs, k = self._gate_inputs[stage1], int(self.config["model"]["top_k"])
-        if gate == "rangate":
-            rng = _seed(self.config["seed"], "rangate", self.cid)
-            route = lambda z: random_route(len(z), self.num_experts, k, rng)
+        if gate == "rangate":  # as toolkit.evaluate.random_router: a fresh stream of `seed` per call
+            route = lambda z: (TorchStream(seed).rand(len(z), self.num_experts).argsort(axis=1)[:, :k],
+                               np.full((len(z), k), 1.0 / k, dtype=np.float32))
         else:
             weights = {**self._gate_state(job), **params}
             route = lambda z: top_k_route(GATE.forward(weights, z)[0], k)
@@ -120,12 +125,13 @@ class NumpyOps:
                                  "public": latents(self.data.global_test)}
         return len(self.data.train), {}
 
-    def train_expert(self, stage1: str, init_seed: int, seed: int) -> tuple[int, Metrics]:
+    def train_expert(self, stage1: str, init_seed: int, seed: int, init: Params | None = None) -> tuple[int, Metrics]:
         m, e = self.config["model"], self.config["expert"]
         z = self._latents[stage1]["train"]
-        init = EXPERT.init(Dims(z.shape[1], int(m["expert_hidden"]), self.data.num_classes), _seed(init_seed))
+        if not init:
+            init = EXPERT.init(Dims(z.shape[1], int(m["expert_hidden"]), self.data.num_classes), _seed(init_seed))
         task = ExpertTask(int(e["epochs"]), int(e["batch_size"]),
-                          OptimSpec("adam", float(e["lr"]), weight_decay=float(e["weight_decay"])))
+                          OptimSpec("adam", float(e["lr"]), weight_decay=float(e["weight_decay"])), torch_order)
         self._experts[stage1], metrics = task.fit(init, z, self.data.train.y, seed)
         return len(self.data.train), metrics
 
@@ -133,7 +139,8 @@ class NumpyOps:
         out: np.ndarray = softmax(EXPERT.forward(self._experts[stage1], np.asarray(z, np.float32))[0])
         return out
 
-    def prepare_gate(self, stage1: str, experts: tuple[int, ...], peers: PeerOutputs) -> tuple[int, Metrics]:
+    def prepare_gate(self, stage1: str, experts: tuple[int, ...], peers: PeerOutputs,
+                     init: Params | None = None) -> tuple[int, Metrics]:
         z = self._latents[stage1]
 
         def probs(latents: np.ndarray) -> np.ndarray:  # [N, experts, classes]
@@ -142,7 +149,8 @@ class NumpyOps:
 
         self._gate_inputs[stage1] = {"train_z": z["train"], "train_probs": probs(z["train"]),
                                      "personal_z": z["personal"], "personal_probs": probs(z["personal"]),
-                                     "public_z": z["public"], "public_probs": probs(z["public"])}
+                                     "public_z": z["public"], "public_probs": probs(z["public"]),
+                                 **{GATE_INIT + n: np.asarray(v, np.float32) for n, v in (init or {}).items()}}
         return len(self.data.train), {}
 
     def final_models(self, stage1: str, gate_job: str | None, shared: Params) -> FinalModels:
@@ -151,8 +159,13 @@ class NumpyOps:
         return FinalModels(extractor, gate, self._experts[stage1])
 
     def _gate_state(self, job: str) -> Params:
-        """The gate of `job`, initialized (the same draw on every device, as the simulation's)."""
-        if job not in self._gates:
+        """The gate of `job`, initialized: the coordinator's initial gate given with the gate data, else a
+        numpy draw (the same on every device)."""
+        init = {k.removeprefix(GATE_INIT): v for k, v in self._gate_inputs[_parse(job)[1]].items()
+                if k.startswith(GATE_INIT)}
+        if job not in self._gates and init:
+            self._gates[job] = init
+        elif job not in self._gates:
             m = self.config["model"]
             latent = int(m["latent_dim"])
             self._gates[job] = GATE.init(Dims(latent, int(m["gate_hidden"]), self.num_experts),

@@ -38,7 +38,8 @@ from toolkit.federated.engine import ask
 from toolkit.federated.executor import ThreadPool
 from toolkit.federated.recipe import NMoERecipe
 from toolkit.fleet.fleet_link import FleetLink
-from toolkit.fleet.remote_devices import FleetSession, RemoteDevice
+from toolkit.fleet.remote_devices import FleetSession, Initializations, RemoteDevice
+from toolkit.fleet.stage1_source import FEDAVG_JOB, take_stage1
 from toolkit.run_files import FLEET_FILE
 from toolkit.rundir import claim, finish, run_log, write_json
 from toolkit.simulation import ModelFactory
@@ -63,6 +64,7 @@ class FederateOptions:
     deploy: str | None = None  # "STAGE1/GATE" to commit after training; None: the first; "": no commit
     commit_precisions: tuple[str, ...] = ("fp32", "int8")
     show_progress: bool = True
+    stage1_from: Path | None = None  # a finished run dir whose Stage 1 is taken (toolkit.fleet.stage1_source)
 
 
 class LiveDevices:
@@ -121,17 +123,19 @@ def federate(cfg: Config, out: Path, transport: Transport, options: FederateOpti
         if skipped:
             log.info("baselines %s are not run on a fleet: they need the server to hold the devices' data", skipped)
         start = time.perf_counter()
+        taken = _take_stage1(cfg, out, options.stage1_from)
         link = FleetLink(Topics(options.prefix, options.fleet), options.max_message,
                          events or EventLog(out / "coordinator.jsonl"))
         link.connect(transport, options.wait_s)
         try:
-            return _run(cfg, out, link, run, deploy, options, resuming, start, check)
+            return _run(cfg, out, link, run, deploy, options, resuming, start, check, taken)
         finally:
             link.close()
 
 
 def _run(cfg: Config, out: Path, link: FleetLink, run: str, deploy: tuple[str, str] | None,
-         options: FederateOptions, resuming: bool, start: float, check: Callable[[], None]) -> dict[str, Any]:
+         options: FederateOptions, resuming: bool, start: float, check: Callable[[], None],
+         taken: list[str] | None = None) -> dict[str, Any]:
     n = cfg.data.num_clients
     missing = set(range(n)) - link.wait_live(set(range(n)), options.wait_s, check)
     if missing:
@@ -144,10 +148,14 @@ def _run(cfg: Config, out: Path, link: FleetLink, run: str, deploy: tuple[str, s
     threads = options.device_threads or torch.get_num_threads()
     setups = _every(devices, "setup", lambda d: d.setup({**cfg.to_dict(), "torch_threads": threads}), timeout)
     models = ModelFactory(cfg, *_data_shape(setups))
+    session.inits = Initializations(models, frozenset(c for c, r in enumerate(setups) if r.metrics.get("wants_init")))
     recipe = NMoERecipe(cfg, devices, models.initial, out / "checkpoints", executor=ThreadPool(),
                         availability=LiveDevices(link, n, options.wait_s), show_progress=options.show_progress)
     methods: dict[str, dict[str, Any]] = {}
-    if "fedavg" in cfg.baselines.methods:
+    if "fedavg" in cfg.baselines.methods and taken is not None and FEDAVG_JOB not in taken:
+        log.info("baseline fedavg skipped: it is Stage 1 fedce, which --stage1-from %s did not finish",
+                 options.stage1_from)
+    elif "fedavg" in cfg.baselines.methods:
         log.info("baseline fedavg (Stage 1 fedce, evaluated by the devices)")
         methods["fedavg"] = fedavg_metrics(recipe)
     for method in cfg.stage1.methods:
@@ -158,9 +166,19 @@ def _run(cfg: Config, out: Path, link: FleetLink, run: str, deploy: tuple[str, s
     online = set(link.live())
     fleet = {"run": run, "devices": at_start, "offline_at_end": [c for c in range(n) if c not in online],
              "traffic": {"commands_bytes": traffic.sent, "results_bytes": traffic.received},
-             "counters": dict(link.counters.snapshot()), "committed": committed, "device_threads": threads}
+             "counters": dict(link.counters.snapshot()), "committed": committed, "device_threads": threads,
+             "stage1_from": None if options.stage1_from is None else str(options.stage1_from)}
     write_json(out / FLEET_FILE, fleet)
     return finish(out, cfg, methods, time.perf_counter() - start, resuming, fleet=fleet)
+
+
+def _take_stage1(cfg: Config, out: Path, source: Path | None) -> list[str] | None:
+    """With --stage1-from: copy the source's finished Stage 1 jobs into OUT (the devices train no Stage 1)."""
+    if source is None:
+        return None
+    taken = take_stage1(cfg, source, out / "checkpoints")
+    log.info("Stage 1 taken from %s: %s (no device trains Stage 1)", source, ", ".join(taken))
+    return taken
 
 
 def fedavg_metrics(recipe: NMoERecipe) -> dict[str, Any]:

@@ -38,6 +38,8 @@ examples:
   nmoe agent --data fleet-data/device-0.npz --state state/0 --broker mqtt://127.0.0.1:1883 ...  # x4
   nmoe federate configs/quick.toml --out runs/fed --broker mqtt://127.0.0.1:1883 --auth --fleet-dir fleet
   nmoe results runs/fed
+  nmoe train configs/quick.toml --out runs/sim && nmoe federate configs/quick.toml --stage1-from runs/sim ...
+                                                                  # devices without torch: Stages 2-3 only
 """
 
 
@@ -71,6 +73,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         "method with fedgate, else the first gate); 'none': keep serving what they serve")
     p.add_argument("--commit-precisions", default="fp32,int8", metavar="LIST",
                    help="model files each device rebuilds at the commit (default: fp32,int8)")
+    p.add_argument("--stage1-from", type=Path, default=None, metavar="RUN_DIR",
+                   help="take Stage 1 from a finished run dir (nmoe train or federate) whose config agrees on seed, "
+                        "data, model, federated and stage1: the devices train Stages 2-3 only (numpy devices can)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_federate)
 
@@ -117,7 +122,8 @@ def _federate(args: argparse.Namespace) -> int:
         options = FederateOptions(args.prefix, args.fleet, args.wait, args.task_timeout,
                                   device_threads=args.device_threads,
                                   deploy="" if args.deploy == "none" else args.deploy,
-                                  commit_precisions=precisions, show_progress=not args.quiet)
+                                  commit_precisions=precisions, show_progress=not args.quiet,
+                                  stage1_from=args.stage1_from)
         metrics = federate(cfg, args.out, transport, options)
     except (BrokerUrlError, BrokerError, FederateError, ConnectionError, OSError, ValueError) as e:
         print(f"nmoe: error: {e}", file=sys.stderr)

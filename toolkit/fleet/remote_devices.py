@@ -6,6 +6,9 @@ the device whose presence announces expert c. Only shared tensors cross: the Sta
 extractor, a gate's shared part; experts, a FedGate final layer and every latent stay on devices.
 A COMMAND that fails (error, refused, no RESULT before its deadline, device offline) raises, which
 the round loop records as a failure of that client (docs/federated.md).
+A device whose trainer cannot draw torch's seeded initializations (setup metric `wants_init`: the
+numpy backend) gets them as `init.*` tensors of TRAIN_EXPERT (its expert) and PREPARE_GATE (the
+gates); they are seeded random draws, the same the simulation starts from, nothing private.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from device_agent.training.device_ops import INIT
 from device_agent.wire.clock import now_ms
 from device_agent.wire.training_frames import Command, Op, Result
 from device_agent.wire.training_link import new_task_id
@@ -20,17 +26,38 @@ from toolkit.artifacts import stage1_job, stage2_job, stage3_job
 from toolkit.federated.client import EvaluateIns, EvaluateRes, FitIns, FitRes
 from toolkit.federated.operations import ExpertIns, ExtractorIns, GateDataIns, Report
 from toolkit.fleet.fleet_link import FleetLink
+from toolkit.simulation import ModelFactory, rangate_seed
 
 
 class DeviceOffline(ConnectionError):
     """No online device holds the client's expert."""
 
 
+@dataclass(frozen=True)
+class Initializations:
+    """The run's seeded initial parameters, for the clients whose device asked for them (`wanted`)."""
+
+    models: ModelFactory
+    wanted: frozenset[int]
+
+    def expert(self, cid: int, init_seed: int) -> dict[str, np.ndarray]:
+        return _init(self.models.seeded(self.models.expert, init_seed)) if cid in self.wanted else {}
+
+    def gate(self, cid: int) -> dict[str, np.ndarray]:
+        return _init(self.models.initial("gate")) if cid in self.wanted else {}
+
+
+def _init(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {INIT + name: value for name, value in params.items()}
+
+
 class FleetSession:
-    """One coordinator run on a fleet: its run id, the link and each task's time limit."""
+    """One coordinator run on a fleet: its run id, the link and each task's time limit; `inits` once the
+    devices' setup told the models' shapes."""
 
     def __init__(self, link: FleetLink, run: str, task_timeout_s: float) -> None:
         self.link, self.run, self.task_timeout_s = link, run, task_timeout_s
+        self.inits: Initializations | None = None
 
     def device_of(self, cid: int) -> str:
         """The online device holding expert `cid`."""
@@ -54,6 +81,7 @@ class RemoteClient:
     session: FleetSession
     cid: int
     job: str
+    seed: int = 0  # of an evaluation (RanGate's routing)
 
     def fit(self, ins: FitIns) -> FitRes:
         r = self.session.call(self.cid, Op.FIT, self.job, ins.round, seed=ins.seed, upload=ins.upload,
@@ -61,7 +89,7 @@ class RemoteClient:
         return FitRes(r.tensors, r.num_examples, r.metrics)
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
-        r = self.session.call(self.cid, Op.EVALUATE, self.job, ins.round, tensors=ins.params)
+        r = self.session.call(self.cid, Op.EVALUATE, self.job, ins.round, seed=self.seed, tensors=ins.params)
         return EvaluateRes(r.num_examples, r.metrics)
 
 
@@ -84,18 +112,21 @@ class RemoteDevice:
                                          config={"stage1": ins.stage1}, tensors=ins.extractor))
 
     def train_expert(self, ins: ExpertIns) -> Report:
+        init = self.session.inits.expert(self.cid, ins.init_seed) if self.session.inits else {}
         return _report(self.session.call(self.cid, Op.TRAIN_EXPERT, stage2_job(ins.stage1), seed=ins.seed,
-                                         config={"stage1": ins.stage1, "init_seed": ins.init_seed}))
+                                         config={"stage1": ins.stage1, "init_seed": ins.init_seed}, tensors=init))
 
     def prepare_gate(self, ins: GateDataIns) -> Report:
+        init = self.session.inits.gate(self.cid) if self.session.inits else {}
         return _report(self.session.call(self.cid, Op.PREPARE_GATE, stage2_job(ins.stage1),
-                                         config={"stage1": ins.stage1, "experts": list(ins.experts)}))
+                                         config={"stage1": ins.stage1, "experts": list(ins.experts)}, tensors=init))
 
     def gate(self, stage1: str, gate: str) -> RemoteClient:
         return RemoteClient(self.session, self.cid, stage3_job(stage1, gate))
 
     def random_gate(self, stage1: str) -> RemoteClient:
-        return RemoteClient(self.session, self.cid, stage3_job(stage1, "rangate"))
+        seed = rangate_seed(self.session.inits.models.cfg.seed, self.cid) if self.session.inits else 0
+        return RemoteClient(self.session, self.cid, stage3_job(stage1, "rangate"), seed)
 
     def commit(self, config: dict[str, Any], shared: dict[str, Any]) -> Result:
         """Rebuild the device's inference files with the final models and serve them (docs/federated.md)."""

@@ -20,9 +20,11 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -177,7 +179,8 @@ def write_page(out: Path, cfg: Config, sim: dict[str, Any], sim_s: float, fleet:
                load_after: str) -> None:
     equal = all(line.endswith("| yes |") for line in accuracy_rows(sim, fleet)[2:])
     lines = ["# Federated training through device agents over MQTT (bench/federated)", "",
-             ("Reproduce: `.venv/bin/python -m bench.federated` (this page). The same config and seeds run in-process "
+             (f"Reproduce: `.venv/bin/python -m bench.federated {shlex.join(sys.argv[1:])}` (this page; `make "
+              "bench-federated` runs the quick config). The same config and seeds run in-process "
              f"(`nmoe train`) and through {cfg.data.num_clients} `nmoe agent --data --trainer torch` processes on one "
              "mosquitto (`nmoe federate`), all on this machine: the agents share its cores with the coordinator."), "",
              f"Machine: {json.dumps(machine())}", "", f"Load before: {load_before}", "", f"Load after: {load_after}", "",

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,8 +45,16 @@ from toolkit.training import (
     LocalClient,
     OptimSpec,
     SupervisedTask,
+    Task,
     TensorData,
 )
+
+Place = Callable[[Task[Any]], Task[Any]]  # where a client update runs (RayExecutor.place: on Ray)
+
+
+def in_process(task: Task[Any]) -> Task[Any]:
+    """Client updates run in this process."""
+    return task
 
 
 def sgd(f: FederatedConfig, lr: float | None = None) -> OptimSpec:
@@ -184,8 +193,8 @@ class SimDevice:
     `Device`, `Peer` and `Simulated` of toolkit.federated.operations)."""
 
     def __init__(self, cid: int, cfg: Config, models: ModelFactory, train: TensorData, personal: TensorData,
-                 public: PublicTest, peers: Callable[[int], Peer]) -> None:
-        self.cid, self.cfg, self.models = cid, cfg, models
+                 public: PublicTest, peers: Callable[[int], Peer], place: Place = in_process) -> None:
+        self.cid, self.cfg, self.models, self.place = cid, cfg, models, place
         self.train, self.personal, self.public, self.peers = train, personal, public, peers
         self._clients: dict[str, LocalClient[TensorData] | LocalClient[GateData]] = {}
         self._experts: dict[str, Held] = {}  # by Stage 2 job
@@ -200,13 +209,13 @@ class SimDevice:
             init = self.models.initial(method)
             if method == "fedce":
                 task = SupervisedTask(self.models.dense, f.local_epochs, f.batch_size, sgd(f))
-                self._clients[job] = LocalClient(self.cid, task, self.train, init, self._classify)
+                self._clients[job] = LocalClient(self.cid, self.place(task), self.train, init, self._classify)
             else:
                 hybrid = method == "hybrid"
                 contrastive = ContrastiveTask(partial(self.models.contrastive, method), f.local_epochs,
                                               s1.sc_batch_size, sgd(f), s1.sc_temperature,
                                               sc_weight=s1.sc_weight if hybrid else 1.0, ce_weight=1.0 if hybrid else 0.0)
-                self._clients[job] = LocalClient(self.cid, contrastive, self.train, init)
+                self._clients[job] = LocalClient(self.cid, self.place(contrastive), self.train, init)
         return self._clients[job]
 
     def _classify(self, params: Params) -> EvaluateRes:
@@ -232,7 +241,7 @@ class SimDevice:
         task = SupervisedTask(self.models.expert, e.epochs, e.batch_size,
                               OptimSpec("adam", e.lr, weight_decay=e.weight_decay))
         init = self.models.seeded(self.models.expert, ins.init_seed)
-        params, metrics = task.fit(init, TensorData(self._latents[ins.stage1].train, self.train.y), ins.seed)
+        params, metrics = self.place(task).fit(init, TensorData(self._latents[ins.stage1].train, self.train.y), ins.seed)
         self._expert(ins.stage1).set_state(params)
         return Report(len(self.train), metrics)
 
@@ -261,7 +270,7 @@ class SimDevice:
             task = GateTask(self.models.gate, g.local_epochs, g.batch_size,
                             OptimSpec("adam", g.lr, weight_decay=g.weight_decay))
             check = lambda params: self._evaluate_nmoe(stage1, gate_router(set_params(self.models.gate(), params), k))
-            self._clients[job] = LocalClient(self.cid, task, self._gate_inputs[stage1].train,
+            self._clients[job] = LocalClient(self.cid, self.place(task), self._gate_inputs[stage1].train,
                                              self.models.initial("gate"), check)
         return self._clients[job]
 

@@ -9,8 +9,8 @@ checkpoint it (`state`), so that a resumed run is exact and `nmoe export` finds 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -77,6 +77,7 @@ class ModelFactory:
     input_shape: tuple[int, ...]
     num_classes: int
     num_experts: int
+    _initial: dict[str, Params] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def of(cls, cfg: Config, fd: FederatedData) -> ModelFactory:
@@ -119,12 +120,24 @@ class ModelFactory:
         return self.seeded(build, derive_seed(self.cfg.seed, "init", name))
 
     def initial(self, name: str) -> Params:
-        """The recipe's shared models: "fedce" (the dense model), "fedsc", "hybrid" or "gate"."""
-        if name == "fedce":
-            return self.init(self.dense, "dense")
-        if name == "gate":
-            return self.init(self.gate, "gate")
-        return self.init(partial(self.contrastive, name), name)
+        """The recipe's shared models: "fedce" (the dense model), "fedsc", "hybrid" or "gate" (built once:
+        every device starts from them; callers never change the arrays in place)."""
+        with _TORCH_RNG:
+            if name not in self._initial:
+                if name == "fedce":
+                    self._initial[name] = self.init(self.dense, "dense")
+                elif name == "gate":
+                    self._initial[name] = self.init(self.gate, "gate")
+                else:
+                    self._initial[name] = self.init(partial(self.contrastive, name), name)
+            return self._initial[name]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (a Ray task's model builder) without the initial parameters it holds."""
+        return {**self.__dict__, "_initial": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
 
 class PublicTest:
@@ -136,6 +149,7 @@ class PublicTest:
         self.data = data
         self._lock = threading.Lock()
         self._last: tuple[str, torch.Tensor] | None = None
+        self._shared: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def outputs(self, build: Callable[[], nn.Module], params: Params) -> torch.Tensor:
         """predict(build() with params, x)."""
@@ -144,6 +158,16 @@ class PublicTest:
             if self._last is None or self._last[0] != key:
                 self._last = (key, predict(set_params(build(), params), self.data.x))
             return self._last[1]
+
+    def shared(self, key: Hashable, latents: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """compute() once for every device that asks with the same `key` and the same `latents` object (the
+        output of `outputs`, e.g. every expert's probabilities on the public latents: the same for every
+        device, so N devices cost one pass over N experts instead of N, and hold one tensor)."""
+        with self._lock:
+            held = self._shared.get(key)
+            if held is None or held[0] is not latents:
+                held = self._shared[key] = (latents, compute())
+            return held[1]
 
 
 class Held:
@@ -199,6 +223,8 @@ class SimDevice:
         self._clients: dict[str, LocalClient[TensorData] | LocalClient[GateData]] = {}
         self._experts: dict[str, Held] = {}  # by Stage 2 job
         self._latents: dict[str, Latents] = {}  # by Stage 1 method
+        self._expert_modules: dict[str, tuple[Params, nn.Module]] = {}  # by Stage 1 method: (its state, built)
+        self._dense: DenseModel | None = None
         self._gate_inputs: dict[str, GateInputs] = {}  # by Stage 1 method
 
     # ---- Stage 1 -------------------------------------------------------------------------------
@@ -220,7 +246,9 @@ class SimDevice:
 
     def _classify(self, params: Params) -> EvaluateRes:
         """A dense model's accuracy on the device's own test split and on the public test set."""
-        model = set_params(self.models.dense(), params)
+        if self._dense is None:  # one module per device, loaded anew for every evaluation
+            self._dense = self.models.dense()
+        model = set_params(self._dense, params)
         public = self.public.outputs(self.models.dense, params)
         return EvaluateRes(len(self.personal), {
             "personalized_accuracy": accuracy(predict(model, self.personal.x), self.personal.y),
@@ -246,9 +274,17 @@ class SimDevice:
         return Report(len(self.train), metrics)
 
     def expert_outputs(self, stage1: str, z: np.ndarray) -> np.ndarray:
-        expert = set_params(self.models.expert(), self._expert(stage1).state)
-        probs: np.ndarray = torch.softmax(predict(expert, torch.from_numpy(z)), dim=-1).numpy()
+        with torch.no_grad():
+            probs: np.ndarray = torch.softmax(predict(self._expert_model(stage1), torch.from_numpy(z)), dim=-1).numpy()
         return probs
+
+    def _expert_model(self, stage1: str) -> nn.Module:
+        """The expert of `stage1` as a module, built once per state (N peers ask it N times)."""
+        state = self._expert(stage1).state
+        built = self._expert_modules.get(stage1)
+        if built is None or built[0] is not state:
+            built = self._expert_modules[stage1] = (state, set_params(self.models.expert(), state))
+        return built[1]
 
     # ---- Stage 3 -------------------------------------------------------------------------------
     def prepare_gate(self, ins: GateDataIns) -> Report:
@@ -258,9 +294,11 @@ class SimDevice:
             return torch.stack([torch.from_numpy(self.peers(e).expert_outputs(ins.stage1, latents.numpy()))
                                 for e in ins.experts], dim=1)
 
-        self._gate_inputs[ins.stage1] = GateInputs(GateData(z.train, probs(z.train), self.train.y),
-                                                   ExpertOutputs(z.personal, probs(z.personal)),
-                                                   ExpertOutputs(z.public, probs(z.public)))
+        own = probs(torch.cat([z.train, z.personal]))  # one request per peer for both of its own splits
+        public = self.public.shared(("gate-inputs", ins.stage1, ins.experts), z.public, lambda: probs(z.public))
+        self._gate_inputs[ins.stage1] = GateInputs(GateData(z.train, own[:len(z.train)], self.train.y),
+                                                   ExpertOutputs(z.personal, own[len(z.train):]),
+                                                   ExpertOutputs(z.public, public))
         return Report(len(self.train), {})
 
     def gate(self, stage1: str, gate: str) -> Client:

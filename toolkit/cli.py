@@ -61,8 +61,11 @@ def _train(args: argparse.Namespace) -> int:
         if missing is not None:
             print(f"nmoe: error: {missing}", file=sys.stderr)
             return 2
+        import torch
+
         from toolkit.federated.ray_executor import RayExecutor
 
+        torch.set_num_threads(1)  # this process asks and evaluates the clients from parallel threads
         ray = RayExecutor(args.ray_address)
         try:
             metrics = train(cfg, Path(args.out), show_progress=not args.quiet, executor=ray, place=ray.place)

@@ -65,11 +65,12 @@ def _train(args: argparse.Namespace) -> int:
 
         from toolkit.federated.ray_executor import RayExecutor
 
+        ray, threads = RayExecutor(args.ray_address), torch.get_num_threads()
         torch.set_num_threads(1)  # this process asks and evaluates the clients from parallel threads
-        ray = RayExecutor(args.ray_address)
         try:
             metrics = train(cfg, Path(args.out), show_progress=not args.quiet, executor=ray, place=ray.place)
         finally:
+            torch.set_num_threads(threads)
             ray.close()
     print(results_table(metrics))
     print(f"\nreport: {Path(args.out) / 'report.md'}")

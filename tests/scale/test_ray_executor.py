@@ -73,6 +73,7 @@ def test_client_data_goes_to_the_object_store_once(tmp_path: Path, ray_executor:
 def test_ray_options_give_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     base = ["train", str(TINY), "--out", str(tmp_path / "run"), "--quiet"]
+    threads = torch.get_num_threads()
     assert main([*base, "--ray-address", "127.0.0.1:9"]) == 2
     assert capsys.readouterr().err == "nmoe: error: --ray-address needs --executor ray\n"
     assert main([*base, "--executor", "ray", "--ray-address", "127.0.0.1:9"]) == 2  # nothing listens there
@@ -82,3 +83,4 @@ def test_ray_options_give_one_error_line(tmp_path: Path, capsys: pytest.CaptureF
     assert main([*base, "--executor", "ray"]) == 2
     err = capsys.readouterr().err
     assert "needs the [scale] extra" in err and err.count("\n") == 1
+    assert torch.get_num_threads() == threads  # a failed start leaves this process as it was

@@ -63,6 +63,7 @@ examples:
   nmoe broker --auth --tls --require-client-cert --devices 3 --host 192.168.1.10
   nmoe broker --auth --devices 3 --print-config   # config + ACL for your own mosquitto
   nmoe broker --auth --bundles bundles/quick --host 0.0.0.0 --websockets 9001   # phones join at http://HOST:9001/
+  nmoe broker --port 1884 --fleet-dir fleet-b --bridge-to mqtt://127.0.0.1:1883  # a second broker, bridged
 """
 
 
@@ -91,6 +92,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--fleet", default="default", help="fleet id of the ACL (default: default)")
     p.add_argument("--websockets", type=int, metavar="PORT",
                    help="also serve MQTT over WebSockets and the web device on PORT (0: a free port)")
+    bridge = p.add_argument_group("bridging to another broker (docs/scale.md)")
+    bridge.add_argument("--bridge-to", metavar="URL",
+                        help="forward the fleet's topics (<prefix>/<fleet>/#) both ways to and from the broker "
+                             "at URL (mqtt://HOST:PORT or mqtts://...): devices on either broker form one fleet")
+    bridge.add_argument("--bridge-name", default="nmoe-bridge", metavar="NAME",
+                        help="the bridge's connection name and client id on that broker (default: nmoe-bridge)")
+    bridge.add_argument("--bridge-username", metavar="USER", help="account of the bridge on that broker")
+    bridge.add_argument("--bridge-password-file", type=Path, metavar="FILE", help="its password (first line)")
+    bridge.add_argument("--bridge-ca", type=Path, metavar="FILE", help="CA of that broker's TLS certificate")
     p.add_argument("--print-config", action="store_true",
                    help="print mosquitto.conf (and the ACL) and exit without starting anything")
     p.set_defaults(func=_broker)
@@ -111,6 +121,7 @@ def _broker(args: argparse.Namespace) -> int:
 
 def _options(args: argparse.Namespace) -> BrokerOptions:
     from broker.accounts import fleet_accounts, fleet_accounts_from_bundles
+    from broker.bridge import Bridge
     from broker.process import BrokerOptions
 
     if args.auth and args.devices is None and args.bundles is None:
@@ -124,7 +135,9 @@ def _options(args: argparse.Namespace) -> BrokerOptions:
     port = args.port if args.port is not None else (8883 if args.tls else 1883)
     return BrokerOptions(args.fleet_dir, port=port, host=args.host, auth=args.auth, tls=args.tls,
                          require_client_cert=args.require_client_cert, accounts=accounts,
-                         prefix=args.prefix, fleet=args.fleet)
+                         prefix=args.prefix, fleet=args.fleet,
+                         bridge=Bridge(args.bridge_to, args.bridge_name, args.bridge_username,
+                                       args.bridge_password_file, args.bridge_ca) if args.bridge_to else None)
 
 
 def _print_config(options: BrokerOptions) -> int:

@@ -30,6 +30,7 @@ from broker.accounts import (
     password_file_text,
 )
 from broker.acl import render_acl
+from broker.bridge import Bridge, render_bridge
 from broker.child_process import dies_with_parent
 from broker.errors import BrokerError
 from broker.layout import FleetLayout, write_private
@@ -61,6 +62,7 @@ class BrokerOptions:
     accounts: tuple[Device, ...] = ()  # the devices; the operator account is always added
     prefix: str = "nmoe"  # topic prefix and fleet id of the ACL's topics
     fleet: str = "default"
+    bridge: Bridge | None = None  # forward the fleet's topics to and from another broker (broker/bridge.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "accounts", tuple(self.accounts))
@@ -156,6 +158,7 @@ def render_config(options: BrokerOptions, port: int) -> str:
         "log_type error",
         "log_type warning",
         "log_type notice",
+        *(render_bridge(options.bridge, options.prefix, options.fleet) if options.bridge else []),
         "",
     ])
 
@@ -205,7 +208,7 @@ def start_broker(options: BrokerOptions) -> RunningBroker:
     layout = options.layout
     layout.persistence.mkdir(parents=True, exist_ok=True)
     credentials = write_credentials(options)
-    layout.config.write_text(render_config(options, port))
+    write_private(layout.config, render_config(options, port))  # private: may hold a bridge's password
     log_start = layout.log.stat().st_size if layout.log.exists() else 0
     with layout.log.open("ab") as log:
         # Its own process group: Ctrl-C reaches only us, and we stop it in order; if we die, so does it.

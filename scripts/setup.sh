@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One-shot, idempotent setup on Debian/Ubuntu: system packages, then .venv with pinned Python packages.
-# Usage: scripts/setup.sh [EXTRAS]   (EXTRAS defaults to "train,agent,export,dev")
+# Usage: scripts/setup.sh [EXTRAS]   (EXTRAS defaults to "train,agent,export,web,scale,dev")
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${1:-train,agent,export,web,dev}"
+EXTRAS="${1:-train,agent,export,web,scale,dev}"
 APT_PACKAGES=(dataset-fashion-mnist mosquitto python3-venv chromium)
 command -v node >/dev/null && command -v npm >/dev/null || APT_PACKAGES+=(nodejs npm)  # the web device (android_demo/)
 

@@ -46,13 +46,32 @@ examples:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load(args.config, args.set)
+    if args.ray_address and args.executor != "ray":
+        raise ConfigError("--ray-address needs --executor ray")
     if args.dry_run:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     from toolkit.report import results_table
     from toolkit.rundir import train
 
-    metrics = train(cfg, Path(args.out), show_progress=not args.quiet)
+    if args.executor == "inprocess":
+        metrics = train(cfg, Path(args.out), show_progress=not args.quiet)
+    else:
+        missing = missing_extras_error("`nmoe train --executor ray`", EXTRA_MODULES["scale"])
+        if missing is not None:
+            print(f"nmoe: error: {missing}", file=sys.stderr)
+            return 2
+        import torch
+
+        from toolkit.federated.ray_executor import RayExecutor
+
+        ray, threads = RayExecutor(args.ray_address), torch.get_num_threads()
+        torch.set_num_threads(1)  # this process asks and evaluates the clients from parallel threads
+        try:
+            metrics = train(cfg, Path(args.out), show_progress=not args.quiet, executor=ray, place=ray.place)
+        finally:
+            torch.set_num_threads(threads)
+            ray.close()
     print(results_table(metrics))
     print(f"\nreport: {Path(args.out) / 'report.md'}")
     return 0
@@ -112,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "e.g. --set gate.rounds=5 --set data.alpha=0.1")
     train.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and stop")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--executor", choices=("inprocess", "ray"), default="inprocess",
+                       help="where the clients' updates run: one after another in this process (default), "
+                            "or as Ray tasks, one torch thread each, on a local Ray (every core) or the "
+                            "cluster of --ray-address (needs the [scale] extra); same numbers either way "
+                            "at the same torch thread count")
+    train.add_argument("--ray-address", metavar="ADDR",
+                       help="with --executor ray: join this running Ray cluster ('auto' or HOST:PORT, "
+                            "see docs/scale.md) instead of starting a local one")
     train.set_defaults(func=_train)
 
     results = sub.add_parser("results", help="print the results table of a run dir")
@@ -143,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nnmoe: interrupted; run the same command again to resume from the last completed round",
               file=sys.stderr)
         return 130
-    except (ConfigError, DataError, RunDirConflict, NoQuorumError, DamagedFile, FileNotFoundError) as e:
+    except (ConfigError, DataError, RunDirConflict, NoQuorumError, DamagedFile, FileNotFoundError,
+            ConnectionError) as e:
         print(f"nmoe: error: {e}", file=sys.stderr)
         return 2
 

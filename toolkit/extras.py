@@ -18,6 +18,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "train": ("torch", "matplotlib", "tqdm", "rich"),
     "tflite": ("ai_edge_litert",),
     "export": ("onnx", "onnxruntime", "onnxscript", "executorch", "litert_torch", "ai_edge_litert"),
+    "scale": ("ray",),
 }
 
 

@@ -21,12 +21,13 @@ from toolkit.checkpoint import JobStore, run_steps
 from toolkit.config import Config
 from toolkit.evaluate import client_accuracies, predict
 from toolkit.federated import Params
+from toolkit.federated.executor import Executor
 from toolkit.federated.recipe import NMoERecipe, failure_rows
 from toolkit.federated.summary import ACCURACIES
 from toolkit.federated_data import FederatedData, prepare
 from toolkit.models import count_macs, count_params
 from toolkit.seeding import derive_seed
-from toolkit.simulation import ModelFactory, PublicTest, SimDevice, sgd
+from toolkit.simulation import ModelFactory, Place, PublicTest, SimDevice, in_process, sgd
 from toolkit.torch_params import set_params
 from toolkit.training import SupervisedTask, TensorData
 
@@ -37,7 +38,8 @@ class Pipeline:
     """Runs every method a config selects; each job checkpoints under `checkpoints/`."""
 
     def __init__(self, cfg: Config, checkpoints: Path, show_progress: bool = True,
-                 data: FederatedData | None = None) -> None:
+                 data: FederatedData | None = None, executor: Executor | None = None,
+                 place: Place = in_process) -> None:
         self.cfg = cfg
         self.checkpoints = checkpoints
         self.show = show_progress
@@ -49,8 +51,9 @@ class Pipeline:
         self.models = ModelFactory.of(cfg, self.fd)
         public = PublicTest(self.fd.global_test)
         self.devices = [SimDevice(c, cfg, self.models, self.fd.train[c], self.fd.personal_test[c], public,
-                                  self.device) for c in range(self.n)]
-        self.recipe = NMoERecipe(cfg, self.devices, self.models.initial, checkpoints, show_progress=show_progress)
+                                  self.device, place) for c in range(self.n)]
+        self.recipe = NMoERecipe(cfg, self.devices, self.models.initial, checkpoints, executor,
+                                 show_progress=show_progress)
 
     def device(self, cid: int) -> SimDevice:
         """A device's peers reach it directly (on a fleet: over MQTT)."""

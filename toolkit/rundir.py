@@ -16,10 +16,12 @@ import torch
 
 from toolkit.config import Config, from_dict
 from toolkit.errors import RunDirConflict
+from toolkit.federated.executor import Executor
 from toolkit.federated_data import dataset_info
 from toolkit.pipeline import Pipeline
 from toolkit.report import write_report
 from toolkit.run_files import read_json
+from toolkit.simulation import Place, in_process
 
 log = logging.getLogger("nmoe")
 
@@ -96,13 +98,15 @@ def finish(out: Path, cfg: Config, methods: dict[str, Any], elapsed_s: float, re
     return metrics
 
 
-def train(cfg: Config, out: Path, show_progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) every method of cfg into `out`; returns the metrics written to metrics.json."""
+def train(cfg: Config, out: Path, show_progress: bool = True, executor: Executor | None = None,
+          place: Place = in_process) -> dict[str, Any]:
+    """Run (or resume) every method of cfg into `out`; returns the metrics written to metrics.json.
+    `executor` and `place` (e.g. a RayExecutor and its `place`) say where the clients' updates run."""
     resuming = claim(out, cfg)
     with run_log(out):
         log.info("%s run in %s (config %s)", "resuming" if resuming else "starting", out, cfg.hash()[:12])
         start = time.perf_counter()
-        pipeline = Pipeline(cfg, out / "checkpoints", show_progress)
+        pipeline = Pipeline(cfg, out / "checkpoints", show_progress, executor=executor, place=place)
         write_json(out / "dataset.json", dataset_info(pipeline.fd.splits))
         methods = pipeline.run()
         return finish(out, cfg, methods, time.perf_counter() - start, resuming, compute=pipeline.compute())

@@ -9,9 +9,10 @@ checkpoint it (`state`), so that a resumed run is exact and `nmoe export` finds 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,8 +45,16 @@ from toolkit.training import (
     LocalClient,
     OptimSpec,
     SupervisedTask,
+    Task,
     TensorData,
 )
+
+Place = Callable[[Task[Any]], Task[Any]]  # where a client update runs (RayExecutor.place: on Ray)
+
+
+def in_process(task: Task[Any]) -> Task[Any]:
+    """Client updates run in this process."""
+    return task
 
 
 def sgd(f: FederatedConfig, lr: float | None = None) -> OptimSpec:
@@ -73,6 +82,7 @@ class ModelFactory:
     input_shape: tuple[int, ...]
     num_classes: int
     num_experts: int
+    _initial: dict[str, Params] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def of(cls, cfg: Config, fd: FederatedData) -> ModelFactory:
@@ -115,12 +125,24 @@ class ModelFactory:
         return self.seeded(build, derive_seed(self.cfg.seed, "init", name))
 
     def initial(self, name: str) -> Params:
-        """The recipe's shared models: "fedce" (the dense model), "fedsc", "hybrid" or "gate"."""
-        if name == "fedce":
-            return self.init(self.dense, "dense")
-        if name == "gate":
-            return self.init(self.gate, "gate")
-        return self.init(partial(self.contrastive, name), name)
+        """The recipe's shared models: "fedce" (the dense model), "fedsc", "hybrid" or "gate" (built once:
+        every device starts from them; callers never change the arrays in place)."""
+        with _TORCH_RNG:
+            if name not in self._initial:
+                if name == "fedce":
+                    self._initial[name] = self.init(self.dense, "dense")
+                elif name == "gate":
+                    self._initial[name] = self.init(self.gate, "gate")
+                else:
+                    self._initial[name] = self.init(partial(self.contrastive, name), name)
+            return self._initial[name]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (a Ray task's model builder) without the initial parameters it holds."""
+        return {**self.__dict__, "_initial": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
 
 class PublicTest:
@@ -132,6 +154,7 @@ class PublicTest:
         self.data = data
         self._lock = threading.Lock()
         self._last: tuple[str, torch.Tensor] | None = None
+        self._shared: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def outputs(self, build: Callable[[], nn.Module], params: Params) -> torch.Tensor:
         """predict(build() with params, x)."""
@@ -140,6 +163,16 @@ class PublicTest:
             if self._last is None or self._last[0] != key:
                 self._last = (key, predict(set_params(build(), params), self.data.x))
             return self._last[1]
+
+    def shared(self, key: Hashable, latents: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """compute() once for every device that asks with the same `key` and the same `latents` object (the
+        output of `outputs`, e.g. every expert's probabilities on the public latents: the same for every
+        device, so N devices cost one pass over N experts instead of N, and hold one tensor)."""
+        with self._lock:
+            held = self._shared.get(key)
+            if held is None or held[0] is not latents:
+                held = self._shared[key] = (latents, compute())
+            return held[1]
 
 
 class Held:
@@ -189,12 +222,14 @@ class SimDevice:
     `Device`, `Peer` and `Simulated` of toolkit.federated.operations)."""
 
     def __init__(self, cid: int, cfg: Config, models: ModelFactory, train: TensorData, personal: TensorData,
-                 public: PublicTest, peers: Callable[[int], Peer]) -> None:
-        self.cid, self.cfg, self.models = cid, cfg, models
+                 public: PublicTest, peers: Callable[[int], Peer], place: Place = in_process) -> None:
+        self.cid, self.cfg, self.models, self.place = cid, cfg, models, place
         self.train, self.personal, self.public, self.peers = train, personal, public, peers
         self._clients: dict[str, LocalClient[TensorData] | LocalClient[GateData]] = {}
         self._experts: dict[str, Held] = {}  # by Stage 2 job
         self._latents: dict[str, Latents] = {}  # by Stage 1 method
+        self._expert_modules: dict[str, tuple[Params, nn.Module]] = {}  # by Stage 1 method: (its state, built)
+        self._dense: DenseModel | None = None
         self._gate_inputs: dict[str, GateInputs] = {}  # by Stage 1 method
 
     # ---- Stage 1 -------------------------------------------------------------------------------
@@ -205,18 +240,20 @@ class SimDevice:
             init = self.models.initial(method)
             if method == "fedce":
                 task = SupervisedTask(self.models.dense, f.local_epochs, f.batch_size, sgd(f))
-                self._clients[job] = LocalClient(self.cid, task, self.train, init, self._classify)
+                self._clients[job] = LocalClient(self.cid, self.place(task), self.train, init, self._classify)
             else:
                 hybrid = method == "hybrid"
                 contrastive = ContrastiveTask(partial(self.models.contrastive, method), f.local_epochs,
                                               s1.sc_batch_size, sgd(f), s1.sc_temperature,
                                               sc_weight=s1.sc_weight if hybrid else 1.0, ce_weight=1.0 if hybrid else 0.0)
-                self._clients[job] = LocalClient(self.cid, contrastive, self.train, init)
+                self._clients[job] = LocalClient(self.cid, self.place(contrastive), self.train, init)
         return self._clients[job]
 
     def _classify(self, params: Params) -> EvaluateRes:
         """A dense model's accuracy on the device's own test split and on the public test set."""
-        model = set_params(self.models.dense(), params)
+        if self._dense is None:  # one module per device, loaded anew for every evaluation
+            self._dense = self.models.dense()
+        model = set_params(self._dense, params)
         public = self.public.outputs(self.models.dense, params)
         return EvaluateRes(len(self.personal), {
             "personalized_accuracy": accuracy(predict(model, self.personal.x), self.personal.y),
@@ -237,14 +274,22 @@ class SimDevice:
         task = SupervisedTask(self.models.expert, e.epochs, e.batch_size,
                               OptimSpec("adam", e.lr, weight_decay=e.weight_decay))
         init = self.models.seeded(self.models.expert, ins.init_seed)
-        params, metrics = task.fit(init, TensorData(self._latents[ins.stage1].train, self.train.y), ins.seed)
+        params, metrics = self.place(task).fit(init, TensorData(self._latents[ins.stage1].train, self.train.y), ins.seed)
         self._expert(ins.stage1).set_state(params)
         return Report(len(self.train), metrics)
 
     def expert_outputs(self, stage1: str, z: np.ndarray) -> np.ndarray:
-        expert = set_params(self.models.expert(), self._expert(stage1).state)
-        probs: np.ndarray = torch.softmax(predict(expert, torch.from_numpy(z)), dim=-1).numpy()
+        with torch.no_grad():
+            probs: np.ndarray = torch.softmax(predict(self._expert_model(stage1), torch.from_numpy(z)), dim=-1).numpy()
         return probs
+
+    def _expert_model(self, stage1: str) -> nn.Module:
+        """The expert of `stage1` as a module, built once per state (N peers ask it N times)."""
+        state = self._expert(stage1).state
+        built = self._expert_modules.get(stage1)
+        if built is None or built[0] is not state:
+            built = self._expert_modules[stage1] = (state, set_params(self.models.expert(), state))
+        return built[1]
 
     # ---- Stage 3 -------------------------------------------------------------------------------
     def prepare_gate(self, ins: GateDataIns) -> Report:
@@ -254,9 +299,11 @@ class SimDevice:
             return torch.stack([torch.from_numpy(self.peers(e).expert_outputs(ins.stage1, latents.numpy()))
                                 for e in ins.experts], dim=1)
 
-        self._gate_inputs[ins.stage1] = GateInputs(GateData(z.train, probs(z.train), self.train.y),
-                                                   ExpertOutputs(z.personal, probs(z.personal)),
-                                                   ExpertOutputs(z.public, probs(z.public)))
+        own = probs(torch.cat([z.train, z.personal]))  # one request per peer for both of its own splits
+        public = self.public.shared(("gate-inputs", ins.stage1, ins.experts), z.public, lambda: probs(z.public))
+        self._gate_inputs[ins.stage1] = GateInputs(GateData(z.train, own[:len(z.train)], self.train.y),
+                                                   ExpertOutputs(z.personal, own[len(z.train):]),
+                                                   ExpertOutputs(z.public, public))
         return Report(len(self.train), {})
 
     def gate(self, stage1: str, gate: str) -> Client:
@@ -266,7 +313,7 @@ class SimDevice:
             task = GateTask(self.models.gate, g.local_epochs, g.batch_size,
                             OptimSpec("adam", g.lr, weight_decay=g.weight_decay))
             check = lambda params: self._evaluate_nmoe(stage1, gate_router(set_params(self.models.gate(), params), k))
-            self._clients[job] = LocalClient(self.cid, task, self._gate_inputs[stage1].train,
+            self._clients[job] = LocalClient(self.cid, self.place(task), self._gate_inputs[stage1].train,
                                              self.models.initial("gate"), check)
         return self._clients[job]
 

@@ -40,6 +40,7 @@ from toolkit.federated import (
 )
 from toolkit.federated.engine import run_federated
 from toolkit.federated_data import FederatedData, prepare
+from toolkit.gates import EXTENDED_GATES, ExtendedGates, Stage3Inputs, ceilings
 from toolkit.models import (
     GATE_FINAL_PREFIX,
     ContrastiveNet,
@@ -205,16 +206,19 @@ class Pipeline:
                           predict(ext, self.fd.global_test.x))
 
     # ---- stage 2 -----------------------------------------------------------------------------
-    def experts(self, method: str, z: LatentSets) -> list[Params]:
-        """Each client's expert, trained on its own latents only (extractor frozen)."""
+    def experts(self, method: str, z: LatentSets, subsets: list[torch.Tensor] | None = None,
+                tag: str = "") -> list[Params]:
+        """Each client's expert, trained on its own latents only (extractor frozen); with `subsets`, only on
+        those indices of each client's data (a separate job, stage2_<method>_<tag>)."""
         e = self.cfg.expert
         task = SupervisedTask(self.expert, e.epochs, e.batch_size, OptimSpec("adam", e.lr, weight_decay=e.weight_decay))
 
         def train(c: int, _prev: Params | None) -> tuple[Params, dict[str, float]]:
-            data = TensorData(z.train[c], self.fd.train[c].y)
+            keep = slice(None) if subsets is None else subsets[c]
+            data = TensorData(z.train[c][keep], self.fd.train[c].y[keep])
             return task.fit(self.init(self.expert, f"expert{c}"), data, derive_seed(self.cfg.seed, method, "expert", c))
 
-        job = stage2_job(method)
+        job = stage2_job(method) + (f"_{tag}" if tag else "")
         done = run_steps(self.store(job), self.n, train, job, "expert", self.show)
         return [p for p, _ in done]
 
@@ -244,11 +248,15 @@ class Pipeline:
         global_ = ExpertOutputs(z.global_, self.expert_probs(experts, z.global_))
         gate_data = [GateData(z.train[c], self.expert_probs(experts, z.train[c]), self.fd.train[c].y)
                      for c in range(self.n)]
+        ceiling = ceilings(personal, self.personal_y, global_, self.global_y)
+        extended = ExtendedGates(self, Stage3Inputs(method, z, experts, personal, global_, gate_data))
         out = {}
         for gate in self.cfg.gate.methods:
             if gate == "rangate":
                 routers = [random_router(self.n, self.k, derive_seed(self.cfg.seed, "rangate", c)) for c in range(self.n)]
                 result, up, down = self.nmoe_accuracy(routers, personal, global_), 0, 0
+            elif gate in EXTENDED_GATES:
+                result, up, down = extended.run(gate)
             else:
                 job = self.gate_job(method, gate, gate_data, personal, global_)
                 routers = [gate_router(set_params(self.gate(), job.client_models[c]), self.k) for c in range(self.n)]
@@ -257,6 +265,7 @@ class Pipeline:
                 up, down = bytes_of(job.ledger)
             result["upload_bytes"] = s1.upload_bytes + up
             result["download_bytes"] = s1.download_bytes + down
+            result["ceiling"] = ceiling
             out[f"nmoe_{method}_{gate}"] = result
         return out
 

@@ -1,4 +1,4 @@
 """The fleet's MQTT broker: mosquitto as a child process (`process`) with accounts, ACL and TLS files.
 
-Stdlib only, plus `device_agent.wire.protocol` (topics) and `device_agent.bundle` (which devices exist).
+Stdlib only, plus `device_agent.wire.protocol` (topics); device ids come from the bundles' manifest.json.
 """

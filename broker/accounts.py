@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -11,11 +12,12 @@ from pathlib import Path
 
 from broker.errors import BrokerError
 from broker.layout import FleetLayout, write_private
-from device_agent.bundle import BundleError, load_bundle
 
 OPERATOR = "operator"  # the trial driver, coordinator and apps: sends inference and expert requests
 PASSWORD_ITERATIONS = 101  # mosquitto_passwd's default; the passwords are 256-bit random anyway
 SALT_BYTES = 12  # as mosquitto_passwd
+MANIFEST = "manifest.json"  # a bundle's manifest (docs/bundle.md); the broker reads two of its fields
+MAX_MANIFEST_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -51,19 +53,37 @@ def fleet_accounts(n: int) -> tuple[Device, ...]:
 
 
 def fleet_accounts_from_bundles(bundles_dir: Path) -> tuple[Device, ...]:
-    """One account per verified bundle `bundles_dir/device-*/`, ordered by expert id."""
+    """One account per bundle `bundles_dir/device-*/`, ordered by expert id."""
     try:
         folders = [p for p in Path(bundles_dir).iterdir() if p.name.startswith("device-") and p.is_dir()]
     except OSError as e:
         raise BrokerError(f"{bundles_dir}: cannot read the bundles dir ({e.strerror or e})") from None
     if not folders:
         raise BrokerError(f"{bundles_dir}: no device-*/ bundle folders (write them with `nmoe export`)")
+    return tuple(sorted(map(device_of_bundle, folders), key=lambda d: (d.expert_id, d.device_id)))
+
+
+def device_of_bundle(folder: Path) -> Device:
+    """The `device_id` and `expert_id` of `folder/manifest.json` (the agent verifies the rest)."""
+    path = folder / MANIFEST
     try:
-        manifests = [load_bundle(folder).manifest for folder in folders]
-    except BundleError as e:
-        raise BrokerError(str(e)) from None
-    return tuple(sorted((Device(m.device_id, m.expert_id) for m in manifests),
-                        key=lambda d: (d.expert_id, d.device_id)))
+        with path.open("rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise BrokerError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        manifest = json.loads(raw) if len(raw) <= MAX_MANIFEST_BYTES else None
+    except (ValueError, RecursionError) as e:
+        raise BrokerError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise BrokerError(f"{path}: expected a JSON object of at most {MAX_MANIFEST_BYTES} bytes (a bundle "
+                          "manifest written by `nmoe export`)")
+    device_id, expert_id = manifest.get("device_id"), manifest.get("expert_id")
+    if not isinstance(device_id, str):
+        raise BrokerError(f"{path}: device_id: expected a string, got {device_id!r}")
+    if isinstance(expert_id, bool) or not isinstance(expert_id, int) or expert_id < 0:
+        raise BrokerError(f"{path}: expert_id: expected an integer >= 0, got {expert_id!r}")
+    return Device(device_id, expert_id)
 
 
 def ensure_passwords(layout: FleetLayout, accounts: Iterable[str]) -> dict[str, str]:
@@ -80,9 +100,11 @@ def ensure_passwords(layout: FleetLayout, accounts: Iterable[str]) -> dict[str, 
 def read_password(path: Path) -> str:
     """The password in `path` (surrounding whitespace ignored)."""
     try:
-        password = path.read_text().strip()
+        password = path.read_bytes().decode("utf-8").strip()
     except OSError as e:
         raise BrokerError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise BrokerError(f"{path}: not UTF-8 text; delete it to generate a new password") from None
     if not password:
         raise BrokerError(f"{path}: empty password file; delete it to generate a new password")
     return password

@@ -11,6 +11,8 @@ setpriv, but is unsafe in a process with threads, like any with a paho connectio
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
 import sys
 
 
@@ -18,3 +20,14 @@ def dies_with_parent(command: list[str]) -> list[str]:
     """`command`, made to get SIGTERM when this process dies where the platform allows it."""
     setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
     return command if setpriv is None else [setpriv, "--pdeathsig", "TERM", "--", *command]
+
+
+def stop_child(process: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM a child, wait up to `timeout_s` for it, SIGKILL it if it hangs."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

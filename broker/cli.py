@@ -9,6 +9,7 @@ import argparse
 import ipaddress
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -33,7 +34,8 @@ limit (larger messages are dropped).
 0 .. N-1) or --bundles DIR (each DIR/device-*/manifest.json written by `nmoe export`), plus
 `operator` for the trial driver, coordinator and apps. Passwords are generated once into
 FLEET/credentials/<account>.password (mode 0600) and kept across restarts. Anonymous clients are
-refused, and the ACL allows
+refused; the username is the client id (one connection per account: a device cannot take over
+another's session), and the ACL allows
   a device  to publish: its presence, its replies (reply/+/<device>), expert requests (expert/+/req)
             to read:    presence/+, reply/<device>/+, expert/<its expert>/req, infer/<device>/req
   operator  to publish: infer/+/req, expert/+/req;  to read: presence/+, reply/operator/+
@@ -43,6 +45,11 @@ refused, and the ACL allows
 a server certificate for --host (also valid for 127.0.0.1 and localhost) and a certificate per
 account (FLEET/credentials/<account>.crt and .key) are made with openssl once and kept.
 --require-client-cert also refuses clients without a certificate of the fleet CA.
+
+--websockets PORT also starts a WebSocket endpoint carrying MQTT to mosquitto (ws://HOST:PORT/mqtt,
+wss:// with --tls; the same accounts and ACL) and serves the web device (android_demo/, built by
+scripts/setup.sh) at http://HOST:PORT/, with --bundles their folders at /bundles/: a phone on the
+LAN joins the fleet by opening that URL (docs/broker.md, android_demo/README.md).
 
 --print-config prints mosquitto.conf (and with --auth the ACL) for a mosquitto you run yourself,
 and starts nothing; make its password file with `mosquitto_passwd`.
@@ -55,6 +62,7 @@ examples:
   nmoe broker --auth --bundles bundles/quick --fleet-dir fleets/quick --port 0   # any free port
   nmoe broker --auth --tls --require-client-cert --devices 3 --host 192.168.1.10
   nmoe broker --auth --devices 3 --print-config   # config + ACL for your own mosquitto
+  nmoe broker --auth --bundles bundles/quick --host 0.0.0.0 --websockets 9001   # phones join at http://HOST:9001/
 """
 
 
@@ -62,7 +70,7 @@ class _Stop(Exception):
     """A stop signal arrived (SIGINT, SIGTERM or SIGHUP)."""
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `nmoe broker`."""
     p = subparsers.add_parser("broker", help="run the fleet's MQTT broker (mosquitto) with credentials and ACL",
                               description=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,6 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     who.add_argument("--bundles", type=Path, metavar="DIR", help="accounts for the bundles DIR/device-*/")
     p.add_argument("--prefix", default="nmoe", help="topic prefix of the ACL (default: nmoe)")
     p.add_argument("--fleet", default="default", help="fleet id of the ACL (default: default)")
+    p.add_argument("--websockets", type=int, metavar="PORT",
+                   help="also serve MQTT over WebSockets and the web device on PORT (0: a free port)")
     p.add_argument("--print-config", action="store_true",
                    help="print mosquitto.conf (and the ACL) and exit without starting anything")
     p.set_defaults(func=_broker)
@@ -89,7 +99,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _broker(args: argparse.Namespace) -> int:
     try:
         options = _options(args)
-        return _print_config(options) if args.print_config else _serve(options, args.bundles)
+        if args.websockets is not None:
+            from broker.websocket_bridge import check_bridge_options
+
+            check_bridge_options(options, args.websockets)
+        return _print_config(options) if args.print_config else _serve(options, args.bundles, args.websockets)
     except BrokerError as e:
         print(f"nmoe: error: {e}", file=sys.stderr)
         return 2
@@ -129,16 +143,18 @@ def _print_config(options: BrokerOptions) -> int:
     return 0
 
 
-def _serve(options: BrokerOptions, bundles: Path | None) -> int:
+def _serve(options: BrokerOptions, bundles: Path | None, websockets: int | None = None) -> int:
     """Start the broker, print how to connect, wait for a stop signal; the child never outlives us."""
     from broker.process import start_broker
+    from broker.websocket_bridge import bridge_for, bridge_log, print_bridge, wait_either
 
     previous = {sig: signal.signal(sig, _on_stop_signal) for sig in STOP_SIGNALS}
     try:
-        with start_broker(options) as running:
-            _print_started(running, bundles)
-            status = running.process.wait()
-        print(f"nmoe: error: mosquitto exited with status {status}; see {options.layout.log}", file=sys.stderr)
+        with start_broker(options) as running, bridge_for(running, websockets, bundles) as bridge:
+            _print_started(running, bundles, lambda: bridge and print_bridge(running, bridge))
+            name, status = wait_either(running.process, bridge)
+        log = options.layout.log if name == "mosquitto" else bridge_log(options.layout)
+        print(f"nmoe: error: {name} exited with status {status}; see {log}", file=sys.stderr)
         return 1
     except _Stop as e:
         print(f"nmoe broker: stopped ({e})", file=sys.stderr)
@@ -154,7 +170,7 @@ def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
-def _print_started(running: RunningBroker, bundles: Path | None) -> None:
+def _print_started(running: RunningBroker, bundles: Path | None, more: Callable[[], object] = lambda: None) -> None:
     options, layout = running.options, running.options.layout
     print(f"nmoe broker: {running.url} (mosquitto pid {running.process.pid})")
     print(f"fleet dir: {layout.root} (mosquitto.conf, mosquitto.log, persistence in mosquitto/)")
@@ -169,6 +185,7 @@ def _print_started(running: RunningBroker, bundles: Path | None) -> None:
     print(f"an agent connects with:\n  nmoe agent --bundle {bundle} {_connect_args(running, device)}")
     if running.credentials:
         print("the operator (trial driver, coordinator, apps) with:\n  " + _connect_args(running, "operator"))
+    more()
     print("Ctrl-C or SIGTERM stops it.", flush=True)
 
 

@@ -2,8 +2,8 @@
 
 `start_broker(BrokerOptions(...))` is the one way tests, `nmoe broker` and `nmoe trial` start the
 fleet's broker. With `auth` it writes per-account passwords and an ACL, with `tls` a CA and
-certificates; `RunningBroker.credentials` says where. Stdlib only (plus the protocol's topics and
-the bundle loader): mosquitto is the Debian binary, never a Python dependency.
+certificates; `RunningBroker.credentials` says where. Stdlib only (plus the protocol's topics):
+mosquitto is the Debian binary, never a Python dependency.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class RunningBroker:
     options: BrokerOptions
     port: int
     config_path: Path
-    process: subprocess.Popen = field(repr=False)
+    process: subprocess.Popen[bytes] = field(repr=False)
     credentials: dict[str, FleetCredential] = field(default_factory=dict)  # empty without auth/TLS
 
     @property
@@ -170,7 +170,10 @@ def _tls_lines(options: BrokerOptions, layout: FleetLayout) -> list[str]:
 def _auth_lines(options: BrokerOptions, layout: FleetLayout) -> list[str]:
     if not options.auth:
         return ["allow_anonymous true"]
-    return ["allow_anonymous false", f"password_file {layout.password_file}", f"acl_file {layout.acl_file}"]
+    # The client id becomes the username: an account can only ever hold its own session, so a
+    # device's credentials cannot take over (and disconnect) another device's connection.
+    return ["allow_anonymous false", f"password_file {layout.password_file}", f"acl_file {layout.acl_file}",
+            "use_username_as_clientid true"]
 
 
 def write_credentials(options: BrokerOptions) -> dict[str, FleetCredential]:
@@ -240,7 +243,7 @@ def _bind(host: str, port: int) -> int:
         raise BrokerError(f"cannot resolve the listener host {host!r}: {e.strerror or e}") from None
     try:
         with socket.create_server((host, port), family=family) as s:
-            return s.getsockname()[1]
+            return int(s.getsockname()[1])
     except OSError as e:  # create_server's message repeats the address: keep the reason only
         reason = os.strerror(e.errno) if e.errno else str(e)
         hint = " (another broker? choose another --port, or 0 for a free one)" if port else ""

@@ -77,7 +77,7 @@ class _Openssl:
                       "-out", work / "key")
             self._run("req", "-new", "-config", work / "openssl.cnf", "-key", work / "key",
                       "-subj", subject, "-out", work / "csr")
-            signer = ["-signkey", work / "key"] if ca is None else ["-CA", ca[0], "-CAkey", ca[1]]
+            signer: list[str | Path] = ["-signkey", work / "key"] if ca is None else ["-CA", ca[0], "-CAkey", ca[1]]
             days = CA_DAYS if ca is None else CERT_DAYS
             self._run("x509", "-req", "-in", work / "csr", *signer, "-days", str(days),
                       "-set_serial", f"0x{secrets.token_hex(16)}", "-extfile", work / "ext.cnf",

@@ -1,15 +1,18 @@
 """The device agent: serves its expert and local inference, and classifies with the whole fleet.
 
 `Agent.infer(images)`: preprocess -> extractor -> gate (or random routing) -> top-k among the live
-experts -> its own expert in-process while the other chosen experts are asked concurrently over
-the transport (one REQUEST per expert, at most max_batch rows each) -> combine with the gate
-weights, renormalized over the experts that answered before the deadline. A row whose chosen
-experts all failed is answered by the device's own expert, so an inference never fails while
-the device itself works.
+experts (suspect peers left out) -> its own expert in-process while the other chosen experts are
+asked concurrently over the transport (one REQUEST per expert, at most max_batch rows each) ->
+combine with the gate weights, renormalized over the experts that answered before the deadline.
+A row whose chosen experts all failed is answered by the device's own expert, so an inference
+never fails while the device itself works. `begin` + `finish` are the two halves of `infer`
+around the wait for the peers.
 
 Threads: the transport's thread handles every incoming message (presence, requests are only
-checked and queued, replies are matched); one worker per `RequestServer` runs the models;
-`infer` runs on the caller's thread (or the infer server's worker for `infer/{me}/req`).
+checked and queued, replies are matched by the `Requester`); one worker per `RequestServer` runs
+the models; `infer` runs on the caller's thread. For `infer/{me}/req` the infer server's worker
+runs `begin` and parks the inference (a `Deferred`) until its peers have answered or its deadline
+passed, serving the next requests meanwhile: an inference waits only for the experts it asked.
 """
 
 from __future__ import annotations
@@ -18,35 +21,37 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
 from device_agent.bundle import Bundle
 from device_agent.device_models import RUNTIME_NAMES, DeviceModels, model_version
 from device_agent.nmoe_local import combine, preprocess, softmax
-from device_agent.routing import Route, gate_route, random_live_route
-from device_agent.serving import RequestServer, Served, ServerLimits
+from device_agent.routing import Route, Suspects, gate_route, random_live_route
+from device_agent.sample_check import check_against_samples
+from device_agent.serving import Deferred, RequestServer, Served, ServerLimits
 from device_agent.wire.clock import now_ms
 from device_agent.wire.events import Counters, EventLog
 from device_agent.wire.fleet_view import FleetView
 from device_agent.wire.protocol import (
+    PROTOCOL_VERSIONS,
     Caps,
-    ErrorCode,
-    ErrorResponse,
     ExpertRequest,
     ExpertResponse,
     Presence,
     ProtocolError,
+    RawInput,
     TopicKind,
     Topics,
     encode,
     encode_presence,
-    new_correlation_id,
+    raw_input_error,
 )
-from device_agent.wire.requester import Call, CallGroup, ReplyRouter
-from device_agent.wire.tensor_codec import ENCODINGS, Encoding
+from device_agent.wire.requester import Call, Fate, Requester
+from device_agent.wire.tensor_codec import ENCODINGS, TENSOR_ENCODINGS, Encoding
 from device_agent.wire.transport import ConnectionEvent, Publication, Transport, publish_packet_size
 
 
@@ -60,6 +65,9 @@ class AgentConfig:
     deadline_ms: int = 1000  # how long an inference waits for peer experts
     limits: ServerLimits = field(default_factory=ServerLimits)
     seed: int = 0  # random routing: the generator is seeded [seed, expert_id], as in LocalNMoE
+    suspect_ms: int = 2000  # a peer that missed a deadline is avoided this long (doubling per miss, max 30 s)
+    busy_backoff_ms: int = 250  # a peer that answered BUSY is avoided this long
+    check_samples: bool = True  # refuse to start (BundleError) when the models do not reproduce samples.npz
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,8 @@ class InferenceResult:
     answered: tuple[int, ...]  # experts whose outputs were combined (own included)
     missing: dict[int, str]  # chosen expert -> why it is not combined (timeout, busy, offline...)
     rerouted: dict[int, int]  # unavailable expert -> inputs routed elsewhere before sending
+    avoided: tuple[int, ...]  # live experts left out of routing because their device is suspect
+    zero_weight_skipped: int  # (input, peer expert) pairs not asked: the gate weight was exactly 0
     fallback_rows: int  # inputs that lost every chosen expert and got the own expert alone
     latency_ms: dict[str, float]  # extract, route, send, own_expert, peers (send to last reply), total
     remote_ms: dict[int, float]  # round trip per peer expert that answered
@@ -81,21 +91,56 @@ class InferenceResult:
     bytes_received: int  # MQTT packets of the replies matched to them
 
 
+@dataclass
+class PendingInference:
+    """An inference between `begin` and `finish`: what was computed and asked so far."""
+
+    requests: Sequence[ExpertRequest]
+    z: np.ndarray  # latents [N, D]
+    route: Route
+    idx: np.ndarray  # [N, k] experts; `finish` puts the own expert first in fallback rows
+    weights: np.ndarray  # [N, k]; renormalized by `finish` over the answers
+    avoided: tuple[int, ...]
+    outputs: dict[int, np.ndarray]  # expert -> probs [N, C] (rows it was asked for)
+    have: dict[int, np.ndarray]  # expert -> [N] bool: rows whose output is in
+    missing: dict[int, str]
+    skipped: np.ndarray  # [N, k] bool: peer choices not asked because their weight is exactly 0
+    calls: list[Call[np.ndarray]]  # context: the rows each call asked for
+    until: float  # time.monotonic() when the peers' deadline passes
+    bytes_sent: int
+    marks: dict[str, float]  # time.perf_counter() at start, extracted, routed, sent, own_done
+
+    def calls_for(self, rows: slice) -> list[Call[np.ndarray]]:
+        """The calls that asked for any of `rows`."""
+        a, b, _ = rows.indices(len(self.z))
+        return [c for c in self.calls if ((c.context >= a) & (c.context < b)).any()]
+
+    def ready(self, rows: slice = slice(None)) -> bool:
+        """Every peer asked for `rows` has answered (or failed)."""
+        return all(c.fate is not None for c in self.calls_for(rows))
+
+
 class Agent:
-    """One device: its bundle's models, a transport, and the fleet it sees through presence."""
+    """One device: its bundle's models, a transport, and the fleet it sees through presence.
+
+    BundleError at construction when its models do not reproduce the bundle's samples.npz
+    (`sample_check`; off with `AgentConfig(check_samples=False)`)."""
 
     def __init__(self, bundle: Bundle, transport: Transport, models: DeviceModels,
                  config: AgentConfig | None = None, events: EventLog | None = None) -> None:
         m = bundle.manifest
         self.bundle, self.transport, self.models = bundle, transport, models
         self.config = config or AgentConfig()
+        if self.config.check_samples:
+            check_against_samples(bundle, models)
         self.events = events or EventLog()
         self.me, self.expert_id = m.device_id, m.expert_id
         self.model_version = model_version(bundle)
         self.topics = Topics(self.config.prefix, self.config.fleet)
         self.inbox = self.topics.reply(self.me)  # ProtocolError for a device id the protocol refuses
-        self.fleet = FleetView(self.me)
-        self.replies = ReplyRouter()
+        self.fleet = FleetView(self.me, self.events)
+        self.requester: Requester[np.ndarray] = Requester(self._publish, self.events)
+        self.suspects = Suspects(self.config.suspect_ms / 1000, self.config.busy_backoff_ms / 1000)
         self.counters = Counters()
         self.connected = threading.Event()
         self._rng = np.random.default_rng([self.config.seed, self.expert_id])
@@ -107,8 +152,8 @@ class Agent:
                    lambda z, _requests: softmax(self.models.expert.run(z))),
             limits, self.topics, self.me, self._publish, self.events)
         self.infer_server = RequestServer(
-            Served("infer", self.expert_id, self.model_version, tuple(m.input.shape), ENCODINGS,
-                   lambda images, requests: self.infer(images, requests).probs, to_input=_pixels),
+            Served("infer", self.expert_id, self.model_version, tuple(m.input.shape), TENSOR_ENCODINGS,
+                   self._serve_inference, to_input=_pixels),
             limits, self.topics, self.me, self._publish, self.events)
 
     # lifecycle -------------------------------------------------------------------------------
@@ -144,16 +189,19 @@ class Agent:
         return self.fleet.wait_for(experts - {self.expert_id}, self.model_version, timeout_s)
 
     def stats(self) -> dict[str, dict[str, int | float]]:
-        """Every counter: the agent's, both servers', the reply router's and the presence view's."""
+        """Every counter: the agent's, both servers', the requester's and the presence view's."""
         return {"agent": dict(self.counters.snapshot()), "expert_server": self.expert_server.stats(),
-                "infer_server": self.infer_server.stats(), "replies": dict(self.replies.counters.snapshot()),
+                "infer_server": self.infer_server.stats(), "replies": dict(self.requester.counters.snapshot()),
                 "presence": dict(self.fleet.counters.snapshot())}
 
     def presence(self) -> Presence:
         """This device's birth presence, stamped now."""
         caps = Caps((RUNTIME_NAMES.get(self.models.format, self.models.format),), ENCODINGS,
                     self.config.limits.max_batch)
-        return Presence(self.me, self.expert_id, "online", self.model_version, caps, time.time())
+        spec = self.bundle.manifest.input
+        raw = RawInput(tuple(spec.shape)) if spec.dtype == "uint8" else None
+        return Presence(self.me, self.expert_id, "online", self.model_version, caps, time.time(),
+                        PROTOCOL_VERSIONS, raw)
 
     # inference -------------------------------------------------------------------------------
 
@@ -163,76 +211,130 @@ class Agent:
         `requests`: the inference requests from the wire whose rows `images` are, in order; the
         event log names them by correlation id, with the experts combined for their rows.
         """
-        start = time.perf_counter()
+        pending = self.begin(images, requests)
+        self.requester.wait(pending.calls, pending.until)
+        return self.finish(pending)
+
+    def begin(self, images: np.ndarray, requests: Sequence[ExpertRequest] = (),
+              wake: Callable[[], None] | None = None) -> PendingInference:
+        """Extract, route, ask the peers and run the own expert; `wake()` runs whenever a peer's call
+        ends (on the thread that ended it). `finish` completes it."""
+        marks = {"start": time.perf_counter()}
         deadline_ms = now_ms() + self.config.deadline_ms
         until = time.monotonic() + self.config.deadline_ms / 1000
         z = self.models.extractor.run(preprocess(images, self.bundle.manifest.input))
-        extracted = time.perf_counter()
-        route = self._route(z)
+        marks["extracted"] = time.perf_counter()
+        route, avoided = self._route(z)
         idx, weights = route.experts.copy(), route.weights.copy()
-        routed = time.perf_counter()
-        group = CallGroup()
-        missing, bytes_sent = self._send(z, idx, group, deadline_ms)
-        sent = time.perf_counter()
+        marks["routed"] = time.perf_counter()
+        skipped = (weights == 0) & (idx != self.expert_id)  # contributes exactly 0: not worth asking
+        calls, missing, bytes_sent = self._send(z, np.where(skipped, -1, idx), deadline_ms,
+                                                self.config.deadline_ms / 1000, wake)
+        marks["sent"] = time.perf_counter()
         outputs = {int(e): np.zeros((len(z), self.bundle.manifest.num_classes), np.float32)
                    for e in np.unique(idx)}
         have = {e: np.zeros(len(z), bool) for e in outputs}
         if self.expert_id in outputs:
             self._run_own(z, np.nonzero(idx == self.expert_id)[0], outputs, have)
-        own_done = time.perf_counter()
-        group.wait(until)
-        self.replies.forget(group)
+        marks["own_done"] = time.perf_counter()
+        return PendingInference(requests, z, route, idx, weights, avoided, outputs, have, missing, skipped, calls,
+                                until, bytes_sent, marks)
+
+    def finish(self, p: PendingInference, rows: slice = slice(None)) -> InferenceResult:
+        """Combine what the peers answered for `rows` (all by default: a contiguous part, e.g. one wire
+        request of a micro-batch, can finish before the others); their calls still unanswered time out now."""
+        a, b, _ = rows.indices(len(p.z))
+        calls = p.calls_for(rows)
+        self.requester.give_up(calls)
         waited = time.perf_counter()
-        remote_ms, bytes_received = self._collect(group, outputs, have, missing)
-        fallback = self._renormalize(z, idx, weights, outputs, have)
+        remote_ms, missing = self._collect(p, calls)
+        missing |= {e: why for e, why in p.missing.items() if (p.idx[rows] == e).any()}
+        z, idx, weights = p.z[rows], p.idx[rows], p.weights[rows]  # views: fallback rows are written back
+        outputs = {e: out[rows] for e, out in p.outputs.items()}
+        have = {e: h[rows] for e, h in p.have.items()}
+        fallback = self._renormalize(z, idx, weights, outputs, have, p.skipped[rows])
         experts = {e: (lambda _z, e=e: outputs[e][np.nonzero(idx == e)[0]]) for e in outputs}
         probs = combine(z, idx, weights, experts, self.bundle.manifest.num_classes)
+        owned = [c for c in p.calls if a <= c.context[0] < b]  # each call's bytes count in one part
+        m = p.marks
         result = InferenceResult(
             id=f"{self.me}-{next(self._ids)}", labels=probs.argmax(axis=1), probs=probs, experts=idx,
             weights=weights, answered=tuple(sorted(e for e in outputs if have[e].any())),
-            missing={e: missing[e] for e in sorted(missing)}, rerouted=route.rerouted,
-            fallback_rows=fallback,
-            latency_ms={"extract": _ms(start, extracted), "route": _ms(extracted, routed),
-                        "send": _ms(routed, sent), "own_expert": _ms(sent, own_done),
-                        "peers": _ms(routed, waited),
-                        "total": _ms(start, time.perf_counter())},
-            remote_ms=remote_ms, bytes_sent=bytes_sent, bytes_received=bytes_received)
-        self._record(result, _answered_per_request(requests, have))
+            missing={e: missing[e] for e in sorted(missing)}, rerouted=p.route.rerouted(rows),
+            avoided=p.avoided, zero_weight_skipped=int(p.skipped[rows].sum()), fallback_rows=fallback,
+            latency_ms={"extract": _ms(m["start"], m["extracted"]), "route": _ms(m["extracted"], m["routed"]),
+                        "send": _ms(m["routed"], m["sent"]), "own_expert": _ms(m["sent"], m["own_done"]),
+                        "peers": _ms(m["routed"], waited), "total": _ms(m["start"], time.perf_counter())},
+            remote_ms=remote_ms, bytes_sent=sum(c.request_bytes for c in owned),
+            bytes_received=sum(c.reply_bytes for c in owned))
+        self._record(result, _answered_per_request(p.requests, p.have, a, b))
         return result
 
-    def _route(self, z: np.ndarray) -> Route:
-        """The chosen experts among those usable right now (only our own while disconnected)."""
-        m = self.bundle.manifest
-        live = {self.expert_id}
-        if self.connected.is_set():
-            live |= {e for e in self.fleet.live_experts(self.model_version) if e < m.num_experts}
-        if self.models.gate is not None:
-            return gate_route(self.models.gate.run(z), m.top_k, live)
-        with self._rng_lock:
-            return random_live_route(len(z), m.num_experts, m.top_k, live, self._rng)
+    def _serve_inference(self, images: np.ndarray, requests: Sequence[ExpertRequest]) -> np.ndarray | list[Deferred]:
+        """The infer server's computation: one batch begun at once, each request answered as soon as the
+        peers its own rows asked have answered (or at the deadline)."""
+        pending = self.begin(images, requests, self.infer_server.wake)
+        if pending.ready():
+            return self.finish(pending).probs
+        bounds = np.cumsum([0, *(len(q.latent) for q in requests)])
+        return [self._deferred(pending, slice(int(a), int(b))) for a, b in itertools.pairwise(bounds)]
 
-    def _send(self, z: np.ndarray, idx: np.ndarray, group: CallGroup,
-              deadline_ms: int) -> tuple[dict[int, str], int]:
-        """One REQUEST per peer expert (per max_batch rows); returns experts not asked, bytes sent."""
+    def _deferred(self, p: PendingInference, rows: slice) -> Deferred:
+        return Deferred(p.until, lambda: p.ready(rows), lambda: self.finish(p, rows).probs)
+
+    def _route(self, z: np.ndarray) -> tuple[Route, tuple[int, ...]]:
+        """The chosen experts among those usable right now (only our own while disconnected), and the
+        live experts left out because their device is suspect."""
+        m = self.bundle.manifest
+        live, avoided = {self.expert_id}, set()
+        if self.connected.is_set():
+            usable = {e for e in self.fleet.live_experts(self.model_version) if e < m.num_experts}
+            live |= {e for e in self.fleet.live_experts(self.model_version, self.suspects.avoided())
+                     if e < m.num_experts}
+            avoided = usable - live
+        if self.models.gate is not None:
+            return gate_route(self.models.gate.run(z), m.top_k, live), tuple(sorted(avoided))
+        with self._rng_lock:
+            return random_live_route(len(z), m.num_experts, m.top_k, live, self._rng), tuple(sorted(avoided))
+
+    def _send(self, z: np.ndarray, idx: np.ndarray, deadline_ms: int, wait_s: float,
+              wake: Callable[[], None] | None) -> tuple[list[Call[np.ndarray]], dict[int, str], int]:
+        """One REQUEST per peer expert (per max_batch rows; `idx` -1: not asked): the calls, experts not
+        asked, bytes sent."""
+        calls: list[Call[np.ndarray]] = []
         missing: dict[int, str] = {}
-        sent = 0
-        for e in (int(e) for e in np.unique(idx) if e != self.expert_id):
-            peer = self.fleet.peer(e, self.model_version)
-            if peer is None:  # went away since routing
+
+        def settled(call: Call[np.ndarray]) -> None:
+            self._peer_call_ended(call)
+            if wake is not None:
+                wake()
+
+        for e in (int(e) for e in np.unique(idx) if e not in (self.expert_id, -1)):
+            peer = self.fleet.peer(e, self.model_version, self.suspects.avoided())
+            if peer is None:  # went away (or became suspect) since routing
                 missing[e] = "offline"
                 continue
             encoding = self.config.latent_encoding
             if encoding not in peer.caps.latent_encodings:
                 encoding = "fp32"
             rows = np.nonzero(idx == e)[0]
-            topic = self.topics.expert_request(e)
             for chunk in np.array_split(rows, math.ceil(len(rows) / peer.caps.max_batch)):
-                cid = new_correlation_id()
-                payload = self._request(cid, e, deadline_ms, z[chunk], encoding)
-                self.replies.track(group, cid, Call(e, chunk, peer.device, time.perf_counter()))
-                self.transport.publish(topic, payload)
-                sent += publish_packet_size(topic, payload)
-        return missing, sent
+                calls.append(self.requester.send(
+                    self.topics.expert_request(e), peer.device, e,
+                    partial(self._request, expert=e, deadline_ms=deadline_ms, latent=z[chunk], encoding=encoding),
+                    wait_s, chunk, settled))
+        return calls, missing, sum(c.request_bytes for c in calls)
+
+    def _peer_call_ended(self, call: Call[np.ndarray]) -> None:
+        """Suspicion and compatibility from how a peer's call ended (any thread)."""
+        if call.fate == Fate.ANSWERED:
+            self.suspects.answered(call.server)
+        elif call.fate == Fate.TIMEOUT:
+            self.suspects.missed(call.server, call.sent_at)
+        elif call.detail == "busy":
+            self.suspects.busy(call.server)
+        elif call.detail == "wrong_model_version":
+            self.fleet.mark_incompatible(call.server)
 
     def _request(self, cid: bytes, expert: int, deadline_ms: int, latent: np.ndarray,
                  encoding: Encoding) -> bytes:
@@ -250,32 +352,31 @@ class Agent:
         outputs[self.expert_id][rows] = softmax(self.models.expert.run(z[rows]))
         have[self.expert_id][rows] = True
 
-    def _collect(self, group: CallGroup, outputs: dict[int, np.ndarray], have: dict[int, np.ndarray],
-                 missing: dict[int, str]) -> tuple[dict[int, float], int]:
-        """Peer answers into `outputs`/`have`; failures into `missing`. Round trips and bytes."""
+    def _collect(self, p: PendingInference, calls: list[Call[np.ndarray]]) -> tuple[dict[int, float], dict[int, str]]:
+        """The answers of `calls` into `p.outputs`/`p.have`: round trip per expert that answered, and why
+        the others did not."""
         remote_ms: dict[int, float] = {}
-        received = 0
-        for call in group.calls.values():
-            reply, received = call.reply, received + call.reply_bytes
-            if isinstance(reply, ExpertResponse) and reply.probs.shape == (len(call.rows), outputs[call.expert].shape[1]):
-                outputs[call.expert][call.rows] = reply.probs
-                have[call.expert][call.rows] = True
+        missing: dict[int, str] = {}
+        for call in calls:
+            reply, rows = call.reply, call.context
+            out = p.outputs[call.expert]
+            if isinstance(reply, ExpertResponse) and reply.probs.shape == (len(rows), out.shape[1]):
+                out[rows] = reply.probs
+                p.have[call.expert][rows] = True
                 remote_ms[call.expert] = max(remote_ms.get(call.expert, 0.0), 1000 * (call.round_trip_s or 0.0))
                 continue
-            if isinstance(reply, ErrorResponse) and reply.code == ErrorCode.WRONG_MODEL_VERSION:
-                self.fleet.mark_incompatible(call.device)
-            missing[call.expert] = ("timeout" if reply is None else "bad_response" if isinstance(reply, ExpertResponse)
-                                    else reply.code.name.lower())
-        return remote_ms, received
+            missing[call.expert] = "bad_response" if call.fate == Fate.ANSWERED else call.detail or str(call.fate)
+        return remote_ms, missing
 
-    def _renormalize(self, z: np.ndarray, idx: np.ndarray, weights: np.ndarray,
-                     outputs: dict[int, np.ndarray], have: dict[int, np.ndarray]) -> int:
-        """Weights over the answers each row got (rows with every answer keep theirs bit for bit);
-        a row without any answer gets the own expert alone. Returns how many rows fell back."""
-        answered = np.zeros(idx.shape, bool)
+    def _renormalize(self, z: np.ndarray, idx: np.ndarray, weights: np.ndarray, outputs: dict[int, np.ndarray],
+                     have: dict[int, np.ndarray], skipped: np.ndarray) -> int:
+        """Weights over the answers each row got (rows with every answer keep theirs bit for bit; a
+        zero-weight choice that was skipped counts as answered with 0); a row without any answer gets
+        the own expert alone. Returns how many rows fell back."""
+        answered = skipped.copy()
         for e in outputs:
             r, s = np.nonzero(idx == e)
-            answered[r, s] = have[e][r]
+            answered[r, s] |= have[e][r]
         lost = ~answered.all(axis=1)
         if not lost.any():
             return 0
@@ -298,11 +399,14 @@ class Agent:
         self.counters.add("inputs", len(r.labels))
         self.counters.add("inputs_rerouted", sum(r.rerouted.values()))
         self.counters.add("experts_missing", len(r.missing))
+        self.counters.add("experts_avoided", len(r.avoided))
+        self.counters.add("zero_weight_skipped", r.zero_weight_skipped)
         self.counters.add("fallback_rows", r.fallback_rows)
         self.events.emit("inference", id=r.id, inputs=len(r.labels),
                          chosen=sorted({int(e) for e in np.unique(r.experts)}), answered=list(r.answered),
                          missing={str(e): why for e, why in r.missing.items()},
-                         rerouted={str(e): n for e, n in r.rerouted.items()}, fallback_rows=r.fallback_rows,
+                         rerouted={str(e): n for e, n in r.rerouted.items()}, avoided=list(r.avoided),
+                         zero_weight_skipped=r.zero_weight_skipped, fallback_rows=r.fallback_rows,
                          latency_ms=r.latency_ms, remote_ms={str(e): ms for e, ms in r.remote_ms.items()},
                          bytes_sent=r.bytes_sent, bytes_received=r.bytes_received,
                          requests=requests)
@@ -331,9 +435,10 @@ class Agent:
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         try:
-            kind, target, _ = self.topics.parse(topic)
-        except ProtocolError:
+            kind, target, sender = self.topics.parse(topic)
+        except ProtocolError as e:
             self.counters.add("dropped_topic")
+            self.events.malformed("topic", str(e), topic)
             return
         if kind == TopicKind.PRESENCE:
             status = self.fleet.update(str(target), payload)
@@ -343,25 +448,27 @@ class Agent:
             self.expert_server.submit(payload)
         elif kind == TopicKind.INFER_REQUEST and target == self.me:
             self.infer_server.submit(payload)
-        elif kind == TopicKind.REPLY and target == self.me:
-            self.replies.deliver(payload, publish_packet_size(topic, payload))
+        elif kind == TopicKind.REPLY and target == self.me and sender is not None:
+            self.requester.deliver(sender, payload, publish_packet_size(topic, payload))
         else:
             self.counters.add("dropped_topic")
 
 
-def _pixels(x: np.ndarray) -> np.ndarray:
-    """A decoded raw-input tensor as uint8 pixels; ValueError unless every value is an integer 0..255."""
-    if not (np.all((x >= 0) & (x <= 255)) and np.array_equal(x, np.rint(x))):
-        raise ValueError("raw input values must be integers 0..255 (uint8 pixels)")
-    return x.astype(np.uint8)
+def _pixels(request: ExpertRequest) -> np.ndarray:
+    """An inference request's tensor as uint8 pixels; ValueError unless it is a raw input (protocol §6.3)."""
+    error = raw_input_error(request.latent, request.encoding)
+    if error is not None:
+        raise ValueError(error)
+    return request.latent.astype(np.uint8)
 
 
-def _answered_per_request(requests: Sequence[ExpertRequest], have: dict[int, np.ndarray]) -> dict[str, list[int]]:
-    """Correlation id (hex) of each wire request -> the experts that answered for its rows (a peer
-    whose gate weight underflowed to 0 still counts: it was asked and answered)."""
+def _answered_per_request(requests: Sequence[ExpertRequest], have: dict[int, np.ndarray], start: int,
+                          stop: int) -> dict[str, list[int]]:
+    """Correlation id (hex) of each wire request whose rows lie in [start, stop) -> the experts combined
+    for its rows (a peer whose gate weight is exactly 0 was not asked and is not listed)."""
     bounds = np.cumsum([0, *(len(q.latent) for q in requests)])
     return {q.correlation_id.hex(): sorted(e for e, rows in have.items() if rows[a:b].any())
-            for q, a, b in zip(requests, bounds[:-1], bounds[1:], strict=True)}
+            for q, a, b in zip(requests, bounds[:-1], bounds[1:], strict=True) if start <= a and b <= stop}
 
 
 def _ms(a: float, b: float) -> float:

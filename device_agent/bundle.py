@@ -1,4 +1,4 @@
-"""Device bundles: `manifest.json` (schema version 1) plus model files, verified before any use.
+"""Device bundles: `manifest.json` (schema version 2; 1 is still read) plus model files, verified before any use.
 
 `load_bundle` checks the schema version, every field, and the size and sha256 of every listed file
 before it returns; any problem raises one `BundleError` naming the file and the problem, and no
@@ -19,7 +19,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # what writers write
+READABLE_SCHEMA_VERSIONS = (1, 2)  # 1: no model_version field, it is provenance.config_hash
+MAX_MODEL_VERSION_BYTES = 255  # the wire protocol's short text
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20
 ROLES = ("extractor", "gate", "expert")
@@ -96,9 +98,10 @@ class SamplesRef:
 
 @dataclass(frozen=True)
 class Manifest:
-    """manifest.json, schema version 1."""
+    """manifest.json (schema version 2, or 1 read as 2)."""
 
     schema_version: int
+    model_version: str | None  # peers serve each other only at the same version; None: a v1 bundle without one
     device_id: str
     expert_id: int
     num_experts: int
@@ -206,9 +209,11 @@ def _parse_manifest(obj: object) -> Manifest:
     """Validate a decoded manifest.json; raises _Malformed naming the dotted key."""
     m = _obj(obj, "manifest")
     version = _get(m, "schema_version", "", _int)
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
+        readable = " and ".join(map(str, READABLE_SCHEMA_VERSIONS))
         raise _Malformed(f"schema_version {version} is not supported (this agent reads schema_version "
-                         f"{SCHEMA_VERSION}); export the bundle again with a matching nmoe-edge")
+                         f"{readable}); export the bundle again with a matching nmoe-edge")
+    provenance = _get(m, "provenance", "", _obj)
     num_experts = _get(m, "num_experts", "", _positive)
     num_classes = _get(m, "num_classes", "", _positive)
     class_names = _get(m, "class_names", "", _list_of(_str))
@@ -225,12 +230,22 @@ def _parse_manifest(obj: object) -> Manifest:
     _check_models(models, routing)
     samples = m.get("samples")
     return Manifest(
-        schema_version=version, device_id=_get(m, "device_id", "", _str), expert_id=expert_id,
+        schema_version=version, model_version=_model_version(m, provenance, version),
+        device_id=_get(m, "device_id", "", _str), expert_id=expert_id,
         num_experts=num_experts, top_k=top_k, latent_dim=_get(m, "latent_dim", "", _positive),
         num_classes=num_classes, class_names=class_names, routing=routing,
-        input=_get(m, "input", "", _input_spec), models=models,
-        provenance=_get(m, "provenance", "", _obj),
+        input=_get(m, "input", "", _input_spec), models=models, provenance=provenance,
         samples=None if samples is None else _samples_ref(samples, "samples"))
+
+
+def _model_version(m: dict[str, Any], provenance: dict[str, Any], schema_version: int) -> str | None:
+    """v2: the `model_version` field; v1: provenance.config_hash when usable as one, else None."""
+    if schema_version >= 2:
+        return _get(m, "model_version", "", _version_text)
+    try:
+        return _version_text(provenance.get("config_hash"), "provenance.config_hash")
+    except _Malformed:
+        return None
 
 
 def _check_models(models: list[ModelEntry], routing: str) -> None:
@@ -343,6 +358,19 @@ def _str(value: object, where: str) -> str:
     if not isinstance(value, str):
         raise _Malformed(f"{where}: expected a string, got {value!r}")
     return value
+
+
+def _version_text(value: object, where: str) -> str:
+    """A model version: what the wire protocol carries (1..255 bytes of UTF-8)."""
+    text = _str(value, where)
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        size = 0
+    if not 1 <= size <= MAX_MODEL_VERSION_BYTES:
+        raise _Malformed(f"{where}: must be 1..{MAX_MODEL_VERSION_BYTES} bytes of UTF-8 (a model version), "
+                         f"got {len(text)} characters")
+    return text
 
 
 def _dim(value: object, where: str) -> int | str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import ssl
 import sys
 import threading
 from pathlib import Path
@@ -31,8 +32,10 @@ before --deadline-ms (weights renormalized over them). Its own expert always ans
 inference never fails because a peer is gone. Lost broker connections are retried with capped
 exponential backoff.
 
-The bundle is verified first (schema, sha256 of every file); a bad bundle, runtime or URL exits
-with status 2. SIGINT/SIGTERM publishes the offline presence, disconnects and exits 0.
+The bundle is verified first (schema, sha256 of every file), then each model is loaded and run
+once on a zero input (its output shape must match the manifest); a bad bundle, model, runtime,
+URL, password or TLS file exits with status 2 and one error line. SIGINT/SIGTERM publishes the
+offline presence, disconnects and exits 0.
 """
 
 EPILOG = """\
@@ -62,7 +65,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `nmoe agent`."""
     p = subparsers.add_parser("agent", help="run a device agent: serve its expert, classify with the fleet",
                               description=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,6 +118,7 @@ def _agent(args: argparse.Namespace) -> int:
         if not url.tls and (args.tls_ca or args.tls_cert or args.tls_key):
             raise BrokerUrlError(f"--tls-ca/--tls-cert/--tls-key need an mqtts:// broker URL, got {args.broker}")
         password = None if args.password_file is None else _read_password(args.password_file)
+        _check_tls_files(args.tls_ca, args.tls_cert, args.tls_key)
         bundle = load_bundle(args.bundle)
         models = DeviceModels.open(bundle, args.precision, args.runtime)
         config = AgentConfig(
@@ -126,7 +130,7 @@ def _agent(args: argparse.Namespace) -> int:
         events = EventLog(args.events, echo=sys.stderr)
         agent = Agent(bundle, MqttTransport(settings), models, config, events)
     except (BundleError, UnsupportedFormat, BrokerUrlError, ProtocolError, OSError) as e:
-        print(f"nmoe agent: error: {e}", file=sys.stderr)
+        print(f"nmoe: error: {e}", file=sys.stderr)
         return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -143,6 +147,29 @@ def _agent(args: argparse.Namespace) -> int:
 def _read_password(path: Path) -> str:
     """The password in `path` (one line), or an OSError naming the option."""
     try:
-        return path.read_text().rstrip("\r\n")
+        password = path.read_bytes().decode("utf-8").rstrip("\r\n")
     except OSError as e:
         raise OSError(f"--password-file {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise OSError(f"--password-file {path}: not UTF-8 text; expected the password on one line") from None
+    if not password:
+        raise OSError(f"--password-file {path}: empty; expected the password on one line")
+    return password
+
+
+def _check_tls_files(ca: Path | None, cert: Path | None, key: Path | None) -> None:
+    """Load the TLS files as the connection will, so a bad one is an OSError naming its option."""
+    if ca is not None:
+        try:
+            ssl.create_default_context(cafile=ca)
+        except OSError as e:
+            raise OSError(f"--tls-ca {ca}: not a readable PEM CA certificate ({e.strerror or e})") from None
+    if key is not None and cert is None:
+        raise OSError("--tls-key needs --tls-cert (the client certificate of that key)")
+    if cert is not None:
+        try:
+            ssl.create_default_context().load_cert_chain(cert, key)
+        except OSError as e:
+            files = f"--tls-cert {cert}" + (f" / --tls-key {key}" if key else "")
+            raise OSError(f"{files}: not a readable PEM certificate and matching private key "
+                          f"({e.strerror or e})") from None

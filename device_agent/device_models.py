@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from device_agent.bundle import Bundle, BundleError
-from device_agent.runtime import Runtime, open_runtime
+from device_agent.runtime import Runtime, checked_run, open_runtime
 
 RUNTIME_NAMES = {"onnx": "onnxruntime", "tflite": "tflite", "executorch": "executorch"}  # presence caps
 
@@ -38,19 +38,28 @@ class DeviceModels:
     @classmethod
     def open(cls, bundle: Bundle, precision: str = "fp32", format: str = "onnx",
              intra_op_threads: int = 1) -> DeviceModels:
-        """Load the bundle's models of one precision and format (BundleError / UnsupportedFormat)."""
+        """Load the bundle's models of one precision and format, each tried once on a zero input
+        (BundleError naming the file when it cannot load, run or gives the wrong shape; UnsupportedFormat)."""
+        m = bundle.manifest
 
-        def load(role: str) -> Runtime:
-            return LockedRuntime(open_runtime(bundle, bundle.model(role, precision, format), intra_op_threads))
+        def load(role: str, input_shape: list[int], outputs: int) -> Runtime:
+            entry = bundle.model(role, precision, format)
+            runtime = open_runtime(bundle, entry, intra_op_threads)
+            probe = checked_run(runtime, np.zeros((1, *input_shape), np.float32), bundle.path / entry.file)
+            if probe.shape != (1, outputs):
+                raise BundleError(f"{bundle.path / entry.file}: output shape {list(probe.shape)} for one input, "
+                                  f"expected [1, {outputs}] (from manifest.json)")
+            return LockedRuntime(runtime)
 
-        gate = load("gate") if bundle.manifest.routing == "gate" else None
-        return cls(load("extractor"), gate, load("expert"), format)
+        gate = load("gate", [m.latent_dim], m.num_experts) if m.routing == "gate" else None
+        return cls(load("extractor", m.input.shape, m.latent_dim), gate,
+                   load("expert", [m.latent_dim], m.num_classes), format)
 
 
 def model_version(bundle: Bundle) -> str:
-    """The version peers must share: the run's config hash from the bundle's provenance."""
-    version = bundle.manifest.provenance.get("config_hash")
-    if not isinstance(version, str) or not 1 <= len(version.encode("utf-8")) <= 255:
-        raise BundleError(f"{bundle.path / 'manifest.json'}: provenance.config_hash must be a string of "
-                          f"1..255 bytes (the model version peers compare), got {version!r}")
+    """The version peers must share: the manifest's model_version (schema 1: provenance.config_hash)."""
+    version = bundle.manifest.model_version
+    if version is None:
+        raise BundleError(f"{bundle.path / 'manifest.json'}: a schema_version 1 bundle without a usable "
+                          "provenance.config_hash (1..255 bytes): no model version for peers to compare")
     return version

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from device_agent.bundle import ModelEntry
-from device_agent.runtime import UnsupportedFormat, from_model_output, to_model_input
+from device_agent.runtime import MissingRuntime, from_model_output, to_model_input
 
 
 class ExecuTorchRuntime:
@@ -22,9 +22,9 @@ class ExecuTorchRuntime:
             import torch
             from executorch.runtime import Runtime
         except ModuleNotFoundError as e:
-            raise UnsupportedFormat(f"format 'executorch' needs the executorch Python package, whose bindings "
-                                    f"also need torch (missing: {e.name}); pip install executorch torch, or "
-                                    f"export the bundle as onnx or tflite for a torch-free device") from None
+            raise MissingRuntime(f"format 'executorch' needs the executorch Python package, whose bindings "
+                                 f"also need torch (missing: {e.name}); pip install executorch torch, or "
+                                 f"export the bundle as onnx or tflite for a torch-free device") from None
         _set_threads(intra_op_threads)
         self._torch = torch
         # The method points into the program and the program into `model`: keep all three alive

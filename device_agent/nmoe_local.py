@@ -40,8 +40,9 @@ def preprocess(images: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 def softmax(x: np.ndarray) -> np.ndarray:
     """Softmax over the last axis (keeps x's float dtype)."""
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    e: np.ndarray = np.exp(x - x.max(axis=-1, keepdims=True))
+    out: np.ndarray = e / e.sum(axis=-1, keepdims=True)
+    return out
 
 
 def top_k_route(gate_logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

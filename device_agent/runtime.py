@@ -10,15 +10,20 @@ float I/O. A model exported with a static batch size is fed any batch in chunks 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from device_agent.bundle import Bundle, ModelEntry, Quantization, TensorSpec
+from device_agent.bundle import Bundle, BundleError, ModelEntry, Quantization, TensorSpec
 
 
 class UnsupportedFormat(ValueError):
     """A model format this agent has no runtime for."""
+
+
+class MissingRuntime(UnsupportedFormat):
+    """A known format whose runtime library is not installed on this device (the message says which)."""
 
 
 class Runtime(Protocol):
@@ -34,7 +39,8 @@ class Runtime(Protocol):
 def quantize(x: np.ndarray, q: Quantization, dtype: np.dtype) -> np.ndarray:
     """real -> integer: round(x / scale) + zero_point, saturated to dtype."""
     info = np.iinfo(dtype)
-    return np.clip(np.rint(x / q.scale) + q.zero_point, info.min, info.max).astype(dtype)
+    quantized: np.ndarray = np.clip(np.rint(x / q.scale) + q.zero_point, info.min, info.max).astype(dtype)
+    return quantized
 
 
 def dequantize(x: np.ndarray, q: Quantization) -> np.ndarray:
@@ -61,8 +67,8 @@ class OnnxRuntime:
         try:
             import onnxruntime as ort
         except ModuleNotFoundError:
-            raise UnsupportedFormat("format 'onnx' needs onnxruntime: pip install onnxruntime "
-                                    "(or nmoe-edge[agent])") from None
+            raise MissingRuntime("format 'onnx' needs onnxruntime: pip install onnxruntime "
+                                 "(or nmoe-edge[agent])") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
@@ -87,8 +93,8 @@ class TFLiteRuntime:
                 from tflite_runtime.interpreter import Interpreter
                 library = "tflite-runtime"
             except ModuleNotFoundError:
-                raise UnsupportedFormat("format 'tflite' needs ai-edge-litert (pip install ai-edge-litert, or "
-                                        "nmoe-edge[agent,tflite]) or tflite-runtime") from None
+                raise MissingRuntime("format 'tflite' needs ai-edge-litert (pip install ai-edge-litert, or "
+                                     "nmoe-edge[agent,tflite]) or tflite-runtime") from None
         self._interpreter = Interpreter(model_content=model, num_threads=intra_op_threads)
         self._interpreter.allocate_tensors()
         self._input_index = self._interpreter.get_input_details()[0]["index"]
@@ -137,6 +143,28 @@ def open_runtime(bundle: Bundle, entry: ModelEntry, intra_op_threads: int = 1) -
     if len(entry.inputs) != 1 or len(entry.outputs) != 1:
         raise UnsupportedFormat(f"{bundle.path / entry.file}: expected one input and one output, manifest "
                                 f"lists {len(entry.inputs)} and {len(entry.outputs)}")
-    loaded = runtime(bundle.model_bytes(entry), entry, intra_op_threads)
+    model = bundle.model_bytes(entry)
+    try:
+        loaded = runtime(model, entry, intra_op_threads)
+    except (UnsupportedFormat, BundleError):
+        raise
+    except Exception as e:  # noqa: BLE001 -- each library has its own errors (ORT InvalidProtobuf, LiteRT ValueError)
+        raise BundleError(f"{bundle.path / entry.file}: the {entry.format} runtime cannot load it "
+                          f"({error_summary(e)}); its sha256 matches the manifest, so it was exported broken: "
+                          "export the bundle again") from None
     batch = entry.inputs[0].shape[0] if entry.inputs[0].shape else None
     return StaticBatch(loaded, batch) if isinstance(batch, int) else loaded
+
+
+def checked_run(runtime: Runtime, inputs: np.ndarray, file: Path) -> np.ndarray:
+    """`runtime.run(inputs)`, with a failure of the model `file` as one BundleError naming it."""
+    try:
+        return runtime.run(inputs)
+    except Exception as e:  # noqa: BLE001 -- a model whose inputs or outputs differ from its manifest entry
+        raise BundleError(f"{file}: running it failed ({error_summary(e)}); expected a model with the inputs and "
+                          "outputs its manifest entry lists") from None
+
+
+def error_summary(e: Exception) -> str:
+    """`Type: first line of the message`, for one-line errors about a library's exception."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"

@@ -5,6 +5,12 @@ request (docs/protocol.md sections 7-10) and either answers an ERROR at once (BU
 is full) or queues it. The worker takes the oldest request plus as many queued ones as fit in
 `max_batch` rows, runs them as ONE model call, and publishes one RESPONSE per request. The same
 server serves the expert (`expert/{id}/req`, latents) and local inference (`infer/{me}/req`, pixels).
+
+A computation that waits for something else (an inference waiting for its peer experts) returns
+one `Deferred` per request instead of probabilities: the worker parks them and goes on with the
+queue, and answers each request when its own part is ready (`wake()` tells the worker) or its
+time is up. So one slow or frozen peer delays only the requests that asked it: neither those
+queued behind them nor those computed in the same batch.
 """
 
 from __future__ import annotations
@@ -32,10 +38,19 @@ from device_agent.wire.protocol import (
     encode,
     peek_request_route,
 )
-from device_agent.wire.tensor_codec import Encoding
+from device_agent.wire.tensor_codec import TensorEncoding
 
 Publisher = Callable[[str, bytes], None]  # (topic, payload): QoS 0, not retained
 _MAX_U32 = 0xFFFF_FFFF
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """Probabilities that are not ready yet: `result()` once `ready()` (or at `until` regardless)."""
+
+    until: float  # time.monotonic() at which it is finished, ready or not
+    ready: Callable[[], bool]
+    result: Callable[[], np.ndarray]  # float32 probs [n, C]; may block briefly, never on the network
 
 
 @dataclass(frozen=True)
@@ -46,11 +61,12 @@ class Served:
     expert_id: int
     model_version: str
     row_shape: tuple[int, ...]  # one input without the batch dim
-    encodings: tuple[Encoding, ...]
-    # (inputs [n, *row_shape] of one batch, the requests they came from, in order) -> float32 probs [n, C]
-    compute: Callable[[np.ndarray, Sequence[ExpertRequest]], np.ndarray]
-    to_input: Callable[[np.ndarray], np.ndarray] = np.asarray  # decoded tensor -> compute's input;
-    # ValueError means BAD_REQUEST
+    encodings: tuple[TensorEncoding, ...]
+    # (inputs [n, *row_shape] of one batch, the requests they came from, in order) -> float32 probs [n, C],
+    # or one Deferred per request (in order) that gives its rows' probabilities later
+    compute: Callable[[np.ndarray, Sequence[ExpertRequest]], np.ndarray | list[Deferred]]
+    to_input: Callable[[ExpertRequest], np.ndarray] = lambda request: request.latent  # -> compute's
+    # input; ValueError means BAD_REQUEST (its text is the reason)
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,13 @@ class _Job:
     inputs: np.ndarray
 
 
+@dataclass(frozen=True)
+class _Parked:
+    jobs: list[_Job]
+    deferred: Deferred
+    start: float  # time.perf_counter() when its computation began
+
+
 class RequestServer:
     """Serves one `Served` model on the wire; see the module docstring."""
 
@@ -79,6 +102,7 @@ class RequestServer:
         self._publish, self._events = publish, events
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
+        self._parked: list[_Parked] = []  # one request each, at most limits.queue_size
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name=f"{served.kind}-server", daemon=True)
 
@@ -87,14 +111,20 @@ class RequestServer:
         self._worker.start()
 
     def stop(self) -> None:
-        """Stop the worker after its current batch; queued requests are dropped (counted)."""
+        """Stop the worker after its current batch; queued and parked requests are dropped (counted)."""
         with self._cond:
             self._stopping = True
-            self.counters.add("abandoned", len(self._queue))
+            self.counters.add("abandoned", len(self._queue) + sum(len(p.jobs) for p in self._parked))
             self._queue.clear()
+            self._parked.clear()
             self._cond.notify_all()
         if self._worker.is_alive():
             self._worker.join()
+
+    def wake(self) -> None:
+        """A parked computation may be ready (any thread; never blocks for long)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def stats(self) -> dict[str, int | float]:
         """Counters plus `dropped` (all reasons) and the mean requests and rows per model call."""
@@ -111,6 +141,7 @@ class RequestServer:
         try:
             msg = decode(payload)
         except ProtocolError as e:
+            self._events.malformed(self.served.kind, str(e))
             route = peek_request_route(payload)
             reply_topic = None if route is None else self._reply_topic(route.reply_topic)
             if route is None or reply_topic is None:
@@ -128,7 +159,7 @@ class RequestServer:
         refusal = self._refusal(msg)
         if refusal is None:
             try:
-                inputs = self.served.to_input(msg.latent)
+                inputs = self.served.to_input(msg)
             except ValueError as e:
                 refusal = ErrorCode.BAD_REQUEST, str(e)
         if refusal is not None:
@@ -178,15 +209,25 @@ class RequestServer:
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                batch = self._take_batch()
-            now = now_ms()
-            due = [job for job in batch if job.request.deadline_ms >= now]
+                while True:
+                    if self._stopping:
+                        return
+                    now = time.monotonic()
+                    done = [p for p in self._parked if now >= p.deferred.until or p.deferred.ready()]
+                    take = bool(self._queue) and len(self._parked) < self.limits.queue_size
+                    if done or take:
+                        break
+                    until = min((p.deferred.until for p in self._parked), default=None)
+                    self._cond.wait(None if until is None else max(0.0, until - now))
+                for parked in done:
+                    self._parked.remove(parked)
+                batch = self._take_batch() if take else []
+            for parked in done:
+                self._finish(parked)
+            now_wall = now_ms()
+            due = [job for job in batch if job.request.deadline_ms >= now_wall]
             for job in batch:
-                if job.request.deadline_ms < now:
+                if job.request.deadline_ms < now_wall:
                     self._error(job.reply_topic, job.request.correlation_id, job.request.expert_id,
                                 ErrorCode.DEADLINE_EXCEEDED, "deadline passed while queued")
             if due:
@@ -203,23 +244,46 @@ class RequestServer:
         return batch
 
     def _run(self, jobs: list[_Job]) -> None:
-        """One model call for `jobs`, then one RESPONSE (or INTERNAL error) each."""
-        sizes = [len(job.inputs) for job in jobs]
+        """One model call for `jobs`, then one RESPONSE (or INTERNAL error) each, now or once parked."""
         start = time.perf_counter()
-        try:
-            probs = self.served.compute(np.concatenate([job.inputs for job in jobs]), [job.request for job in jobs])
-            compute_us = min(round((time.perf_counter() - start) * 1e6), _MAX_U32)
-            frames = [encode(ExpertResponse(job.request.correlation_id, self.served.expert_id, compute_us, p))
-                      for job, p in zip(jobs, np.split(probs, np.cumsum(sizes)[:-1]), strict=True)]
-        except Exception as e:  # noqa: BLE001 -- a runtime can raise anything; requesters must still hear
-            self._events.emit("error", where=f"{self.served.kind} server", error=f"{type(e).__name__}: {e}")
-            for job in jobs:
-                self._error(job.reply_topic, job.request.correlation_id, job.request.expert_id,
-                            ErrorCode.INTERNAL, f"{self.served.kind} computation failed")
-            return
         self.counters.add("batches")
         self.counters.add("batched_requests", len(jobs))
-        self.counters.add("batched_rows", sum(sizes))
+        self.counters.add("batched_rows", sum(len(job.inputs) for job in jobs))
+        try:
+            out = self.served.compute(np.concatenate([job.inputs for job in jobs]), [job.request for job in jobs])
+        except Exception as e:  # noqa: BLE001 -- a runtime can raise anything; requesters must still hear
+            self._failed(jobs, e)
+            return
+        if isinstance(out, list):
+            with self._cond:
+                self._parked += [_Parked([job], deferred, start) for job, deferred in zip(jobs, out, strict=True)]
+            return
+        self._answer(jobs, out, start)
+
+    def _finish(self, parked: _Parked) -> None:
+        try:
+            probs = parked.deferred.result()
+        except Exception as e:  # noqa: BLE001 -- as in _run
+            self._failed(parked.jobs, e)
+            return
+        self._answer(parked.jobs, probs, parked.start)
+
+    def _answer(self, jobs: list[_Job], probs: np.ndarray, start: float) -> None:
+        """One RESPONSE per job (`compute_us` from `start`), or INTERNAL if they cannot be encoded."""
+        compute_us = min(round((time.perf_counter() - start) * 1e6), _MAX_U32)
+        try:
+            sizes = [len(job.inputs) for job in jobs]
+            frames = [encode(ExpertResponse(job.request.correlation_id, self.served.expert_id, compute_us, p))
+                      for job, p in zip(jobs, np.split(probs, np.cumsum(sizes)[:-1]), strict=True)]
+        except Exception as e:  # noqa: BLE001 -- a bad output shape or value must still be answered
+            self._failed(jobs, e)
+            return
         for job, frame in zip(jobs, frames, strict=True):
             self._publish(job.reply_topic, frame)
         self.counters.add("answered", len(jobs))
+
+    def _failed(self, jobs: list[_Job], e: Exception) -> None:
+        self._events.emit("error", where=f"{self.served.kind} server", error=f"{type(e).__name__}: {e}")
+        for job in jobs:
+            self._error(job.reply_topic, job.request.correlation_id, job.request.expert_id,
+                        ErrorCode.INTERNAL, f"{self.served.kind} computation failed")

@@ -26,9 +26,15 @@ from typing import Any
 
 import numpy as np
 
+if __name__ == "__main__":  # before the imports below need them: name the missing extras in one line
+    from toolkit.extras import exit_unless_installed
+
+    exit_unless_installed("python -m export.arm64_check", ("torch", "matplotlib", "onnxruntime", "ai_edge_litert"))
+
 from device_agent.bundle import BundleError, load_bundle
 from device_agent.selfcheck import top1_agreement
 from export.bundle_writer import ExportError
+from toolkit.arm64_env import ROOT, Arm64EnvError, emulated_command, ensure_env, qemu_version
 from toolkit.rundir import machine, write_json
 
 FP32_TOLERANCE = 1e-4
@@ -36,9 +42,6 @@ CPUS = ("cortex-a72", "cortex-a76")
 FORMATS = ("onnx", "tflite")
 NOT_EMULATED = {"executorch": "never run under emulation: ExecuTorch's aarch64 Python bindings need torch "
                               "(PyPI's aarch64 torch wheels are CUDA builds); on a device its C++ runtime is torch-free"}
-ROOT = Path(__file__).resolve().parent.parent
-ENV_SCRIPT = ROOT / "scripts" / "arm64_env.sh"
-QEMU = "qemu-aarch64-static"
 
 
 class Arm64Error(ExportError):
@@ -84,36 +87,6 @@ class Arm64Report:
     runs: list[SelfcheckRun]  # native first, then one per CPU
     checks: list[Arm64Check]
     failures: list[str]
-
-
-def ensure_env() -> Path:
-    """The arm64 cache (sysroot/, site-packages/): scripts/arm64_env.sh builds it when missing and rebuilds what
-    a changed pin outdates (a no-op of ~50 ms when cached); its messages go to stderr."""
-    cache = Path(os.environ.get("NMOE_ARM64_CACHE") or Path.home() / ".cache" / "nmoe-edge" / "arm64")
-    if ENV_SCRIPT.exists():
-        code = subprocess.run(["bash", str(ENV_SCRIPT)], check=False, stdout=2).returncode  # fd 2: stderr
-        if code != 0:
-            raise Arm64Error(f"{ENV_SCRIPT.relative_to(ROOT)} failed (exit {code}, output above); fix it, then "
-                             "run `make arm64-env`")
-    if not (cache / "sysroot" / "usr" / "bin" / "python3.11").exists() or not (cache / "site-packages").is_dir():
-        raise Arm64Error(f"no arm64 environment in {cache}: run `make arm64-env` in the nmoe-edge repo")
-    return cache
-
-
-def qemu_version() -> str:
-    """First line of `qemu-aarch64-static --version`."""
-    try:
-        return subprocess.run([QEMU, "--version"], check=True, capture_output=True, text=True).stdout.splitlines()[0]
-    except (OSError, subprocess.CalledProcessError) as e:
-        raise Arm64Error(f"{QEMU} does not run ({e}): run `make arm64-env`") from None
-
-
-def emulated_command(cache: Path, cpu: str) -> tuple[list[str], dict[str, str]]:
-    """Command prefix and environment that run the aarch64 python3.11 as `QEMU_CPU=cpu`."""
-    sysroot = cache / "sysroot"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "QEMU_"))}
-    env |= {"QEMU_CPU": cpu, "PYTHONPATH": f"{cache / 'site-packages'}:{ROOT}", "PYTHONNOUSERSITE": "1"}
-    return [QEMU, "-L", str(sysroot), str(sysroot / "usr" / "bin" / "python3.11")], env
 
 
 def run_selfcheck(python: list[str], env: dict[str, str], bundles: Sequence[Path], formats: Sequence[str],
@@ -183,8 +156,10 @@ def check_arm64(bundles_dir: Path, cpus: Sequence[str] = CPUS, formats: Sequence
     if not run:
         return Arm64Report(str(bundles_dir), list(cpus), [], skipped, FP32_TOLERANCE, {**machine(), "qemu": None},
                            [], [], [f"{bundles_dir}: no model in a format run under emulation ({', '.join(FORMATS)})"])
-    cache = ensure_env()
-    host = {**machine(), "qemu": qemu_version()}
+    try:
+        cache, host = ensure_env(), {**machine(), "qemu": qemu_version()}
+    except Arm64EnvError as e:
+        raise Arm64Error(str(e)) from None
     checks, failures = [], []
     with tempfile.TemporaryDirectory(prefix="arm64-") as tmp:
         native_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.getenv("PYTHONPATH")]))}

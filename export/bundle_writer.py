@@ -2,47 +2,47 @@
 
 A format (ONNX, ExecuTorch, LiteRT) is a `ModelFormat`: it writes one role's model
 in the requested precisions and reports the files' I/O. int8 calibration data is always the
-device's own training images (and their latents), never another client's.
+device's own training images (and their latents), never another client's. The manifest, hashes
+and the verified swap into place are the device side's writer (device_agent.bundle_writer), the
+same one a device uses to rebuild its bundle after federated training.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import importlib.metadata
-import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from device_agent import bundle_writer
 from device_agent.bundle import (
     MANIFEST,
     SCHEMA_VERSION,
     Bundle,
+    BundleError,
     InputSpec,
     Manifest,
-    ModelEntry,
-    SamplesRef,
     TensorSpec,
-    file_sha256,
-    load_bundle,
 )
+from device_agent.bundle_writer import ModelFile, package_versions, utc_now
+from device_agent.model_build import IO_NAMES
 from toolkit.artifacts import TrainedNMoE
 from toolkit.evaluate import predict
+from toolkit.federated.params import Params
 from toolkit.federated_data import FederatedData, raw_images
 from toolkit.models import Expert, Extractor, Gate
 from toolkit.progress import progress_bar
+from toolkit.run_files import read_metrics
 from toolkit.seeding import derive_seed
 from toolkit.torch_params import set_params
 
-SAMPLES = "samples.npz"
 SELF_CHECK_SAMPLES = 8
+_Module = TypeVar("_Module", bound=nn.Module)
 PROVENANCE_PACKAGES = ("nmoe-edge", "torch", "onnx", "onnxruntime", "executorch", "litert-torch", "ai-edge-litert")
 
 
@@ -92,10 +92,10 @@ class DeviceModules:
     def sources(self, images: torch.Tensor) -> list[ModelSource]:
         """Export sources; gate and expert calibrate on the latents of the same images."""
         z = predict(self.extractor, images)
-        sources = [ModelSource("extractor", self.extractor, "x", "latent", images.numpy())]
+        sources = [ModelSource("extractor", self.extractor, *IO_NAMES["extractor"], images.numpy())]
         if self.gate is not None:
-            sources.append(ModelSource("gate", self.gate, "z", "gate_logits", z.numpy()))
-        return sources + [ModelSource("expert", self.expert, "z", "logits", z.numpy())]
+            sources.append(ModelSource("gate", self.gate, *IO_NAMES["gate"], z.numpy()))
+        return sources + [ModelSource("expert", self.expert, *IO_NAMES["expert"], z.numpy())]
 
 
 def device_modules(trained: TrainedNMoE) -> list[DeviceModules]:
@@ -104,8 +104,9 @@ def device_modules(trained: TrainedNMoE) -> list[DeviceModules]:
     shape = tuple(ds["input_shape"])
     n = len(trained.devices)
 
-    def build(module: nn.Module, params: dict) -> nn.Module:
-        return set_params(module, params).eval()
+    def build(module: _Module, params: Params) -> _Module:
+        set_params(module, params)
+        return module.eval()
 
     return [DeviceModules(
         build(Extractor(shape, m.width, m.latent_dim), d.extractor),
@@ -114,7 +115,7 @@ def device_modules(trained: TrainedNMoE) -> list[DeviceModules]:
         for d in trained.devices]
 
 
-def input_spec(dataset: dict) -> InputSpec:
+def input_spec(dataset: dict[str, Any]) -> InputSpec:
     """The manifest's input section from the run dir's dataset.json."""
     return InputSpec(shape=list(dataset["input_shape"]), dtype="uint8", scale=dataset["scale"],
                      mean=list(dataset["mean"]), std=list(dataset["std"]), layout="NCHW")
@@ -138,17 +139,10 @@ def self_check_samples(mods: DeviceModules, x: torch.Tensor, y: torch.Tensor, sp
     return samples
 
 
-def provenance(run_dir: Path, trained: TrainedNMoE) -> dict:
+def provenance(run_dir: Path, trained: TrainedNMoE) -> dict[str, Any]:
     """Where the bundle came from and the package versions that made it."""
-    def version(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {"run_dir": str(run_dir.resolve()), "method": trained.method, "config_hash": trained.config.hash(),
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "packages": {p: version(p) for p in PROVENANCE_PACKAGES}}
+    return {"built_by": "export", "run_dir": str(run_dir.resolve()), "method": trained.method,
+            "config_hash": trained.config.hash(), "created": utc_now(), "packages": package_versions(PROVENANCE_PACKAGES)}
 
 
 def best_method(run_dir: Path) -> str:
@@ -157,13 +151,13 @@ def best_method(run_dir: Path) -> str:
     if not path.is_file():
         raise ExportError(f"{run_dir} is not a finished run dir ({path.name} is missing); "
                           f"run `nmoe train CONFIG --out {run_dir}` first")
-    methods = json.loads(path.read_text()).get("methods", {})
+    methods = read_metrics(run_dir)["methods"]
     fedgate = {name: m["personalized_accuracy"] for name, m in methods.items()
                if name.startswith("nmoe_") and name.endswith("_fedgate")}
     if not fedgate:
         raise ExportError(f"{path} has no nmoe_*_fedgate method; pick one with --method "
                           f"(it has: {', '.join(methods) or 'none'})")
-    return max(fedgate, key=fedgate.__getitem__)
+    return str(max(fedgate, key=fedgate.__getitem__))
 
 
 def write_bundles(trained: TrainedNMoE, modules: list[DeviceModules], data: FederatedData, run_dir: Path,
@@ -191,11 +185,15 @@ def write_bundles(trained: TrainedNMoE, modules: list[DeviceModules], data: Fede
     return bundles
 
 
-def partial_manifest(trained: TrainedNMoE, c: int, spec: InputSpec, origin: dict) -> Manifest:
-    """Device c's manifest without models and samples (write_bundle fills them in)."""
+def partial_manifest(trained: TrainedNMoE, c: int, spec: InputSpec, origin: dict[str, Any]) -> Manifest:
+    """Device c's manifest without models and samples (write_bundle fills them in).
+
+    The model version of an export is the run's config hash (what schema 1 bundles implied).
+    """
     ds = trained.dataset
     return Manifest(
-        schema_version=SCHEMA_VERSION, device_id=f"device-{c}", expert_id=c, num_experts=len(trained.devices),
+        schema_version=SCHEMA_VERSION, model_version=trained.config.hash(), device_id=f"device-{c}", expert_id=c,
+        num_experts=len(trained.devices),
         top_k=trained.config.model.top_k, latent_dim=trained.config.model.latent_dim,
         num_classes=ds["num_classes"], class_names=list(ds["class_names"]),
         routing="random" if trained.devices[c].gate is None else "gate", input=spec, models=[],
@@ -204,29 +202,12 @@ def partial_manifest(trained: TrainedNMoE, c: int, spec: InputSpec, origin: dict
 
 def write_bundle(dest: Path, manifest: Manifest, sources: list[ModelSource], formats: Sequence[ModelFormat],
                  precisions: Sequence[str], samples: dict[str, np.ndarray]) -> Bundle:
-    """Write into a scratch folder, verify it with the agent's loader, then replace `dest` by it."""
-    if dest.exists() and not (dest / MANIFEST).is_file():
-        raise ExportError(f"{dest} exists and is not a bundle (no {MANIFEST}); refusing to replace it")
-    scratch = dest.with_name(f".{dest.name}.partial")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
+    """Every format's files of every source, written and verified by the device side's bundle writer."""
+    def write_models(folder: Path) -> list[ModelFile]:
+        return [ModelFile(s.role, fmt.name, w.precision, w.path, w.inputs, w.outputs)
+                for fmt in formats for s in sources for w in fmt.write(s, precisions, folder)]
+
     try:
-        entries = [ModelEntry(role=s.role, format=fmt.name, precision=w.precision, file=w.path.name,
-                              sha256=file_sha256(w.path), bytes=w.path.stat().st_size, inputs=w.inputs,
-                              outputs=w.outputs)
-                   for fmt in formats for s in sources for w in fmt.write(s, precisions, scratch)]
-        np.savez(scratch / SAMPLES, **samples)
-        ref = SamplesRef(SAMPLES, file_sha256(scratch / SAMPLES), (scratch / SAMPLES).stat().st_size)
-        full = dataclasses.replace(manifest, models=entries, samples=ref)
-        (scratch / MANIFEST).write_text(json.dumps(full.to_dict(), indent=2) + "\n")
-        verified = load_bundle(scratch).manifest
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    scratch.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
-    return Bundle(dest, verified)
+        return bundle_writer.write_bundle(dest, manifest, write_models, samples)
+    except BundleError as e:
+        raise ExportError(str(e)) from None

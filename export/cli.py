@@ -76,7 +76,7 @@ def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
     return parse
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `nmoe export`."""
     p = subparsers.add_parser("export", help="export a trained NMoE to per-device bundles (+ parity report)",
                               description=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,12 +103,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from device_agent.runtime import MissingRuntime
     from export.bundle_writer import ExportError
     from toolkit.artifacts import ArtifactError
+    from toolkit.data import DataError
+    from toolkit.errors import DamagedFile
 
     try:
         return _run(args)
-    except (ExportError, ArtifactError) as e:
+    except (ExportError, ArtifactError, DamagedFile, DataError, MissingRuntime) as e:
         print(f"nmoe: error: {e}", file=sys.stderr)
         return 2
 

@@ -9,15 +9,12 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
-from device_agent.bundle import TensorSpec
+from device_agent.model_build import OPSET, tensor_specs
+from device_agent.quantize import quantize_int8
 from export.bundle_writer import ModelSource, WrittenModel
-from export.quantize import quantize_int8
-
-OPSET = 18  # the dynamo exporter's minimum; ORT >= 1.14 runs it, incl. ORT Mobile on Android
 
 
 @contextlib.contextmanager
@@ -43,6 +40,7 @@ def export_fp32(source: ModelSource, path: Path) -> None:
             source.module.eval(), (example,), dynamo=True, opset_version=OPSET, verbose=False,
             input_names=[source.input_name], output_names=[source.output_name],
             dynamic_shapes={source.input_name: {0: torch.export.Dim("batch")}})
+    assert program is not None  # dynamo=True always returns the program
     program.save(str(path))
     strip_debug_info(path)
     onnx.checker.check_model(str(path), full_check=True)
@@ -60,19 +58,6 @@ def strip_debug_info(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The graph's inputs and outputs (a symbolic dimension stays a string, e.g. "batch")."""
-    graph = onnx.load(str(path)).graph
-    weights = {t.name for t in graph.initializer}
-
-    def spec(v: onnx.ValueInfoProto) -> TensorSpec:
-        t = v.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
-        return TensorSpec(v.name, [d.dim_param or d.dim_value for d in t.shape.dim], dtype)
-
-    return [spec(v) for v in graph.input if v.name not in weights], [spec(v) for v in graph.output]
-
-
 class OnnxFormat:
     """`<role>.fp32.onnx` and `<role>.int8.onnx` (float I/O; the int8 one is quantized from fp32)."""
 
@@ -86,7 +71,7 @@ class OnnxFormat:
             if "int8" in paths:
                 quantize_int8(fp32, paths["int8"], source.input_name, source.calibration)
                 strip_debug_info(paths["int8"])
-        return [WrittenModel(p, path, *tensor_specs(path)) for p, path in paths.items()]
+        return [WrittenModel(p, path, *tensor_specs(onnx.load(str(path)))) for p, path in paths.items()]
 
 
 FORMAT = OnnxFormat()

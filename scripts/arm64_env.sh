@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Emulated aarch64 Python for ARM64 parity checks (export/arm64_check.py), built once and cached:
+# Emulated aarch64 Python for ARM64 parity checks (export/arm64_check.py) and emulated Raspberry Pi agents in
+# a field trial (`nmoe trial --arm64-devices N`), built once and cached:
 #   qemu-user-static (Debian), then under ${NMOE_ARM64_CACHE:-$HOME/.cache/nmoe-edge/arm64}:
 #   sysroot/        Debian arm64 python3.11 and the shared libraries it and the wheels link, + a fake ARM
 #                   /proc/cpuinfo (onnxruntime and ai-edge-litert segfault on import under qemu without it)
-#   site-packages/  aarch64 wheels of numpy, onnxruntime, ai-edge-litert at the constraints.txt pins
+#   site-packages/  aarch64 wheels of numpy, onnxruntime, onnx (a device rebuilding its bundle needs it),
+#                   ai-edge-litert and paho-mqtt (the agent's MQTT client) at the constraints.txt pins
 # Each part has a stamp holding a hash of what it was built from: a changed pin rebuilds it; a cached run
 # downloads nothing. Run:  qemu-aarch64-static -L CACHE/sysroot CACHE/sysroot/usr/bin/python3.11
-# with PYTHONPATH=CACHE/site-packages. Prints the cache path last.
+# with PYTHONPATH=CACHE/site-packages:REPO (the project's own code is pure Python). Prints the cache path last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -39,8 +41,9 @@ pin() {  # pin NAME_REGEX [DEFAULT]: the version constraints.txt pins (PEP 503: 
   [ -n "$version" ] || { echo "arm64-env: error: constraints.txt pins no $1" >&2; exit 2; }
   echo "$version"
 }
-NUMPY="$(pin numpy)"; ONNXRUNTIME="$(pin onnxruntime)"; LITERT="$(pin 'ai[-_.]edge[-_.]litert' 2.2.0)"
-WHEELS=("numpy==$NUMPY" "onnxruntime==$ONNXRUNTIME" "ai-edge-litert==$LITERT")
+NUMPY="$(pin numpy)"; ONNXRUNTIME="$(pin onnxruntime)"; ONNX="$(pin onnx)"; PAHO="$(pin 'paho[-_.]mqtt')"
+LITERT="$(pin 'ai[-_.]edge[-_.]litert' 2.2.0)"
+WHEELS=("numpy==$NUMPY" "onnxruntime==$ONNXRUNTIME" "onnx==$ONNX" "ai-edge-litert==$LITERT" "paho-mqtt==$PAHO")
 hash_of() { printf '%s\n' "$@" | sha256sum | cut -c1-64; }
 SYSROOT_KEY="$(hash_of "${DEBS[@]}" "$CPUINFO")"
 SITE_KEY="$(hash_of "${WHEELS[@]}" "${PLATFORM[@]}")"
@@ -96,8 +99,9 @@ if ((built)); then
   echo "arm64-env: smoke test under $(qemu-aarch64-static --version | head -n1)"
   QEMU_CPU=cortex-a72 PYTHONNOUSERSITE=1 PYTHONPATH="$CACHE/site-packages" \
     qemu-aarch64-static -L "$CACHE/sysroot" "$CACHE/sysroot/usr/bin/python3.11" -c \
-    'import platform, numpy, onnxruntime, ai_edge_litert.interpreter
+    'import platform, numpy, onnx, onnxruntime, ai_edge_litert.interpreter, paho.mqtt
 print("arm64-env:", platform.machine(), "python", platform.python_version(), "numpy", numpy.__version__,
-      "onnxruntime", onnxruntime.__version__, "ai-edge-litert interpreter OK")'
+      "onnxruntime", onnxruntime.__version__, "onnx", onnx.__version__, "paho-mqtt", paho.mqtt.__version__,
+      "ai-edge-litert interpreter OK")'
 fi
 echo "$CACHE"

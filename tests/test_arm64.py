@@ -1,4 +1,5 @@
-"""ARM64 parity under qemu-user (export.arm64_check) and the on-device self-check (device_agent.selfcheck).
+"""ARM64 parity under qemu-user (export.arm64_check), the on-device self-check (device_agent.selfcheck), and a
+field trial with emulated aarch64 agents (`nmoe trial --arm64-devices`).
 
 The emulated environment comes from scripts/arm64_env.sh: check_arm64 runs it, so a machine without
 the cache builds it here (once) instead of skipping.
@@ -16,6 +17,7 @@ import pytest
 from device_agent import runtime, selfcheck
 from export import arm64_check
 from export.arm64_check import check_arm64, compare, write_arm64_report
+from toolkit.cli import main
 
 FORMATS = ("onnx", "tflite")
 OUTPUTS = 3 * 3 * len(FORMATS) * 2  # devices x roles x formats x precisions
@@ -148,3 +150,25 @@ def test_selfcheck_unusable_bundle_or_runtime(bundles_dir: Path, tmp_path: Path,
     assert "format 'tflite' is not supported" in capsys.readouterr().err
     assert selfcheck.main([devices(bundles_dir)[0], "--formats", "executorch"]) == 2
     assert "no executorch fp32,int8 model" in capsys.readouterr().err
+
+
+def test_a_trial_with_two_emulated_aarch64_devices_gives_local_nmoe_s_predictions(
+        bundles_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """device-1 and device-2 run `nmoe agent` under qemu-user (Cortex-A72), device-0 natively: they serve their
+    experts to each other and classify together over mosquitto. Sized for emulation (~300x slower): 4 samples per
+    device at 1/s, 20 s deadlines, 10 min to come online; 35 s on a 2-core machine at load 15."""
+    monkeypatch.delenv("QEMU_CPU", raising=False)
+    out = tmp_path / "trial"
+    status = main(["trial", "--bundles", str(bundles_dir), "--out", str(out), "--quiet", "--arm64-devices", "2",
+                   "--samples", "4", "--rate", "1", "--deadline-ms", "20000", "--online-timeout", "600"])
+    summary = json.loads((out / "trial.json").read_text())
+    assert status == 0
+    assert summary["fleet"]["arm64_devices"] == {"device-1": "cortex-a72", "device-2": "cortex-a72"}
+    counts, exact = summary["counts"], summary["exactness"]
+    assert counts["sent"] == counts["answered"] == 12 and counts["failed"] == 0
+    assert exact["compared"] == 12 and exact["mismatches"] == exact["degraded"] == exact["unverified"] == 0
+    assert exact["max_abs_prob_diff"] < 1e-4  # ARM and x86 kernels may differ in the last bits, never in a class
+    matrix = summary["routing"]["matrix"]  # answered requests each expert's output was combined into
+    assert matrix["device-0"][1] + matrix["device-0"][2] > 0  # the x86 device used emulated experts ...
+    assert matrix["device-1"][0] + matrix["device-2"][0] > 0  # ... and the emulated devices the x86 one
+    assert all(a["exit_status"] == 0 and a["inferences"] > 0 for a in summary["agents"].values())  # SIGTERM: clean

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
@@ -37,8 +38,19 @@ from broker.accounts import (
 from broker.acl import any_of, render_acl
 from broker.layout import FleetLayout
 from broker.process import BrokerError, BrokerOptions, RunningBroker, render_config, start_broker
-from device_agent.bundle import SCHEMA_VERSION, InputSpec, Manifest
-from device_agent.wire.protocol import Topics
+from device_agent.bundle import SCHEMA_VERSION, InputSpec, Manifest, load_bundle
+from device_agent.device_models import model_version
+from device_agent.wire.clock import now_ms
+from device_agent.wire.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
+from device_agent.wire.protocol import (
+    ExpertRequest,
+    ExpertResponse,
+    Topics,
+    decode,
+    decode_presence,
+    encode,
+    new_correlation_id,
+)
 from toolkit.cli import main
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto", path="/usr/sbin:/usr/bin:/usr/local/sbin") is None,
@@ -140,7 +152,7 @@ def test_config_listens_on_loopback_with_nodelay_limits_and_persistence(tmp_path
     secured = render_config(options(tmp_path, auth=True, tls=True, require_client_cert=True), 8883)
     layout = FleetLayout.of(tmp_path)
     for line in ["allow_anonymous false", f"password_file {layout.password_file}", f"acl_file {layout.acl_file}",
-                 f"cafile {layout.ca_cert}", f"certfile {layout.server_cert('127.0.0.1')}",
+                 "use_username_as_clientid true", f"cafile {layout.ca_cert}", f"certfile {layout.server_cert('127.0.0.1')}",
                  "require_certificate true"]:
         assert line in secured.splitlines()
 
@@ -184,8 +196,8 @@ def test_accounts_from_a_count_and_from_bundles(tmp_path: Path) -> None:
         fleet_accounts(0)
     for folder, device_id, expert in [("device-1", "pi-b", 1), ("device-0", "pi-a", 0)]:
         manifest = Manifest(
-            schema_version=SCHEMA_VERSION, device_id=device_id, expert_id=expert, num_experts=2, top_k=1,
-            latent_dim=4, num_classes=2, class_names=["a", "b"], routing="gate",
+            schema_version=SCHEMA_VERSION, model_version="m1", device_id=device_id, expert_id=expert,
+            num_experts=2, top_k=1, latent_dim=4, num_classes=2, class_names=["a", "b"], routing="gate",
             input=InputSpec([1, 2, 2], "uint8", 1 / 255, [0.5], [0.25], "NCHW"), models=[],
             provenance={}, samples=None)
         (tmp_path / folder).mkdir()
@@ -196,6 +208,26 @@ def test_accounts_from_a_count_and_from_bundles(tmp_path: Path) -> None:
         fleet_accounts_from_bundles(tmp_path)
     with pytest.raises(BrokerError, match="cannot read the bundles dir"):
         fleet_accounts_from_bundles(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"device_id": "pi-a", "expert_id": 0', "manifest.json: not valid JSON"),
+    (b"[]", "manifest.json: expected a JSON object"),
+    (b'{"expert_id": 0}', "manifest.json: device_id: expected a string, got None"),
+    (b'{"device_id": "pi-a", "expert_id": true}', "manifest.json: expert_id: expected an integer >= 0"),
+    (b'{"device_id": "pi-a", "expert_id": -1}', "manifest.json: expert_id: expected an integer >= 0"),
+    (b"\xff\xfe", "manifest.json: not valid JSON"),
+    (b" " * ((1 << 20) + 1), "manifest.json: expected a JSON object of at most"),
+])
+def test_a_damaged_manifest_is_one_clear_error(tmp_path: Path, content: bytes, message: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "device-0").mkdir()
+    (tmp_path / "device-0" / "manifest.json").write_bytes(content)
+    with pytest.raises(BrokerError, match=message):
+        fleet_accounts_from_bundles(tmp_path)
+    assert main(["broker", "--auth", "--bundles", str(tmp_path), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nmoe: error: ") and message in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -426,3 +458,118 @@ def _alive(proc: Path) -> bool:
         return (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# ---- client ids are tied to accounts (issue 9, defect 1) ------------------------------------------
+
+def connack_as(url: BrokerUrl, account: str, password: str, client_id: str, hold_s: float) -> int | None:
+    """Connect as `account` with `client_id`, stay `hold_s`, disconnect: the CONNACK code (None: none)."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+    client.username_pw_set(account, password)
+    codes: list[int] = []
+    client.on_connect = lambda c, u, flags, rc, props: codes.append(rc.value)
+    client.connect(url.host, url.port)
+    end = time.monotonic() + TIMEOUT_S
+    while not codes and time.monotonic() < end:
+        client.loop(timeout=0.05)
+    if codes == [0]:
+        client.subscribe("x")
+        end = time.monotonic() + hold_s
+        while time.monotonic() < end:
+            client.loop(timeout=0.01)
+    client.disconnect()
+    return codes[0] if codes else None
+
+
+def test_a_second_login_of_an_account_replaces_the_first(tmp_path: Path) -> None:
+    with start_broker(options(tmp_path, auth=True, accounts=(A,))) as broker:
+        first, second = Peer(broker, A.device_id), Peer(broker, A.device_id)  # different client ids
+        assert first.connect() == 0
+        first.client.reconnect_delay_set(TIMEOUT_S * 2, TIMEOUT_S * 2)  # no fight back during the test
+        assert second.connect() == 0
+        first._wait(lambda kind, value: kind == "disconnect")  # the broker closed the older session
+        second.close()
+        first.close()
+
+
+TOPICS_DEFAULT = Topics()  # what `nmoe agent` uses by default
+
+
+class Operator:
+    """The operator account over the agents' own transport: device-1's presences and replies."""
+
+    def __init__(self, url: BrokerUrl, password: str) -> None:
+        self.presences: list[str] = []
+        self.replies: dict[bytes, object] = {}
+        self.transport = MqttTransport(MqttSettings(url, "test-operator", OPERATOR, password))
+        for topic_filter in (TOPICS_DEFAULT.presence_filter(), TOPICS_DEFAULT.reply_filter(OPERATOR)):
+            self.transport.subscribe(topic_filter)
+        self.transport.connect(None, self._on_message, lambda event, detail: None)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == TOPICS_DEFAULT.presence("device-1"):
+            self.presences.append(decode_presence(payload).status)
+        elif topic == TOPICS_DEFAULT.reply_from(OPERATOR, "device-1"):
+            msg = decode(payload)
+            self.replies[msg.correlation_id] = msg
+
+    def ask_expert_1(self, latent: np.ndarray, model: str) -> bytes:
+        """Send one expert request to expert 1; its correlation id."""
+        cid = new_correlation_id()
+        request = ExpertRequest(cid, 1, now_ms() + 3000, model, TOPICS_DEFAULT.reply(OPERATOR), latent)
+        self.transport.publish(TOPICS_DEFAULT.expert_request(1), encode(request))
+        return cid
+
+
+def test_a_device_cannot_take_over_another_devices_client_id(onnx_tflite_bundles: Path, tmp_path: Path) -> None:
+    """device-0's password with device-1's client id, in a loop: device-1 stays online and answers."""
+    fleet = tmp_path / "fleet"
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "toolkit.cli", "broker", "--auth", "--bundles", str(onnx_tflite_bundles),
+         "--port", "0", "--fleet-dir", str(fleet)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    agent = None
+    try:
+        url = BrokerUrl.parse(cli.stdout.readline().split()[2])
+        credentials = fleet / "credentials"
+        password = {a: (credentials / f"{a}.password").read_text() for a in ("device-0", OPERATOR)}
+        bundle = load_bundle(onnx_tflite_bundles / "device-1")
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "toolkit.cli", "agent", "--bundle", str(bundle.path), "--broker",
+             f"mqtt://{url.host}:{url.port}", "--username", "device-1", "--password-file",
+             str(credentials / "device-1.password")], cwd=ROOT, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        operator = Operator(url, password[OPERATOR])
+        end = time.monotonic() + 60
+        while operator.presences[-1:] != ["online"] and time.monotonic() < end:
+            time.sleep(0.05)
+        assert operator.presences[-1:] == ["online"], agent.poll()
+        seen = len(operator.presences)
+        latent = bundle.samples()["latent"][:1]
+        asked, accepted = [], []
+        end = time.monotonic() + 4
+        while time.monotonic() < end:  # the attack, with requests to expert 1 in between
+            accepted.append(connack_as(url, "device-0", password["device-0"], "default-device-1", 0.1))
+            asked.append(operator.ask_expert_1(latent, model_version(bundle)))
+        end = time.monotonic() + TIMEOUT_S
+        while len(operator.replies) < len(asked) and time.monotonic() < end:
+            time.sleep(0.05)
+        flips = operator.presences[seen:]
+        agent.kill()  # its will still works: the broker reports device-1 offline
+        agent.wait()
+        end = time.monotonic() + TIMEOUT_S
+        while operator.presences[-1:] != ["offline"] and time.monotonic() < end:
+            time.sleep(0.05)
+        operator.transport.close()
+        answered = [cid for cid in asked if isinstance(operator.replies.get(cid), ExpertResponse)]
+        print(f"\n{len(accepted)} connections as device-0 with device-1's client id; device-1 presence changes: "
+              f"{len(flips)}; {len(answered)} of {len(asked)} requests to expert 1 answered")
+        assert accepted and set(accepted) == {0}  # device-0's own credentials: accepted every time
+        assert flips == []  # ...and device-1 was never reported offline
+        assert len(answered) == len(asked)
+        assert operator.presences[-1:] == ["offline"]
+    finally:
+        for process in (agent, cli):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.communicate(timeout=TIMEOUT_S)

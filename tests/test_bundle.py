@@ -66,7 +66,8 @@ def sources() -> list[ModelSource]:
 @pytest.fixture
 def bundle_dir(tmp_path: Path) -> Path:
     manifest = Manifest(
-        schema_version=SCHEMA_VERSION, device_id="device-1", expert_id=1, num_experts=4, top_k=2, latent_dim=4,
+        schema_version=SCHEMA_VERSION, model_version="m-1", device_id="device-1", expert_id=1, num_experts=4, top_k=2,
+        latent_dim=4,
         num_classes=4, class_names=["a", "b", "c", "d"], routing="gate",
         input=InputSpec([1, 2, 2], "uint8", 1 / 255, [0.5], [0.25], "NCHW"), models=[],
         provenance={"method": "test"}, samples=None)
@@ -146,8 +147,48 @@ def test_missing_file(bundle_dir: Path, no_sessions: None) -> None:
 
 
 def test_unknown_schema_version(bundle_dir: Path, no_sessions: None) -> None:
-    edit_manifest(bundle_dir, {"schema_version": 2})
-    with pytest.raises(BundleError, match=r"manifest\.json: schema_version 2 is not supported .*schema_version 1"):
+    edit_manifest(bundle_dir, {"schema_version": 3})
+    with pytest.raises(BundleError, match=r"manifest\.json: schema_version 3 is not supported .*schema_version 1 and 2"):
+        load_bundle(bundle_dir)
+
+
+def test_schema_2_has_the_model_version(bundle_dir: Path) -> None:
+    m = load_bundle(bundle_dir).manifest
+    assert (m.schema_version, m.model_version) == (2, "m-1")
+
+
+@pytest.mark.parametrize("provenance, version", [
+    ({"config_hash": "ab" * 32, "method": "x"}, "ab" * 32),
+    ({"method": "x"}, None),
+    ({"config_hash": ""}, None),
+    ({"config_hash": 7}, None),
+])
+def test_schema_1_is_read_with_the_config_hash_as_model_version(bundle_dir: Path, provenance: dict,
+                                                                version: str | None) -> None:
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    del manifest["model_version"]
+    (bundle_dir / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 1, "provenance": provenance}))
+    m = load_bundle(bundle_dir).manifest
+    assert (m.schema_version, m.model_version, m.provenance) == (1, version, provenance)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_version": None}, r"model_version: expected a string"),
+    ({"model_version": ""}, r"model_version: must be 1\.\.255 bytes of UTF-8"),
+    ({"model_version": "é" * 128}, r"model_version: must be 1\.\.255 bytes of UTF-8 .*got 128 characters"),
+    ({"model_version": "\ud800"}, r"model_version: must be 1\.\.255 bytes of UTF-8"),
+])
+def test_schema_2_model_version_is_checked(bundle_dir: Path, change: dict, message: str, no_sessions: None) -> None:
+    edit_manifest(bundle_dir, change)
+    with pytest.raises(BundleError, match=rf"manifest\.json: {message}"):
+        load_bundle(bundle_dir)
+
+
+def test_schema_2_without_model_version_is_refused(bundle_dir: Path, no_sessions: None) -> None:
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    del manifest["model_version"]
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"manifest\.json: model_version: missing"):
         load_bundle(bundle_dir)
 
 

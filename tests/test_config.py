@@ -39,6 +39,12 @@ def test_benchmark_configs_run_every_method() -> None:
     ({"data": "fashion"}, "data"),
     ({"data": {"dataset": "cifar10"}}, "data.path"),
     ({"baselines": {"methods": []}, "gate": {"methods": []}}, "baselines.methods"),
+    ({"federated": {"min_fit_fraction": 0}}, "federated.min_fit_fraction"),
+    ({"gate": {"min_fit_clients": 11}}, "gate.min_fit_clients"),
+    ({"gate": {"round_timeout": -1}}, "gate.round_timeout"),
+    ({"federated": {"round_retries": -1}}, "federated.round_retries"),
+    ({"expert": {"timeout": -0.5}}, "expert.timeout"),
+    ({"expert": {"retries": -1}}, "expert.retries"),
 ])
 def test_bad_values_name_the_key(raw: dict, key: str) -> None:
     with pytest.raises(config.ConfigError) as e:
@@ -83,3 +89,22 @@ def test_cli_invalid_toml(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
     bad.write_text("[gate\n")
     assert main(["train", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert "not valid TOML" in capsys.readouterr().err
+
+
+def test_a_run_dir_written_before_a_config_key_existed_is_resumed(tmp_path: Path) -> None:
+    """A key added later (e.g. federated.min_fit_fraction) takes its default: the same config, not another."""
+    import json
+
+    from toolkit.errors import RunDirConflict
+    from toolkit.rundir import claim
+
+    cfg = config.load(CONFIGS[0])
+    old = cfg.to_dict()
+    del old["federated"]["min_fit_fraction"], old["gate"]["round_retries"]
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "stage1_fedce.npz").touch()
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert claim(tmp_path, cfg) is True
+    other = config.from_dict({**cfg.to_dict(), "gate": {**cfg.to_dict()["gate"], "round_retries": 5}})
+    with pytest.raises(RunDirConflict, match="gate.round_retries: 2 -> 5"):
+        claim(tmp_path, other)

@@ -99,7 +99,8 @@ def test_cli_writes_bundles_and_report(exported: Export) -> None:
 def test_manifest_fields(exported: Export, run_dir: Path, trained: TrainedNMoE) -> None:
     m = json.loads((exported.out / "device-1" / "manifest.json").read_text())
     dataset = json.loads((run_dir / "dataset.json").read_text())
-    assert m["schema_version"] == 1 and m["device_id"] == "device-1" and m["expert_id"] == 1
+    assert m["schema_version"] == 2 and m["device_id"] == "device-1" and m["expert_id"] == 1
+    assert m["model_version"] == trained.config.hash()
     assert (m["num_experts"], m["top_k"], m["latent_dim"], m["num_classes"]) == (CLIENTS, 2, 16, 10)
     assert m["class_names"] == dataset["class_names"] and m["routing"] == "gate"
     assert m["input"] == {"shape": dataset["input_shape"], "dtype": "uint8", "scale": dataset["scale"],
@@ -111,7 +112,7 @@ def test_manifest_fields(exported: Export, run_dir: Path, trained: TrainedNMoE) 
     assert ext["outputs"] == [{"name": "latent", "shape": ["batch", 16], "dtype": "float32", "quantization": None}]
     assert ext["bytes"] == (exported.out / "device-1" / ext["file"]).stat().st_size
     p = m["provenance"]
-    assert p["method"] == METHOD and p["config_hash"] == trained.config.hash()
+    assert p["method"] == METHOD and p["config_hash"] == trained.config.hash() and p["built_by"] == "export"
     assert p["run_dir"] == str(run_dir.resolve()) and set(p["packages"]) == set(PROVENANCE_PACKAGES)
     assert m["samples"]["file"] == "samples.npz"
 

@@ -1,6 +1,7 @@
-"""Wire protocol v1: frames, tensors, presence, topics, golden vectors and fuzzing."""
+"""Wire protocol (frame versions 1 and 2): frames, tensors, presence, topics, golden vectors and fuzzing."""
 
 import json
+import struct
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,8 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from device_agent.wire.frames import frame_version, open_frame, pack_frame
 from device_agent.wire.protocol import (
     MAX_PAYLOAD,
+    MAX_TENSOR_DATA,
     MAX_TEXT,
     MAX_TOPIC,
     Caps,
@@ -23,6 +26,7 @@ from device_agent.wire.protocol import (
     ParsedTopic,
     Presence,
     ProtocolError,
+    RawInput,
     RequestRoute,
     TopicKind,
     Topics,
@@ -33,11 +37,13 @@ from device_agent.wire.protocol import (
     encode_presence,
     new_correlation_id,
     peek_request_route,
+    raw_input_encoding,
+    raw_input_error,
 )
 from device_agent.wire.tensor_codec import (
     decode_tensor,
-    encode_latent,
     encode_tensor,
+    encode_tensor_as,
     quantize_int8,
 )
 
@@ -45,7 +51,7 @@ VECTORS = Path(__file__).parent / "vectors"
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CID = bytes.fromhex("00112233445566778899aabbccddeeff")
 TOPIC = "nmoe/lab/reply/pi-01"
-DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "int8": "int8", "uint8": "uint8"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,11 +60,11 @@ DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 
 def tensor_fields(a: np.ndarray, encoding: str) -> dict[str, object]:
     """The `fields` form of a tensor that is encoded with `encoding`."""
-    values = np.asarray(a, np.float32 if encoding != "fp16" else np.float16)
+    values = np.asarray(a, {"fp16": np.float16, "uint8": np.uint8}.get(encoding, np.float32))
     out: dict[str, object] = {
         "dtype": DTYPE_NAMES[encoding],
         "shape": list(values.shape),
-        "values": values.astype(np.float64).tolist(),
+        "values": (values if encoding == "uint8" else values.astype(np.float64)).tolist(),
     }
     if encoding == "int8":
         q, scale, zero_point = quantize_int8(values)
@@ -112,7 +118,7 @@ def message_from_fields(kind: str, f: dict) -> Message:
 
 def presence_from_fields(f: dict) -> Presence:
     """The Presence a presence vector's JSON object stands for."""
-    caps = f.get("caps")
+    caps, raw = f.get("caps"), f.get("input")
     return Presence(
         f["device"],
         f["expert"],
@@ -120,6 +126,8 @@ def presence_from_fields(f: dict) -> Presence:
         f.get("model"),
         caps and Caps(tuple(caps["runtimes"]), tuple(caps["latent_encodings"]), caps["max_batch"]),
         f.get("ts"),
+        None if "protocols" not in f else tuple(f["protocols"]),
+        None if raw is None else RawInput(tuple(raw["shape"]), raw["dtype"]),
     )
 
 
@@ -156,18 +164,19 @@ def assert_same_array(got: np.ndarray, want: np.ndarray, shape: list[int]) -> No
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
-def load_vectors() -> list[dict]:
+def load_vectors(folder: Path = VECTORS) -> list[dict]:
     return [
-        json.loads(p.read_text()) for p in sorted(VECTORS.glob("*.json")) if p.stem != "invalid"
+        json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.stem != "invalid"
     ]
 
 
-def load_invalid() -> list[dict]:
-    return json.loads((VECTORS / "invalid.json").read_text())
+def load_invalid(folder: Path = VECTORS) -> list[dict]:
+    return json.loads((folder / "invalid.json").read_text())
 
 
 VALID = load_vectors()
-FRAMES = [bytes.fromhex(v["hex"]) for v in VALID if v["kind"] != "presence"]
+VALID_V2 = load_vectors(VECTORS / "v2")  # version 2 (tests/vectors/v2/)
+FRAMES = [bytes.fromhex(v["hex"]) for v in VALID + VALID_V2 if v["kind"] != "presence"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +197,7 @@ def test_vector_set_covers_the_required_cases() -> None:
             assert v["name"].endswith("_" + "x".join(map(str, tensor["shape"])))
 
 
-@pytest.mark.parametrize("vector", VALID, ids=lambda v: v["name"])
+@pytest.mark.parametrize("vector", VALID + VALID_V2, ids=lambda v: v["name"])
 def test_golden_vector_encodes_and_decodes(vector: dict) -> None:
     kind, fields, payload = vector["kind"], vector["fields"], bytes.fromhex(vector["hex"])
     if kind == "presence":
@@ -207,7 +216,7 @@ def test_golden_vector_encodes_and_decodes(vector: dict) -> None:
         )
 
 
-@pytest.mark.parametrize("vector", load_invalid(), ids=lambda v: v["name"])
+@pytest.mark.parametrize("vector", load_invalid() + load_invalid(VECTORS / "v2"), ids=lambda v: v["name"])
 def test_invalid_vector_is_rejected(vector: dict) -> None:
     decoder = decode if vector["decoder"] == "frame" else decode_presence
     with pytest.raises(ProtocolError) as err:
@@ -229,6 +238,40 @@ def test_invalid_vectors_cover_the_required_cases() -> None:
         "unknown_kind",
     }
     assert required <= names
+
+
+def test_version_1_vectors_are_version_1_frames_and_v2_vectors_need_version_2() -> None:
+    """Encoders emit the lowest version that expresses a message: every v1 vector stays version 1;
+    the v2 vectors use a version-2 feature (a uint8 tensor) or a presence key that v1 ignores."""
+    assert all(f[2] == 1 for f in (bytes.fromhex(v["hex"]) for v in VALID if v["kind"] != "presence"))
+    v2 = {v["name"]: v for v in VALID_V2}
+    assert {"request_infer_uint8_1x1x2x2", "presence_online_v2"} <= set(v2)
+    for v in VALID_V2:
+        assert (VECTORS / "v2" / f"{v['name']}.json").is_file()
+        if v["kind"] != "presence":
+            assert bytes.fromhex(v["hex"])[2] == 2 and v["fields"]["latent"]["dtype"] == "uint8"
+    presence = decode_presence(bytes.fromhex(v2["presence_online_v2"]["hex"]))
+    assert presence.accepts(2) and presence.input == RawInput((1, 28, 28))
+    v1_presence = next(v for v in VALID if v["name"] == "presence_online")
+    assert not decode_presence(bytes.fromhex(v1_presence["hex"])).accepts(2)  # no protocols key: [1]
+    invalid = {v["name"] for v in load_invalid(VECTORS / "v2")}
+    assert {"uint8_in_version_1", "version_2_without_version_2_content", "version_3",
+            "presence_protocols_without_1", "presence_input_float32"} <= invalid
+
+
+def test_inference_vectors_against_the_raw_input_rule() -> None:
+    """request_infer_fp32_1x1x2x2 is a valid frame that a device answers BAD_REQUEST (0.25 and 0.5 are
+    not pixels); the fp16 (v1) and uint8 (v2) inference vectors are raw inputs (protocol.md §6.3)."""
+    vectors = {v["name"]: v for v in VALID + VALID_V2 if v["name"].startswith("request_infer_")}
+    verdicts = {}
+    for name, v in vectors.items():
+        msg = decode(bytes.fromhex(v["hex"]))
+        assert isinstance(msg, ExpertRequest)
+        verdicts[name] = raw_input_error(msg.latent, msg.encoding)
+    assert verdicts.pop("request_infer_fp32_1x1x2x2") == "raw input values must be integers 0..255 (uint8 pixels)"
+    assert verdicts == {"request_infer_fp16_1x1x2x2": None, "request_infer_uint8_1x1x2x2": None}
+    assert "not int8" in str(raw_input_error(np.zeros((1, 1, 2, 2), np.float32), "int8"))
+    assert raw_input_encoding(None) == "fp16"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,8 +330,17 @@ def test_oversized_payload_rejected() -> None:
 
 
 def test_largest_tensor_fits() -> None:
-    latent = np.zeros((1, (MAX_PAYLOAD - 200) // 4), np.float32)
-    assert len(encode(request(latent))) <= MAX_PAYLOAD
+    """Every valid tensor can be sent: the largest, 4 dims and int8 (the longest tensor header), in
+    a REQUEST with the longest model version and reply topic, is one frame of at most MAX_PAYLOAD."""
+    assert MAX_TENSOR_DATA < MAX_PAYLOAD
+    latent = np.zeros((1, (MAX_PAYLOAD - 200) // 4), np.float32)  # valid before the limits were made consistent
+    with pytest.raises(ProtocolError, match="tensor too large"):
+        encode(request(latent))
+    longest = request(np.zeros((1, 1, 1, MAX_TENSOR_DATA), np.float32), "int8",
+                      model_version="m" * 255, reply_topic="t" * 255)
+    assert len(encode(longest)) <= MAX_PAYLOAD
+    with pytest.raises(ProtocolError, match="tensor too large"):
+        encode(request(np.zeros((1, 1, 1, MAX_TENSOR_DATA + 1), np.float32), "int8"))
 
 
 @pytest.mark.parametrize(
@@ -354,12 +406,68 @@ def test_peek_request_route() -> None:
     assert peek_request_route(b"garbage") is None
 
 
+def test_peek_request_route_reads_version_2_requests() -> None:
+    frame = encode(request(np.array([[0, 7, 255]], np.uint8), "uint8"))
+    assert frame[2] == 2 and peek_request_route(frame[:-1]) == RequestRoute(CID, 3, TOPIC)
+
+
+def test_uint8_tensors_carry_integers_0_to_255_only() -> None:
+    for values in (np.array([[0.5]]), np.array([[256.0]]), np.array([[-1]]), np.array([[np.nan]])):
+        with pytest.raises(ProtocolError, match="integers 0..255"):
+            encode(request(values, "uint8"))
+    got = decode(encode(request(np.array([[0.0, 17.0, 255.0]], np.float32), "uint8")))
+    assert isinstance(got, ExpertRequest) and got.encoding == "uint8" and got.latent.dtype == np.float32
+    np.testing.assert_array_equal(got.latent, [[0, 17, 255]])
+    with pytest.raises(ProtocolError, match="unknown tensor dtype 4 in a version 1 frame"):
+        decode_tensor(encode_tensor_as(np.zeros(3, np.uint8), "uint8"), 0, version=1)
+
+
+MY_KINDS = {10: 2, 11: 2}  # a second message family of version 2 (as training messages will be)
+
+
+def test_another_message_family_reuses_the_frame_plumbing() -> None:
+    body = struct.pack("<H", 513) + encode_tensor_as(np.array([1.5, -2.0], np.float32), "fp32")
+    payload = pack_frame(10, CID, body, frame_version(MY_KINDS[10], "fp32"))
+    assert payload[:4] == b"NM\x02\x0a" and payload[4:20] == CID
+    frame = open_frame(payload, MY_KINDS)
+    assert (frame.version, frame.kind, frame.correlation_id) == (2, 10, CID)
+    assert frame.take("<H", "my field") == (513,)
+    values, encoding = frame.tensor()
+    frame.end()
+    assert encoding == "fp32" and values.tolist() == [1.5, -2.0]
+    with pytest.raises(ProtocolError, match="unknown message kind 10"):
+        decode(payload)  # protocol.decode knows kinds 1-3 only
+    with pytest.raises(ProtocolError, match="unknown message kind 1"):
+        open_frame(encode(request(LATENT)), MY_KINDS)
+    with pytest.raises(ProtocolError, match="message kind 10 needs protocol version 2"):
+        open_frame(payload[:2] + b"\x01" + payload[3:], MY_KINDS)
+    trailing = open_frame(payload + b"x", MY_KINDS)
+    trailing.take("<H", "my field")
+    trailing.tensor()
+    with pytest.raises(ProtocolError, match="trailing bytes"):
+        trailing.end()
+    with pytest.raises(ProtocolError, match="unsupported protocol version 3"):
+        pack_frame(10, CID, body, 3)
+    with pytest.raises(ProtocolError, match="correlation_id"):
+        pack_frame(10, b"short", body, 2)
+    with pytest.raises(ProtocolError, match="payload too large"):
+        pack_frame(10, CID, bytes(MAX_PAYLOAD), 2)
+
+
+def test_frame_version_is_the_lowest_that_expresses_the_frame() -> None:
+    assert frame_version(1) == frame_version(1, "fp32", "fp16", "int8") == 1
+    assert frame_version(1, "fp32", "uint8") == frame_version(2, "fp32") == 2
+    over = encode(request(LATENT))
+    with pytest.raises(ProtocolError, match="unsupported protocol version 2 for this frame: version 1"):
+        decode(over[:2] + b"\x02" + over[3:])
+
+
 # ---------------------------------------------------------------------------------------------
 # Tensors
 
 
 def test_decode_tensor_at_offset_and_bounds() -> None:
-    blob = b"xyz" + encode_latent(LATENT, "fp16") + b"tail"
+    blob = b"xyz" + encode_tensor_as(LATENT, "fp16") + b"tail"
     array, encoding, end = decode_tensor(memoryview(blob), 3)
     assert encoding == "fp16" and blob[end:] == b"tail"
     np.testing.assert_array_equal(array, LATENT.astype(np.float16).astype(np.float32))
@@ -375,7 +483,7 @@ def test_int8_constant_and_zero_tensors() -> None:
         a = np.full((2, 3), value, np.float32)
         q, scale, zero_point = quantize_int8(a)
         assert scale > 0 and -128 <= zero_point <= 127 and q.dtype == np.int8
-        decoded, _, _ = decode_tensor(encode_latent(a, "int8"), 0)
+        decoded, _, _ = decode_tensor(encode_tensor_as(a, "int8"), 0)
         assert np.abs(decoded - a).max() <= scale / 2
 
 
@@ -401,7 +509,7 @@ latents = hnp.arrays(
 @FUZZ
 @given(latents)
 def test_int8_error_at_most_half_scale(a: np.ndarray) -> None:
-    decoded, encoding, _ = decode_tensor(encode_latent(a, "int8"), 0)
+    decoded, encoding, _ = decode_tensor(encode_tensor_as(a, "int8"), 0)
     assert encoding == "int8" and decoded.shape == a.shape
     assert_int8_error_bound(a, decoded)
 
@@ -409,7 +517,7 @@ def test_int8_error_at_most_half_scale(a: np.ndarray) -> None:
 @FUZZ
 @given(latents)
 def test_fp16_within_fp16_precision(a: np.ndarray) -> None:
-    decoded, _, _ = decode_tensor(encode_latent(a, "fp16"), 0)
+    decoded, _, _ = decode_tensor(encode_tensor_as(a, "fp16"), 0)
     assert_fp16_precision(a, decoded)
 
 
@@ -651,7 +759,7 @@ def test_fuzz_presence_only_protocol_error(obj: dict, raw: bytes) -> None:
 
 
 def test_every_truncation_of_every_vector_is_rejected() -> None:
-    for vector in VALID:
+    for vector in VALID + VALID_V2:
         payload = bytes.fromhex(vector["hex"])
         decoder = decode_presence if vector["kind"] == "presence" else decode
         for n in range(len(payload)):
@@ -677,16 +785,22 @@ def test_fuzz_single_byte_mutation(frame: bytes, position: int, value: int) -> N
 
 
 short_text = st.text(min_size=1, max_size=60)
-requests = st.builds(
-    ExpertRequest,
-    correlation_id=st.binary(min_size=16, max_size=16),
-    expert_id=st.integers(0, 65535),
-    deadline_ms=st.integers(0, (1 << 63) - 1),
-    model_version=short_text,
-    reply_topic=short_text.filter(lambda s: not set(s) & set("+#\x00")),
-    latent=latents,
-    encoding=st.sampled_from(["fp32", "fp16", "int8"]),
-)
+def request_messages(latent: st.SearchStrategy[np.ndarray], encoding: st.SearchStrategy[str]
+                     ) -> st.SearchStrategy[ExpertRequest]:
+    return st.builds(
+        ExpertRequest,
+        correlation_id=st.binary(min_size=16, max_size=16),
+        expert_id=st.integers(0, 65535),
+        deadline_ms=st.integers(0, (1 << 63) - 1),
+        model_version=short_text,
+        reply_topic=short_text.filter(lambda s: not set(s) & set("+#\x00")),
+        latent=latent,
+        encoding=encoding,
+    )
+
+
+requests = request_messages(latents, st.sampled_from(["fp32", "fp16", "int8"]))
+pixels = request_messages(hnp.arrays(np.uint8, hnp.array_shapes(min_dims=1, max_dims=4, max_side=5)), st.just("uint8"))
 responses = st.builds(
     ExpertResponse,
     correlation_id=st.binary(min_size=16, max_size=16),
@@ -708,9 +822,10 @@ errors = st.builds(
 
 
 @FUZZ
-@given(requests | responses | errors)
+@given(requests | pixels | responses | errors)
 def test_fuzz_valid_messages_round_trip(msg: Message) -> None:
     frame = encode(msg)
+    assert frame[2] == (2 if isinstance(msg, ExpertRequest) and msg.encoding == "uint8" else 1)
     got = decode(frame)
     assert type(got) is type(msg) and got.correlation_id == msg.correlation_id
     assert got.expert_id == msg.expert_id
@@ -727,7 +842,7 @@ def test_fuzz_valid_messages_round_trip(msg: Message) -> None:
             msg.encoding,
         )
         assert got.latent.shape == msg.latent.shape
-        if msg.encoding == "fp32":
+        if msg.encoding in ("fp32", "uint8"):
             np.testing.assert_array_equal(got.latent, msg.latent)
         elif msg.encoding == "fp16":
             assert_fp16_precision(msg.latent, got.latent)

@@ -2,7 +2,7 @@
 
 import torch
 
-from toolkit.evaluate import ExpertOutputs, nmoe_predict, random_router, routing_matrix
+from toolkit.evaluate import ExpertOutputs, nmoe_predict, random_router, routing_shares
 from toolkit.models import Expert, Extractor, Gate, combine, count_macs, top_k_route
 
 
@@ -43,14 +43,15 @@ def test_random_router_is_uniform_distinct_and_seeded() -> None:
     assert (freq - 0.1).abs().max() < 0.02
 
 
-def test_routing_matrix_rows_sum_to_one() -> None:
+def test_routing_shares_sum_to_one_and_count_selections() -> None:
     z = torch.randn(50, 8)
     out = ExpertOutputs(z, torch.softmax(torch.randn(50, 4, 3), -1))
     gate = Gate(8, 6, 4)
     from toolkit.evaluate import gate_router
     _, idx = nmoe_predict(gate_router(gate, 2), out)
-    m = routing_matrix([idx, idx[:10]], 4)
-    assert len(m) == 2 and all(abs(sum(r) - 1) < 1e-6 for r in m)
+    shares = routing_shares(idx, 4)
+    assert len(shares) == 4 and abs(sum(shares) - 1) < 1e-6
+    assert routing_shares(torch.tensor([[0, 3], [3, 1]]), 4) == [0.25, 0.25, 0.0, 0.5]
 
 
 def test_mac_counts_match_layer_arithmetic() -> None:

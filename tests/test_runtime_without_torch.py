@@ -1,35 +1,21 @@
 """The device side runs exported bundles in a process where torch (and toolkit, export) cannot import."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from absent_packages import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
 DEVICE_SCRIPT = r'''
-import importlib.abc
-import sys
-
-class Absent(importlib.abc.MetaPathFinder):
-    """As on a Raspberry Pi with only the agent's extra: these packages are not installed."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("torch", "toolkit", "export"):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, Absent())
-try:
-    import torch  # noqa: F401
-    raise SystemExit("the import block does not work")
-except ModuleNotFoundError:
-    pass
+import absent_packages
+absent_packages.block(("torch", "toolkit", "export"))
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +50,8 @@ def bundles_dir(onnx_tflite_bundles: Path) -> Path:
 
 
 def test_bundles_run_without_torch(bundles_dir: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT, str(bundles_dir)], check=False, cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT, str(bundles_dir)], check=False, cwd=ROOT,
+                          env=subprocess_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.cli import main
-from toolkit.fleet.trial_report import read_events
+from toolkit.fleet.trial_summary import read_events
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,10 @@ def test_trial_over_mqtt_predicts_exactly_like_local_nmoe(onnx_tflite_bundles: P
     assert all(r["path"] in ("local", "remote") and r["agent_ms"] > 0 and r["rtt_ms"] >= r["agent_ms"] for r in rows)
     assert summary["latency_ms"]["end_to_end"]["all"]["n"] == 30
     assert summary["bytes"]["raw_input"] == 16 * 16 and summary["bytes"]["between_agents_per_inference"]["all"] > 0
+    assert summary["bytes"]["app_request"] < 2 * 16 * 16  # the agents list protocol 2: pixels as uint8, not fp16
     assert sum(map(sum, summary["routing"]["matrix"].values())) == sum(len(r["answered"]) for r in rows)
+    skipped = sum(a["counters"]["agent"]["zero_weight_skipped"] for a in summary["agents"].values())
+    assert summary["reroutes"]["zero_weight_skipped"] == skipped  # every inference event, as the agents counted
     assert all(a["exit_status"] == 0 and a["inferences"] > 0 for a in summary["agents"].values())
     kinds = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
     assert kinds[0] == "start" and kinds[-1] == "stop" and "online" in kinds

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from toolkit.checkpoint import JobState, JobStore, unpack
-from toolkit.config import CLASSIC_GATES, STAGE1_METHODS, Config, from_dict
+from toolkit.config import CLASSIC_GATES, STAGE1_METHODS, Config
+from toolkit.errors import DamagedFile
 from toolkit.federated import Params
+from toolkit.run_files import read_config, read_dataset_info
 from toolkit.torch_params import subset
 
 
@@ -44,7 +46,7 @@ class TrainedNMoE:
 
     method: str
     config: Config
-    dataset: dict
+    dataset: dict[str, Any]
     devices: list[DeviceModels]
 
 
@@ -68,18 +70,25 @@ def load_nmoe(run_dir: Path, method: str) -> TrainedNMoE:
     """Every device's models for `method` from a finished run dir."""
     run_dir = Path(run_dir)
     stage1, gate = parse_method(method)
-    try:
-        config = from_dict(json.loads((run_dir / "config.json").read_text()))
-        dataset = json.loads((run_dir / "dataset.json").read_text())
-    except FileNotFoundError as e:
-        raise ArtifactError(f"{run_dir} is not a run dir ({e.filename} is missing)") from None
+    for name in ("config.json", "dataset.json"):
+        if not (run_dir / name).exists():
+            raise ArtifactError(f"{run_dir} is not a run dir ({run_dir / name} is missing)")
+    config, dataset = read_config(run_dir), read_dataset_info(run_dir)
     if stage1 not in config.stage1.methods or gate not in config.gate.methods:
         raise ArtifactError(f"{run_dir} did not train {method} (its config runs {', '.join(config.nmoe_methods())})")
-    extractor = subset(unpack("shared", _finished(run_dir, stage1_job(stage1)).arrays), "extractor.")
-    experts = _finished(run_dir, stage2_job(stage1)).arrays
-    gates = None if gate == "rangate" else _finished(run_dir, stage3_job(stage1, gate)).arrays
+    gate_job = None if gate == "rangate" else stage3_job(stage1, gate)
+    arrays = {job: _finished(run_dir, job).arrays for job in (stage1_job(stage1), stage2_job(stage1), gate_job) if job}
+
+    def part(job: str, prefix: str) -> Params:
+        params = unpack(prefix, arrays[job])
+        if not params:
+            raise DamagedFile(f"{JobStore(run_dir / 'checkpoints', job).path}: no {prefix}/ arrays; expected the "
+                              "checkpoint `nmoe train` writes for this job")
+        return params
+
+    extractor = subset(part(stage1_job(stage1), "shared"), "extractor.")
     devices = []
     for c in range(config.data.num_clients):
-        own_gate = None if gates is None else {**unpack(f"client{c}", gates), **unpack("shared", gates)}
-        devices.append(DeviceModels(c, extractor, own_gate, unpack(f"step{c}", experts)))
+        own_gate = None if gate_job is None else {**part(gate_job, f"client{c}"), **part(gate_job, "shared")}
+        devices.append(DeviceModels(c, extractor, own_gate, part(stage2_job(stage1), f"step{c}")))
     return TrainedNMoE(method, config, dataset, devices)

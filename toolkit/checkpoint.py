@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.errors import DamagedFile, one_line
 from toolkit.progress import progress_bar
 
 _META_KEY = "__meta__"
@@ -33,21 +35,30 @@ class JobStore:
         self.path = Path(root) / f"{job}.npz"
 
     def load(self) -> JobState | None:
-        """The last saved state, or None when the job never completed a step."""
+        """The last saved state, or None when the job never completed a step; DamagedFile when the
+        file is truncated or not a checkpoint."""
         if not self.path.exists():
             return None
-        with np.load(self.path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files if k != _META_KEY}
-            meta = json.loads(bytes(z[_META_KEY]).decode())
-        return JobState(meta.pop("step"), arrays, meta.pop("user"), meta.pop("done"))
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files if k != _META_KEY}  # reading checks each member's CRC
+                meta = json.loads(bytes(z[_META_KEY]).decode())
+            state = JobState(meta.pop("step"), arrays, meta.pop("user"), meta.pop("done"))
+        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+            raise DamagedFile(f"{self.path}: damaged checkpoint ({type(e).__name__}: {one_line(e)}); expected an .npz "
+                              "written by `nmoe train`: delete it to recompute that job") from None
+        if not (isinstance(state.step, int) and isinstance(state.meta, dict) and isinstance(state.done, bool)):
+            raise DamagedFile(f"{self.path}: damaged checkpoint (bad step, done or metadata); expected an .npz "
+                              "written by `nmoe train`: delete it to recompute that job")
+        return state
 
     def save(self, state: JobState) -> None:
         """Write state; a crash mid-write leaves the previous checkpoint intact."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         meta = json.dumps({"step": state.step, "done": state.done, "user": state.meta}).encode()
         tmp = self.path.with_suffix(".tmp.npz")
-        with open(tmp, "wb") as f:
-            np.savez(f, **state.arrays, **{_META_KEY: np.frombuffer(meta, dtype=np.uint8)})
+        with open(tmp, "wb") as f:  # (numpy's stub checks **arrays against savez's allow_pickle: ignored)
+            np.savez(f, **state.arrays, **{_META_KEY: np.frombuffer(meta, dtype=np.uint8)})  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)

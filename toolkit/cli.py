@@ -17,7 +17,8 @@ from toolkit.config import (
     load,
 )
 from toolkit.data import DataError
-from toolkit.errors import DivergedError, RunDirConflict
+from toolkit.errors import DamagedFile, NoQuorumError, RunDirConflict
+from toolkit.extras import EXTRA_MODULES, extra_providing, missing_extras_error
 
 TRAIN_HELP = f"""\
 Train and evaluate a Networked Mixture-of-Experts and its baselines on non-IID federated data.
@@ -59,15 +60,21 @@ def _train(args: argparse.Namespace) -> int:
 
 def _results(args: argparse.Namespace) -> int:
     from toolkit.report import results_table
+    from toolkit.run_files import read_metrics
 
     path = Path(args.run_dir) / "metrics.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: has `nmoe train ... --out {args.run_dir}` finished?")
-    metrics = json.loads(path.read_text())
-    print(results_table(metrics))
+    print(results_table(read_metrics(Path(args.run_dir))))
     print(f"\nreport: {Path(args.run_dir) / 'report.md'}")
     return 0
 
+
+# The optional modules each subcommand needs (a bundle format's runtime is checked when a model of
+# that format is opened); `nmoe` names the extras that bring the missing ones.
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "train": EXTRA_MODULES["train"], "results": ("matplotlib",), "trial": ("paho", "torch", "matplotlib"),
+    "export": EXTRA_MODULES["train"] + EXTRA_MODULES["export"], "broker": (), "agent": ("paho",)}
 
 # Subcommands of other packages, found by name so that `toolkit` never depends on them (import-linter
 # checks that) and a device without torch can still run `nmoe` for the agent. Each module has
@@ -75,7 +82,7 @@ def _results(args: argparse.Namespace) -> int:
 PLUGINS = ("toolkit.fleet.trial_cli", "export.cli", "broker.cli", "device_agent.cli")
 
 
-def register_plugin(sub: argparse._SubParsersAction, module: str) -> None:
+def register_plugin(sub: argparse._SubParsersAction[argparse.ArgumentParser], module: str) -> None:
     """Add a plugin's subcommand if its package is installed."""
     try:
         plugin = importlib.import_module(module)
@@ -115,13 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = f"`nmoe {args.command}`"
+    missing = missing_extras_error(command, COMMAND_MODULES.get(args.command, ()))
+    if missing is not None:
+        print(f"nmoe: error: {missing}", file=sys.stderr)
+        return 2
     try:
-        return args.func(args)
+        status: int = args.func(args)
+        return status
+    except ModuleNotFoundError as e:  # an optional module imported on demand: still one line
+        missing = None if extra_providing(e.name or "") is None else missing_extras_error(
+            command, [(e.name or "").partition(".")[0]])
+        if missing is None:
+            raise
+        print(f"nmoe: error: {missing}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nnmoe: interrupted; run the same command again to resume from the last completed round",
               file=sys.stderr)
         return 130
-    except (ConfigError, DataError, RunDirConflict, DivergedError, FileNotFoundError) as e:
+    except (ConfigError, DataError, RunDirConflict, NoQuorumError, DamagedFile, FileNotFoundError) as e:
         print(f"nmoe: error: {e}", file=sys.stderr)
         return 2
 

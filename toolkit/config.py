@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-STAGE1_METHODS = ("fedce", "fedsc", "hybrid")
-CLASSIC_GATES = ("rangate", "rollgate", "fedavggate", "fedgate", "localgate")
-EXTENDED_GATES = ("fedgate_ood", "fedgate_vl", "localgate_vl", "fedgate_heldout")  # toolkit.gates
-GATE_METHODS = CLASSIC_GATES + EXTENDED_GATES
-BASELINE_METHODS = ("local", "fedavg", "fedavg_ft", "centralized")
+Stage1Method = Literal["fedce", "fedsc", "hybrid"]
+GateMethod = Literal["rangate", "rollgate", "fedavggate", "fedgate", "localgate",
+                     "fedgate_ood", "fedgate_vl", "localgate_vl", "fedgate_heldout"]
+BaselineMethod = Literal["local", "fedavg", "fedavg_ft", "centralized"]
+STAGE1_METHODS: tuple[Stage1Method, ...] = ("fedce", "fedsc", "hybrid")
+CLASSIC_GATES: tuple[GateMethod, ...] = ("rangate", "rollgate", "fedavggate", "fedgate", "localgate")
+EXTENDED_GATES: tuple[GateMethod, ...] = ("fedgate_ood", "fedgate_vl", "localgate_vl", "fedgate_heldout")  # toolkit.gates
+GATE_METHODS: tuple[GateMethod, ...] = CLASSIC_GATES + EXTENDED_GATES
+BASELINE_METHODS: tuple[BaselineMethod, ...] = ("local", "fedavg", "fedavg_ft", "centralized")
 
 
 class ConfigError(ValueError):
@@ -58,11 +62,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class FederatedConfig:
-    """Rounds of Stage 1 (extractor) and of the `fedavg` baseline, which share one training loop."""
+    """Rounds of Stage 1 (extractor) and of the `fedavg` baseline, which share one training loop;
+    the round keys (quorum, deadline, retries) mean the same in [gate]."""
 
     rounds: int = 10
     local_epochs: int = 1
     client_fraction: float = 1.0
+    min_fit_fraction: float = 1.0  # quorum: share of a round's sampled clients that must deliver ...
+    min_fit_clients: int = 1  # ... and at least this many; else the round is asked again
+    round_timeout: float = 0.0  # seconds a round waits for its clients; 0: no deadline
+    round_retries: int = 2  # a round without quorum is asked again this often, then the run stops
     batch_size: int = 64
     lr: float = 0.02
     momentum: float = 0.9
@@ -73,7 +82,7 @@ class FederatedConfig:
 class Stage1Config:
     """Which extractor objectives to run, and the contrastive settings."""
 
-    methods: tuple[Literal["fedce", "fedsc", "hybrid"], ...] = STAGE1_METHODS
+    methods: tuple[Stage1Method, ...] = STAGE1_METHODS
     sc_temperature: float = 0.5
     sc_weight: float = 1.0  # weight of the contrastive term in `hybrid`
     sc_batch_size: int = 128
@@ -82,23 +91,29 @@ class Stage1Config:
 
 @dataclass(frozen=True)
 class ExpertConfig:
-    """Stage 2: each client trains its own expert on its own data, extractor frozen."""
+    """Stage 2: each client trains its own expert on its own data, extractor frozen; every device
+    must do it (and then gather the experts' outputs for Stage 3)."""
 
     epochs: int = 20
     batch_size: int = 64
     lr: float = 0.01
     weight_decay: float = 5e-4
+    timeout: float = 0.0  # seconds each step every device must do (extractor, expert, gate data); 0: none
+    retries: int = 2  # devices that failed such a step are asked again this often, then the run stops
 
 
 @dataclass(frozen=True)
 class GateConfig:
     """Stage 3: gate variants and their federated schedule."""
 
-    methods: tuple[Literal["rangate", "rollgate", "fedavggate", "fedgate", "localgate", "fedgate_ood",
-                           "fedgate_vl", "localgate_vl", "fedgate_heldout"], ...] = CLASSIC_GATES
+    methods: tuple[GateMethod, ...] = CLASSIC_GATES
     rounds: int = 20
     local_epochs: int = 1
     client_fraction: float = 1.0
+    min_fit_fraction: float = 1.0
+    min_fit_clients: int = 1
+    round_timeout: float = 0.0
+    round_retries: int = 2
     batch_size: int = 64
     lr: float = 0.01
     weight_decay: float = 0.0
@@ -113,7 +128,7 @@ class GateConfig:
 class BaselineConfig:
     """Reference methods that train a whole dense model (extractor + classifier head)."""
 
-    methods: tuple[Literal["local", "fedavg", "fedavg_ft", "centralized"], ...] = BASELINE_METHODS
+    methods: tuple[BaselineMethod, ...] = BASELINE_METHODS
     local_epochs: int = 10
     finetune_epochs: int = 2
     finetune_lr: float = 0.01
@@ -198,7 +213,7 @@ def _check_scalar(key: str, value: Any, tp: Any) -> Any:
 
 
 def _convert(key: str, value: Any, tp: Any) -> Any:
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     origin = typing.get_origin(tp)
     if origin is tuple:
@@ -252,12 +267,18 @@ def validate(cfg: Config) -> Config:
         _require(getattr(m, key) >= 1, f"model.{key}", "must be >= 1")
     _require(1 <= m.top_k <= d.num_clients, "model.top_k",
              f"must be between 1 and data.num_clients={d.num_clients}, got {m.top_k}")
-    schedules = {"federated": cfg.federated, "gate": cfg.gate}
+    schedules: dict[str, FederatedConfig | GateConfig] = {"federated": cfg.federated, "gate": cfg.gate}
     for section, sc in schedules.items():
         _require(sc.rounds >= 1, f"{section}.rounds", f"must be >= 1, got {sc.rounds}")
         _require(sc.local_epochs >= 1, f"{section}.local_epochs", "must be >= 1")
         _require(0 < sc.client_fraction <= 1, f"{section}.client_fraction",
                  f"must be in (0, 1], got {sc.client_fraction}")
+        _require(0 < sc.min_fit_fraction <= 1, f"{section}.min_fit_fraction",
+                 f"must be in (0, 1], got {sc.min_fit_fraction}")
+        _require(1 <= sc.min_fit_clients <= d.num_clients, f"{section}.min_fit_clients",
+                 f"must be between 1 and data.num_clients={d.num_clients}, got {sc.min_fit_clients}")
+        _require(sc.round_timeout >= 0, f"{section}.round_timeout", "must be >= 0 (0 = no deadline)")
+        _require(sc.round_retries >= 0, f"{section}.round_retries", "must be >= 0")
     for section in ("federated", "stage1", "expert", "gate"):
         for key in ("batch_size", "sc_batch_size"):
             value = getattr(getattr(cfg, section), key, None)
@@ -274,6 +295,8 @@ def validate(cfg: Config) -> Config:
     _require(0 < cfg.gate.heldout_fraction < 1, "gate.heldout_fraction", "must be in (0, 1)")
     _require(0 < cfg.gate.ood_quantile < 1, "gate.ood_quantile", "must be in (0, 1)")
     _require(cfg.gate.ood_temperature > 0, "gate.ood_temperature", "must be > 0")
+    _require(cfg.expert.timeout >= 0, "expert.timeout", "must be >= 0 (0 = no deadline)")
+    _require(cfg.expert.retries >= 0, "expert.retries", "must be >= 0")
     for key in ("local_epochs", "finetune_epochs", "centralized_epochs"):
         _require(getattr(cfg.baselines, key) >= 1, f"baselines.{key}", "must be >= 1")
     _require(bool(cfg.method_names()), "baselines.methods",
@@ -319,6 +342,10 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
         raw = tomllib.loads(p.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or e}); expected a TOML config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text; expected a TOML config file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML ({e})") from None
     return from_dict(apply_overrides(raw, overrides or []))

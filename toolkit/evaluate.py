@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from toolkit.federated.summary import summarize
 from toolkit.models import combine, top_k_route
 
 
@@ -27,17 +29,14 @@ Scores = Callable[[int, str], torch.Tensor]  # (client, "personal" | "global") -
 
 
 def client_accuracies(num_clients: int, personal_y: list[torch.Tensor], global_y: torch.Tensor,
-                      scores: Scores) -> dict:
+                      scores: Scores) -> dict[str, Any]:
     """Per-client and mean (over clients, unweighted) personalized and global accuracy."""
-    per_client = [
+    return summarize([
         {"client": c,
          "personalized_accuracy": accuracy(scores(c, "personal"), personal_y[c]),
          "global_accuracy": accuracy(scores(c, "global"), global_y)}
         for c in range(num_clients)
-    ]
-    mean = lambda key: sum(p[key] for p in per_client) / num_clients
-    return {"personalized_accuracy": mean("personalized_accuracy"),
-            "global_accuracy": mean("global_accuracy"), "per_client": per_client}
+    ])
 
 
 @dataclass(frozen=True)
@@ -71,10 +70,8 @@ def nmoe_predict(router: Router, out: ExpertOutputs) -> tuple[torch.Tensor, torc
     return combine(out.probs, idx, weights), idx
 
 
-def routing_matrix(chosen: list[torch.Tensor], num_experts: int) -> list[list[float]]:
-    """Row c: fraction of client c's top-k selections (on its personalized test data) per expert."""
-    rows = []
-    for idx in chosen:
-        counts = torch.bincount(idx.flatten(), minlength=num_experts).float()
-        rows.append((counts / counts.sum()).tolist())
-    return rows
+def routing_shares(idx: torch.Tensor, num_experts: int) -> list[float]:
+    """Fraction of the top-k selections `idx` [N, k] that went to each expert."""
+    counts = torch.bincount(idx.flatten(), minlength=num_experts).float()
+    shares: list[float] = (counts / counts.sum()).tolist()
+    return shares

@@ -17,6 +17,7 @@ from toolkit.errors import RunDirConflict
 from toolkit.federated_data import dataset_info
 from toolkit.pipeline import Pipeline
 from toolkit.report import write_report
+from toolkit.run_files import read_json
 
 log = logging.getLogger("nmoe")
 
@@ -41,7 +42,8 @@ def claim(out: Path, cfg: Config) -> bool:
     path = out / "config.json"
     started = any((out / "checkpoints").glob("*.npz"))
     if path.exists() and started:
-        old = json.loads(path.read_text())
+        # keys added since then: their defaults
+        old = from_dict(read_json(path, "the resolved config of the run this dir holds")).to_dict()
         changes = _diff(old, cfg.to_dict())
         if changes:
             raise RunDirConflict(f"{out} holds a run of a different config ({'; '.join(changes[:5])}). "
@@ -50,11 +52,6 @@ def claim(out: Path, cfg: Config) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     write_json(path, cfg.to_dict())
     return False
-
-
-def load_config(out: Path) -> Config:
-    """The resolved config stored in a run dir."""
-    return from_dict(json.loads((out / "config.json").read_text()))
 
 
 def machine() -> dict[str, Any]:

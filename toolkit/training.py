@@ -6,16 +6,16 @@ task and a client's data as a federated `Client` for the in-process simulation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Generic, Literal, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from toolkit.augment import nt_xent, random_view
-from toolkit.federated import FitIns, FitRes, Params
+from toolkit.federated import EvaluateIns, EvaluateRes, FitIns, FitRes, Params
 from toolkit.models import ContrastiveNet, Gate
 from toolkit.torch_params import get_params, set_params
 
@@ -69,10 +69,14 @@ def minibatches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch
             yield idx
 
 
-class Task(Protocol):
-    """A client update."""
+D = TypeVar("D", bound=Sized)
+D_contra = TypeVar("D_contra", bound=Sized, contravariant=True)
 
-    def fit(self, params: Params, data: object, seed: int) -> tuple[Params, dict[str, float]]: ...
+
+class Task(Protocol[D_contra]):
+    """A client update on its local data (each task has its own data type)."""
+
+    def fit(self, params: Params, data: D_contra, seed: int) -> tuple[Params, dict[str, float]]: ...
 
 
 BatchLoss = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -124,7 +128,8 @@ class ContrastiveTask:
     ce_weight: float
 
     def fit(self, params: Params, data: TensorData, seed: int) -> tuple[Params, dict[str, float]]:
-        model = set_params(self.build(), params)
+        model = self.build()
+        set_params(model, params)
 
         def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
             x, y = data.x[idx], data.y[idx]
@@ -162,11 +167,15 @@ class GateTask:
         return get_params(gate), metrics
 
 
-class LocalClient:
-    """An in-process federated client: its own data, its own full model state, one task."""
+Check = Callable[[Params], EvaluateRes]  # a client's full model -> its metrics on its own test data
 
-    def __init__(self, cid: int, task: Task, data: TensorData | GateData, init: Params) -> None:
-        self.cid, self.task, self.data = cid, task, data
+
+class LocalClient(Generic[D]):
+    """An in-process federated client: its own data, its own full model state, one task, and (when
+    its job is evaluated) how it evaluates that model."""
+
+    def __init__(self, cid: int, task: Task[D], data: D, init: Params, check: Check | None = None) -> None:
+        self.cid, self.task, self.data, self.check = cid, task, data, check
         self.state: Params = dict(init)
 
     def fit(self, ins: FitIns) -> FitRes:
@@ -174,8 +183,10 @@ class LocalClient:
         self.state, metrics = self.task.fit(self.state, self.data, ins.seed)
         return FitRes({n: self.state[n] for n in ins.upload}, len(self.data), metrics)
 
-    def model(self, shared: Params) -> Params:
-        return {**self.state, **shared}
+    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
+        if self.check is None:
+            raise RuntimeError(f"client {self.cid}: this job has no evaluation")
+        return self.check({**self.state, **ins.params})
 
     def get_state(self) -> Params:
         return self.state

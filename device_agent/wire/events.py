@@ -2,7 +2,7 @@
 
 Each event-log line is one JSON object with at least `ts` (unix seconds) and `event`
 (connect, reconnect, disconnect, connect_refused, connect_failed, presence, inference, error,
-counters, stop).
+malformed, counters, stop).
 """
 
 from __future__ import annotations
@@ -33,19 +33,38 @@ class Counters:
             return dict(sorted(self._counts.items()))
 
 
-ECHOED = ("connect", "reconnect", "disconnect", "connect_refused", "connect_failed", "error")
+ECHOED = ("connect", "reconnect", "disconnect", "connect_refused", "connect_failed", "error", "malformed")
+MALFORMED_INTERVAL_S = 5.0  # at most one `malformed` event per kind of payload in this time
 
 
 class EventLog:
     """Appends one JSON object per line to a file (flushed per event); a no-op without a path.
 
-    With `echo`, connection events and errors are also written there as one readable line each.
+    With `echo`, connection events, errors and (rate-limited) malformed payloads are also written
+    there as one readable line each.
     """
 
-    def __init__(self, path: Path | None = None, echo: IO[str] | None = None) -> None:
+    def __init__(self, path: Path | None = None, echo: IO[str] | None = None,
+                 malformed_interval_s: float = MALFORMED_INTERVAL_S) -> None:
         self._lock = threading.Lock()
         self._file: IO[str] | None = None if path is None else path.open("a", encoding="utf-8")
         self._echo = echo
+        self._interval = malformed_interval_s
+        self._last: dict[str, float] = {}  # where -> time.monotonic() of its last malformed event
+        self._suppressed: Counter[str] = Counter()
+
+    def malformed(self, where: str, reason: str, source: str = "") -> None:
+        """A payload that did not decode (docs/protocol.md §10), on a `where` topic (expert, infer,
+        reply, presence, topic) from `source` (a topic or device): an event at most once per
+        `malformed_interval_s` per `where`, counting the ones suppressed since the last."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(where, -self._interval) < self._interval:
+                self._suppressed[where] += 1
+                return
+            self._last[where] = now
+            suppressed = self._suppressed.pop(where, 0)
+        self.emit("malformed", where=where, reason=reason[:200], source=source[:100], suppressed=suppressed)
 
     def emit(self, event: str, **fields: Any) -> None:
         """Write {"ts": now, "event": event, **fields}."""

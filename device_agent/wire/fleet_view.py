@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
-from device_agent.wire.events import Counters
+from device_agent.wire.events import Counters, EventLog
 from device_agent.wire.protocol import Caps, Presence, ProtocolError, decode_presence
 
 
@@ -24,14 +25,16 @@ class Peer:
     model: str
     caps: Caps
     ts: float
+    presence: Presence  # the whole latest presence (protocols, input...)
 
 
 class FleetView:
     """Online peers by device, for routing and for choosing what to send them."""
 
-    def __init__(self, me: str) -> None:
+    def __init__(self, me: str, events: EventLog | None = None) -> None:
         self.me = me
         self.counters = Counters()
+        self._events = events
         self._cond = threading.Condition()
         self._peers: dict[str, Peer] = {}
         self._incompatible: set[str] = set()
@@ -48,8 +51,10 @@ class FleetView:
                 presence = decode_presence(payload)
                 if presence.device != device:
                     raise ProtocolError("presence device differs from its topic")
-            except ProtocolError:
+            except ProtocolError as e:
                 self.counters.add("invalid")
+                if self._events is not None:
+                    self._events.malformed("presence", str(e), device)
                 return None
             status, peer = presence.status, _online_peer(presence)
         with self._cond:
@@ -73,16 +78,16 @@ class FleetView:
         with self._cond:
             self._incompatible.add(device)
 
-    def peer(self, expert: int, model: str) -> Peer | None:
-        """The usable device holding `expert` (the most recently born if several do)."""
+    def peer(self, expert: int, model: str, avoid: Collection[str] = ()) -> Peer | None:
+        """The usable device holding `expert` (the most recently born if several do), not one of `avoid`."""
         with self._cond:
-            peers = [p for p in self._usable(model) if p.expert == expert]
+            peers = [p for p in self._usable(model) if p.expert == expert and p.device not in avoid]
         return max(peers, key=lambda p: p.ts, default=None)
 
-    def live_experts(self, model: str) -> set[int]:
-        """Experts held by at least one usable peer."""
+    def live_experts(self, model: str, avoid: Collection[str] = ()) -> set[int]:
+        """Experts held by at least one usable peer that is not one of `avoid`."""
         with self._cond:
-            return {p.expert for p in self._usable(model)}
+            return {p.expert for p in self._usable(model) if p.device not in avoid}
 
     def wait_for(self, experts: set[int], model: str, timeout_s: float) -> bool:
         """Wait until every expert in `experts` has a usable peer; False on timeout."""
@@ -103,4 +108,4 @@ def _online_peer(p: Presence) -> Peer | None:
     """The peer an online presence describes (None for an offline one)."""
     if p.status != "online" or p.model is None or p.caps is None or p.ts is None:
         return None
-    return Peer(p.device, p.expert, p.model, p.caps, p.ts)
+    return Peer(p.device, p.expert, p.model, p.caps, p.ts, p)

@@ -172,15 +172,16 @@ class MqttTransport:
                 topic = message.topic
             except UnicodeDecodeError:  # brokers check topics are UTF-8; "" counts as an unknown topic
                 topic = ""
-            self._message_handler(topic, message.payload)
+            self._message_handler(topic, bytes(message.payload))  # bytes(bytes) is no copy
 
     def _report(self, event: ConnectionEvent, detail: str) -> None:
         if self._connection_handler is not None:
             self._connection_handler(event, detail)
 
 
-def _set_nodelay(client: mqtt.Client, userdata: Any, sock: socket.socket) -> None:
-    """paho's on_socket_open: disable Nagle before the CONNECT packet is sent."""
+def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """paho's on_socket_open: disable Nagle before the CONNECT packet is sent (paho types `sock` as its
+    SocketLike protocol; it is a socket.socket or an ssl.SSLSocket)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 

@@ -1,7 +1,8 @@
-"""nmoe-edge wire protocol, version 1: MQTT topics, presence JSON and binary frames.
+"""nmoe-edge wire protocol: MQTT topics, presence JSON and the frames of kinds 1-3 (versions 1 and 2).
 
-The normative description is docs/protocol.md; tests/vectors/ holds the golden payloads.
-Every decoder here raises only :class:`ProtocolError` on malformed input.
+The normative description is docs/protocol.md; tests/vectors/ holds the golden payloads. The frame
+header, versions and the bounds-checked reader are `device_agent.wire.frames`, shared with other
+message families. Every decoder here raises only :class:`ProtocolError` on malformed input.
 """
 
 import json
@@ -15,15 +16,28 @@ from typing import Literal, NamedTuple, TypeVar
 
 import numpy as np
 
+from device_agent.wire.frames import (
+    CORRELATION_ID_SIZE,
+    PROTOCOL_VERSIONS,
+    FrameReader,
+    check_text,
+    check_uint,
+    frame_version,
+    open_frame,
+    pack_frame,
+    short_text,
+)
 from device_agent.wire.tensor_codec import (
     ENCODINGS,
     MAX_DIMS,
     MAX_PAYLOAD,
+    MAX_TENSOR_DATA,
     Encoding,
     ProtocolError,
+    TensorEncoding,
     byte_view,
-    decode_tensor,
-    encode_latent,
+    encode_tensor_as,
+    is_uint8_valued,
 )
 
 __all__ = [
@@ -31,9 +45,11 @@ __all__ = [
     "MAX_DIMS",
     "MAX_PAYLOAD",
     "MAX_PRESENCE",
+    "MAX_TENSOR_DATA",
     "MAX_TEXT",
     "MAX_TOPIC",
-    "PROTOCOL_VERSION",
+    "PRESENCE_VERSION",
+    "PROTOCOL_VERSIONS",
     "Caps",
     "ErrorCode",
     "ErrorResponse",
@@ -44,6 +60,7 @@ __all__ = [
     "ParsedTopic",
     "Presence",
     "ProtocolError",
+    "RawInput",
     "RequestRoute",
     "TopicKind",
     "Topics",
@@ -54,17 +71,16 @@ __all__ = [
     "encode_presence",
     "new_correlation_id",
     "peek_request_route",
+    "raw_input_encoding",
+    "raw_input_error",
 ]
 
-PROTOCOL_VERSION = 1
-MAGIC = b"NM"
+PRESENCE_VERSION = 1
 MAX_TOPIC = 256
 MAX_TEXT = 1024
 MAX_PRESENCE = 4096
 MAX_DEADLINE_AHEAD_MS = 60_000
-CORRELATION_ID_SIZE = 16
 
-_HEADER = struct.Struct("<2sBB16s")
 _MAX_U16 = 0xFFFF
 _MAX_U32 = 0xFFFF_FFFF
 _MAX_DEADLINE = (1 << 63) - 1
@@ -94,7 +110,7 @@ class ErrorCode(IntEnum):
     INTERNAL = 6
 
 
-_KINDS = frozenset(MessageKind)
+KIND_VERSIONS: dict[int, int] = {kind: 1 for kind in MessageKind}  # kinds 1-3 exist since version 1
 _ERROR_CODES = frozenset(ErrorCode)
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +157,7 @@ class Topics:
 
     def expert_request(self, expert_id: int) -> str:
         """Requests for expert `expert_id`."""
-        return self._topic("expert", str(_check_uint(expert_id, _MAX_U16, "expert_id")), "req")
+        return self._topic("expert", str(check_uint(expert_id, _MAX_U16, "expert_id")), "req")
 
     def reply(self, device: str) -> str:
         """The reply inbox of `device`: what it puts in a request's reply topic (never published to)."""
@@ -179,7 +195,7 @@ class Topics:
                 return ParsedTopic(TopicKind.PRESENCE, _check_id(device, "device"))
             case ["expert", expert, "req"] if _EXPERT_ID.fullmatch(expert):
                 return ParsedTopic(
-                    TopicKind.EXPERT_REQUEST, _check_uint(int(expert), _MAX_U16, "expert_id")
+                    TopicKind.EXPERT_REQUEST, check_uint(int(expert), _MAX_U16, "expert_id")
                 )
             case ["reply", requester, server]:
                 return ParsedTopic(
@@ -202,7 +218,8 @@ class Topics:
 
 @dataclass(frozen=True, eq=False)
 class ExpertRequest:
-    """Ask expert `expert_id` for class probabilities of `latent` (batch first)."""
+    """Ask expert `expert_id` for class probabilities of `latent` (batch first); on `infer/{device}/req`
+    the tensor is the raw input."""
 
     correlation_id: bytes
     expert_id: int
@@ -210,7 +227,7 @@ class ExpertRequest:
     model_version: str
     reply_topic: str
     latent: np.ndarray
-    encoding: Encoding = "fp32"
+    encoding: TensorEncoding = "fp32"  # uint8 (version 2) for raw inputs only
 
 
 @dataclass(frozen=True, eq=False)
@@ -249,6 +266,17 @@ def new_correlation_id() -> bytes:
     return os.urandom(CORRELATION_ID_SIZE)
 
 
+def raw_input_error(tensor: np.ndarray, encoding: TensorEncoding) -> str | None:
+    """Why the decoded tensor of an inference request is not a raw input (docs/protocol.md §6.3:
+    integers 0..255 as uint8, fp16 or fp32), or None; its shape is the server's to check."""
+    if encoding == "int8":
+        return ("raw input must be uint8 (protocol 2), fp32 or fp16, not int8 (affine int8 holds "
+                "0..255 exactly only by chance)")
+    if not is_uint8_valued(tensor):
+        return "raw input values must be integers 0..255 (uint8 pixels)"
+    return None
+
+
 def deadline_error(deadline_ms: int, now_ms: int) -> ErrorCode | None:
     """The error a server answers for this deadline at `now_ms`, or None to do the work."""
     if now_ms > deadline_ms:
@@ -259,34 +287,30 @@ def deadline_error(deadline_ms: int, now_ms: int) -> ErrorCode | None:
 
 
 def encode(msg: Message) -> bytes:
-    """The binary frame of `msg`; ProtocolError if a field is out of range."""
+    """The binary frame of `msg`, in the lowest version that expresses it; ProtocolError if a field
+    is out of range."""
     if isinstance(msg, ExpertRequest):
-        kind, body = MessageKind.REQUEST, _request_body(msg)
+        kind, body, version = MessageKind.REQUEST, _request_body(msg), frame_version(1, msg.encoding)
     elif isinstance(msg, ExpertResponse):
-        kind, body = MessageKind.RESPONSE, _response_body(msg)
+        kind, body, version = MessageKind.RESPONSE, _response_body(msg), 1
     elif isinstance(msg, ErrorResponse):
-        kind, body = MessageKind.ERROR, _error_body(msg)
+        kind, body, version = MessageKind.ERROR, _error_body(msg), 1
     else:
         raise ProtocolError(f"not a protocol message: {type(msg).__name__}")
-    cid = msg.correlation_id
-    if not isinstance(cid, bytes) or len(cid) != CORRELATION_ID_SIZE:
-        raise ProtocolError("correlation_id must be 16 bytes")
-    frame = _HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, cid) + body
-    if len(frame) > MAX_PAYLOAD:
-        raise ProtocolError("payload too large")
-    return frame
+    return pack_frame(kind, msg.correlation_id, body, version)
 
 
 def decode(payload: bytes | bytearray | memoryview) -> Message:
-    """Parse one binary frame; ProtocolError on any malformed input."""
-    reader, kind, cid = _open_frame(payload)
-    if kind == MessageKind.REQUEST:
+    """Parse one binary frame of kind 1-3 (version 1 or 2); ProtocolError on any malformed input."""
+    reader = open_frame(payload, KIND_VERSIONS)
+    cid = reader.correlation_id
+    if reader.kind == MessageKind.REQUEST:
         expert_id, deadline_ms, model_version, reply_topic = _read_request_head(reader)
         latent, encoding = reader.tensor()
         msg: Message = ExpertRequest(
             cid, expert_id, deadline_ms, model_version, reply_topic, latent, encoding
         )
-    elif kind == MessageKind.RESPONSE:
+    elif reader.kind == MessageKind.RESPONSE:
         expert_id, compute_us = reader.take("<HI", "response header")
         probs, encoding = reader.tensor()
         if encoding != "fp32" or probs.ndim != 2:
@@ -303,32 +327,30 @@ def decode(payload: bytes | bytearray | memoryview) -> Message:
 
 
 def peek_request_route(payload: bytes | bytearray | memoryview) -> RequestRoute | None:
-    """Correlation id, expert id and reply topic of a v1 REQUEST, even with a bad tensor.
+    """Correlation id, expert id and reply topic of a REQUEST (version 1 or 2), even with a bad tensor.
 
     None when they cannot be read: then a server must not answer (docs/protocol.md).
     """
     try:
-        reader, kind, cid = _open_frame(payload)
-        if kind != MessageKind.REQUEST:
+        reader = open_frame(payload, KIND_VERSIONS)
+        if reader.kind != MessageKind.REQUEST:
             return None
         expert_id, _, _, reply_topic = _read_request_head(reader)
     except ProtocolError:
         return None
-    return RequestRoute(cid, expert_id, reply_topic)
+    return RequestRoute(reader.correlation_id, expert_id, reply_topic)
 
 
 def _request_body(msg: ExpertRequest) -> bytes:
-    if msg.encoding not in ENCODINGS:
-        raise ProtocolError(f"unknown latent encoding {msg.encoding!r}")
     return (
         struct.pack(
             "<HQ",
-            _check_uint(msg.expert_id, _MAX_U16, "expert_id"),
-            _check_uint(msg.deadline_ms, _MAX_DEADLINE, "deadline_ms"),
+            check_uint(msg.expert_id, _MAX_U16, "expert_id"),
+            check_uint(msg.deadline_ms, _MAX_DEADLINE, "deadline_ms"),
         )
-        + _short_text(_check_text(msg.model_version, "model version", _MAX_SHORT_TEXT))
-        + _short_text(_check_reply_topic(msg.reply_topic))
-        + encode_latent(msg.latent, msg.encoding)
+        + short_text(check_text(msg.model_version, "model version", _MAX_SHORT_TEXT))
+        + short_text(_check_reply_topic(msg.reply_topic))
+        + encode_tensor_as(msg.latent, msg.encoding)
     )
 
 
@@ -337,86 +359,25 @@ def _response_body(msg: ExpertResponse) -> bytes:
         raise ProtocolError("response probs must be [N, C]")
     return struct.pack(
         "<HI",
-        _check_uint(msg.expert_id, _MAX_U16, "expert_id"),
-        _check_uint(msg.compute_us, _MAX_U32, "compute_us"),
-    ) + encode_latent(msg.probs, "fp32")
+        check_uint(msg.expert_id, _MAX_U16, "expert_id"),
+        check_uint(msg.compute_us, _MAX_U32, "compute_us"),
+    ) + encode_tensor_as(msg.probs, "fp32")
 
 
 def _error_body(msg: ErrorResponse) -> bytes:
     if isinstance(msg.code, bool) or msg.code not in _ERROR_CODES:
         raise ProtocolError(f"unknown error code {msg.code!r}")
-    text = _check_text(msg.message, "error message", MAX_TEXT, 0).encode("utf-8")
-    expert_id = _check_uint(msg.expert_id, _MAX_U16, "expert_id")
+    text = check_text(msg.message, "error message", MAX_TEXT, 0).encode("utf-8")
+    expert_id = check_uint(msg.expert_id, _MAX_U16, "expert_id")
     return struct.pack("<BHH", msg.code, expert_id, len(text)) + text
 
 
-def _short_text(s: str) -> bytes:
-    """u8 length + UTF-8 bytes (already checked to fit)."""
-    data = s.encode("utf-8")
-    return bytes([len(data)]) + data
-
-
-class _Reader:
-    """Bounds-checked cursor over a frame; every failure is a ProtocolError."""
-
-    def __init__(self, view: memoryview, pos: int) -> None:
-        self.view, self.pos = view, pos
-
-    def take(self, fmt: str, what: str) -> tuple:
-        size = struct.calcsize(fmt)
-        if len(self.view) - self.pos < size:
-            raise ProtocolError(f"truncated {what}")
-        values = struct.unpack_from(fmt, self.view, self.pos)
-        self.pos += size
-        return values
-
-    def text(self, len_fmt: str, what: str, limit: int) -> str:
-        (n,) = self.take(len_fmt, what)
-        if n > limit:
-            raise ProtocolError(f"{what} longer than {limit} bytes")
-        if len(self.view) - self.pos < n:
-            raise ProtocolError(f"truncated {what}")
-        raw = bytes(self.view[self.pos : self.pos + n])
-        self.pos += n
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ProtocolError(f"{what} is not valid UTF-8") from e
-
-    def tensor(self) -> tuple[np.ndarray, Encoding]:
-        array, encoding, self.pos = decode_tensor(self.view, self.pos)
-        return array, encoding
-
-    def end(self) -> None:
-        if self.pos != len(self.view):
-            raise ProtocolError("trailing bytes after frame")
-
-
-def _open_frame(payload: bytes | bytearray | memoryview) -> tuple[_Reader, MessageKind, bytes]:
-    """Check size, magic, version and kind; return a reader positioned at the body."""
-    view = byte_view(payload)
-    if len(view) > MAX_PAYLOAD:
-        raise ProtocolError("payload too large")
-    if len(view) < 4:
-        raise ProtocolError("truncated header")
-    if bytes(view[:2]) != MAGIC:
-        raise ProtocolError("bad magic")
-    if view[2] != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported protocol version {view[2]}")
-    if view[3] not in _KINDS:
-        raise ProtocolError(f"unknown message kind {view[3]}")
-    if len(view) < _HEADER.size:
-        raise ProtocolError("truncated header")
-    _, _, kind, cid = _HEADER.unpack_from(view)
-    return _Reader(view, _HEADER.size), MessageKind(kind), cid
-
-
-def _read_request_head(reader: _Reader) -> tuple[int, int, str, str]:
+def _read_request_head(reader: FrameReader) -> tuple[int, int, str, str]:
     """expert_id, deadline_ms, model_version and reply_topic of a REQUEST body."""
     expert_id, deadline_ms = reader.take("<HQ", "request header")
     if deadline_ms > _MAX_DEADLINE:
         raise ProtocolError("deadline_ms out of range")
-    model_version = _check_text(
+    model_version = check_text(
         reader.text("<B", "model version", _MAX_SHORT_TEXT), "model version", _MAX_SHORT_TEXT
     )
     reply_topic = _check_reply_topic(reader.text("<B", "reply topic", _MAX_SHORT_TEXT))
@@ -437,8 +398,19 @@ class Caps:
 
 
 @dataclass(frozen=True)
+class RawInput:
+    """What a device's `infer/{device}/req` takes: tensors [N, *shape] of integers 0..255 (§6.2)."""
+
+    shape: tuple[int, ...]  # one input without the batch dim, e.g. (1, 28, 28)
+    dtype: Literal["uint8"] = "uint8"
+
+
+@dataclass(frozen=True)
 class Presence:
-    """A device's retained presence; offline presences carry no model, caps or ts."""
+    """A device's retained presence; offline presences carry no model, caps, ts, protocols or input.
+
+    `protocols` and `input` are optional (None: absent); absent `protocols` means [1].
+    """
 
     device: str
     expert: int
@@ -446,6 +418,12 @@ class Presence:
     model: str | None = None
     caps: Caps | None = None
     ts: float | None = None
+    protocols: tuple[int, ...] | None = None  # the frame versions the device accepts
+    input: RawInput | None = None
+
+    def accepts(self, version: int) -> bool:
+        """Whether the device accepts frames of `version` (every device accepts version 1)."""
+        return version in (self.protocols or (1,))
 
     @classmethod
     def offline(cls, device: str, expert: int) -> "Presence":
@@ -453,10 +431,16 @@ class Presence:
         return cls(device, expert, "offline")
 
 
+def raw_input_encoding(presence: Presence | None) -> TensorEncoding:
+    """How to send a raw input to a device: uint8 when its presence lists version 2, else fp16
+    (which holds every integer 0..255 exactly; §6.3)."""
+    return "uint8" if presence is not None and presence.accepts(2) else "fp16"
+
+
 def encode_presence(p: Presence) -> bytes:
     """Canonical UTF-8 JSON of `p` (sorted keys, no spaces); ProtocolError if invalid."""
     obj: dict[str, object] = {
-        "v": PROTOCOL_VERSION,
+        "v": PRESENCE_VERSION,
         "device": p.device,
         "expert": p.expert,
         "status": p.status,
@@ -471,6 +455,10 @@ def encode_presence(p: Presence) -> bytes:
             "max_batch": p.caps.max_batch,
             "latent_encodings": list(p.caps.latent_encodings),
         }
+    if p.protocols is not None:
+        obj["protocols"] = list(p.protocols)
+    if p.input is not None:
+        obj["input"] = {"shape": list(p.input.shape), "dtype": p.input.dtype}
     _presence_from_obj(obj)
     data = json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
@@ -503,24 +491,47 @@ def _presence_from_obj(obj: object) -> Presence:
     if not isinstance(obj, dict):
         raise ProtocolError("presence must be a JSON object")
     v = _key(obj, "v", int)
-    if v != PROTOCOL_VERSION:
+    if v != PRESENCE_VERSION:
         raise ProtocolError(f"unsupported presence version {v}")
     device = _check_id(_key(obj, "device", str), "device")
-    expert = _check_uint(_key(obj, "expert", int), _MAX_U16, "expert")
+    expert = check_uint(_key(obj, "expert", int), _MAX_U16, "expert")
     status = _key(obj, "status", str)
     if status == "offline":
-        if obj.keys() & {"model", "caps", "ts"}:
+        if obj.keys() & {"model", "caps", "ts", "protocols", "input"}:
             raise ProtocolError("offline presence carries only v, device, expert, status")
         return Presence(device, expert, "offline")
     if status != "online":
         raise ProtocolError(f"bad presence status {status[:20]!r}")
-    ts = _key(obj, "ts", (int, float))
+    ts: float = _key(obj, "ts", (int, float))
     if not (math.isfinite(ts) and ts >= 0):
         raise ProtocolError("presence ts must be finite and >= 0")
-    model = _check_text(_key(obj, "model", str), "model version", _MAX_SHORT_TEXT)
+    model = check_text(_key(obj, "model", str), "model version", _MAX_SHORT_TEXT)
     return Presence(
-        device, expert, "online", model, _caps_from_obj(_key(obj, "caps", dict)), float(ts)
+        device, expert, "online", model, _caps_from_obj(_key(obj, "caps", dict)), float(ts),
+        None if "protocols" not in obj else _protocols_from_obj(_key(obj, "protocols", list)),
+        None if "input" not in obj else _input_from_obj(_key(obj, "input", dict)),
     )
+
+
+def _protocols_from_obj(protocols: list[object]) -> tuple[int, ...]:
+    """The optional `protocols` key: distinct frame versions 1..255, version 1 among them."""
+    versions = tuple(check_uint(v, 255, "protocols version") for v in protocols)
+    if 1 not in versions or 0 in versions or len(set(versions)) != len(versions):
+        raise ProtocolError("protocols: distinct versions 1..255, 1 required")
+    return versions
+
+
+def _input_from_obj(raw: dict[str, object]) -> RawInput:
+    """The optional `input` key: the shape of one raw input (1..3 dims) and dtype "uint8"."""
+    shape = _key(raw, "shape", list)
+    if not 1 <= len(shape) < MAX_DIMS:
+        raise ProtocolError(f"input.shape must have 1..{MAX_DIMS - 1} dims")
+    dims = tuple(check_uint(d, _MAX_U32, "input.shape dim") for d in shape)
+    if 0 in dims:
+        raise ProtocolError("input.shape dims must be >= 1")
+    if _key(raw, "dtype", str) != "uint8":
+        raise ProtocolError("input.dtype must be \"uint8\"")
+    return RawInput(dims)
 
 
 def _caps_from_obj(caps: dict[str, object]) -> Caps:
@@ -529,7 +540,7 @@ def _caps_from_obj(caps: dict[str, object]) -> Caps:
     if not runtimes:
         raise ProtocolError("caps.runtimes must not be empty")
     for runtime in runtimes:
-        _check_text(runtime, "runtime name", _MAX_RUNTIME)
+        check_text(runtime, "runtime name", _MAX_RUNTIME)
     encodings = _key(caps, "latent_encodings", list)
     if (
         not all(isinstance(e, str) and e in ENCODINGS for e in encodings)
@@ -537,7 +548,7 @@ def _caps_from_obj(caps: dict[str, object]) -> Caps:
         or "fp32" not in encodings
     ):
         raise ProtocolError("caps.latent_encodings: distinct fp32/fp16/int8, fp32 required")
-    max_batch = _check_uint(_key(caps, "max_batch", int), _MAX_U32, "caps.max_batch")
+    max_batch = check_uint(_key(caps, "max_batch", int), _MAX_U32, "caps.max_batch")
     if max_batch < 1:
         raise ProtocolError("caps.max_batch must be >= 1")
     return Caps(tuple(runtimes), tuple(encodings), max_batch)
@@ -575,31 +586,9 @@ def _check_id(value: object, what: str) -> str:
     return value
 
 
-def _check_uint(value: object, limit: int, what: str) -> int:
-    """An integer (not bool) in 0..limit."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ProtocolError(f"{what} must be an integer")
-    if not 0 <= value <= limit:
-        raise ProtocolError(f"{what} out of range")
-    return int(value)
-
-
-def _check_text(value: object, what: str, max_bytes: int, min_bytes: int = 1) -> str:
-    """A string whose UTF-8 encoding has min_bytes..max_bytes bytes."""
-    if not isinstance(value, str):
-        raise ProtocolError(f"{what} must be a string")
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError as e:
-        raise ProtocolError(f"{what} is not encodable as UTF-8") from e
-    if not min_bytes <= size <= max_bytes:
-        raise ProtocolError(f"{what} must be {min_bytes}..{max_bytes} bytes")
-    return value
-
-
 def _check_reply_topic(value: object) -> str:
     """An MQTT topic name of 1..255 bytes without wildcards or NUL."""
-    topic = _check_text(value, "reply topic", _MAX_SHORT_TEXT)
+    topic = check_text(value, "reply topic", _MAX_SHORT_TEXT)
     if any(c in topic for c in "+#\x00"):
         raise ProtocolError("reply topic contains a wildcard or NUL")
     return topic

@@ -1,19 +1,27 @@
 """Helpers of the agent tests: fleets of agents, a raw protocol client, a fake peer."""
 
+import hashlib
+import io
+import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
 from device_agent.agent import Agent, AgentConfig
-from device_agent.bundle import Bundle
+from device_agent.bundle import MANIFEST, Bundle, load_bundle
 from device_agent.device_models import DeviceModels
+from device_agent.nmoe_local import LocalNMoE
 from device_agent.wire.clock import now_ms
+from device_agent.wire.fleet_view import FleetView
 from device_agent.wire.protocol import (
     Caps,
     ExpertRequest,
+    ExpertResponse,
     Message,
     Presence,
     Topics,
@@ -126,3 +134,62 @@ def fake_peer(transport: Transport, device: str, expert: int, model: str,
     presence = Presence(device, expert, "online", model, CAPS, time.time())
     peer.publish(TOPICS.presence(device), encode_presence(presence), retain=True)
     return peer
+
+
+def images_by_need(local: LocalNMoE, device: int, expert: int, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(images whose route from `device` includes `expert`, images whose route does not)."""
+    chosen = local.route(device, local.latents(device, images))[0]
+    needs = (chosen == expert).any(axis=1)
+    assert needs.any() and (~needs).any()
+    return images[needs], images[~needs]
+
+
+class TimedApp:
+    """An app that sends inference requests to one device and records when each answer arrived."""
+
+    def __init__(self, transport: Transport, device: str, expert: int, model: str) -> None:
+        self.device, self.expert, self.model = device, expert, model
+        self.arrived: dict[bytes, float] = {}
+        self.client = Client(transport, on_frame=self._on_frame)
+
+    def send(self, image: np.ndarray) -> tuple[bytes, float]:
+        """Send one uint8 image [C, H, W]: (correlation id, time.monotonic() of sending)."""
+        frame = request_frame(self.expert, image[None], self.model, encoding="uint8", deadline_ms=now_ms() + 10_000)
+        sent = time.monotonic()
+        self.client.publish(TOPICS.infer_request(self.device), frame)
+        return decode(frame).correlation_id, sent
+
+    def latency(self, cid: bytes, sent: float, timeout_s: float = 10.0) -> float:
+        """Seconds from `sent` to the answer's arrival (it must be a RESPONSE)."""
+        assert isinstance(self.client.wait_for_reply(cid, timeout_s), ExpertResponse)
+        return self.arrived[cid] - sent
+
+    def _on_frame(self, _client: Client, _topic: str, payload: bytes) -> None:
+        self.arrived.setdefault(bytes(payload[4:20]), time.monotonic())
+
+
+def wait_online(transport: Transport, experts: set[int], model: str, timeout_s: float) -> None:
+    """Wait until devices holding every expert of `experts` with `model` are online (their presence)."""
+    fleet = FleetView("app")
+    watcher = Client(transport, (TOPICS.presence_filter(),),
+                     lambda _c, topic, payload: fleet.update(topic.rsplit("/", 1)[1], payload))
+    try:
+        assert fleet.wait_for(experts, model, timeout_s), f"experts {experts} not online in {timeout_s} s"
+    finally:
+        watcher.close()
+
+
+def with_samples(bundle: Bundle, out: Path, change: Callable[[dict[str, np.ndarray]], None]) -> Bundle:
+    """A copy of `bundle` in `out` whose samples.npz is changed by `change` (the manifest's sha256 and
+    size updated, so that the bundle still verifies)."""
+    shutil.copytree(bundle.path, out)
+    samples = bundle.samples()
+    change(samples)
+    buffer = io.BytesIO()
+    np.savez(buffer, **samples)
+    data = buffer.getvalue()
+    (out / "samples.npz").write_bytes(data)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["samples"] |= {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return load_bundle(out)

@@ -1,21 +1,33 @@
 """Agent logic over the in-memory broker: routing, re-routing, failures, serving, batching, fuzzing."""
 
+import io
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fleet_helpers import TOPICS, Client, fake_peer, request_frame, running, start_agents
+from fleet_helpers import (
+    TOPICS,
+    Client,
+    TimedApp,
+    fake_peer,
+    images_by_need,
+    request_frame,
+    running,
+    start_agents,
+    with_samples,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from device_agent.agent import Agent, AgentConfig
-from device_agent.bundle import Bundle
+from device_agent.bundle import Bundle, BundleError
 from device_agent.device_models import DeviceModels, model_version
 from device_agent.nmoe_local import LocalNMoE, combine
+from device_agent.runtime import Runtime
 from device_agent.serving import ServerLimits
 from device_agent.wire.clock import now_ms
 from device_agent.wire.events import EventLog
@@ -26,10 +38,13 @@ from device_agent.wire.protocol import (
     ErrorResponse,
     ExpertResponse,
     Presence,
+    RawInput,
     decode,
+    decode_presence,
     encode,
     encode_presence,
     new_correlation_id,
+    raw_input_encoding,
 )
 
 
@@ -128,7 +143,8 @@ def test_silent_peers_time_out_weights_renormalize_and_rows_fall_back(
 @pytest.mark.parametrize("code", [ErrorCode.BUSY, ErrorCode.INTERNAL, ErrorCode.WRONG_MODEL_VERSION])
 def test_error_answers_leave_the_expert_out(code: ErrorCode, bundles: dict[int, Bundle], images: np.ndarray) -> None:
     broker = MemoryBroker()
-    with running(memory_fleet({e: bundles[e] for e in (0, 1)}, broker)) as agents:
+    config = AgentConfig(busy_backoff_ms=0)  # asked again at once after BUSY (the back-off has its own test)
+    with running(memory_fleet({e: bundles[e] for e in (0, 1)}, broker, config=config)) as agents:
         erring = fake_peer(broker.transport("device-2"), "device-2", 2, agents[0].model_version,
                            lambda r: ErrorResponse(r.correlation_id, code, r.expert_id, "no"))
         assert agents[0].wait_for_experts({2}, 5)
@@ -145,11 +161,11 @@ def test_error_answers_leave_the_expert_out(code: ErrorCode, bundles: dict[int, 
         erring.close()
 
 
-class SlowExpert:
-    """An expert runtime that takes `delay_s` per call and records its batch sizes."""
+class Slow:
+    """A runtime that takes `delay_s` more per call and records its batch sizes."""
 
-    def __init__(self, models: DeviceModels, delay_s: float) -> None:
-        self.inner, self.delay_s, self.batches = models.expert, delay_s, []
+    def __init__(self, inner: Runtime, delay_s: float) -> None:
+        self.inner, self.delay_s, self.batches = inner, delay_s, []
         self.name = "slow"
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -158,13 +174,14 @@ class SlowExpert:
         return self.inner.run(x)
 
 
-def serve_slowly(bundles: dict[int, Bundle], limits: ServerLimits, requests: int) -> tuple[Agent, SlowExpert, list]:
+def serve_slowly(bundles: dict[int, Bundle], limits: ServerLimits, requests: int) -> tuple[Agent, Slow, list]:
     """Send `requests` 2-row requests at once to a device whose expert takes 30 ms per call."""
     broker = MemoryBroker()
     models = DeviceModels.open(bundles[1])
-    slow = SlowExpert(models, 0.03)
+    slow = Slow(models.expert, 0.03)
     models = DeviceModels(models.extractor, models.gate, slow, models.format)
-    agent = Agent(bundles[1], broker.transport("device-1"), models, AgentConfig(limits=limits))
+    # check_samples=False: the start-up check's own expert call would count among the batches
+    agent = Agent(bundles[1], broker.transport("device-1"), models, AgentConfig(limits=limits, check_samples=False))
     agent.start()
     app = Client(broker.transport("app"))
     latents = np.random.default_rng(0).normal(size=(requests, 2, bundles[1].manifest.latent_dim)).astype(np.float32)
@@ -231,7 +248,8 @@ def bad_requests(model: str, latent_dim: int) -> dict[str, tuple[str, bytes, Err
         "reply topic not an inbox": (expert, request_frame(1, z, model, inbox=inbox + "/device-9"),
                                      "dropped_reply_topic"),
         "a response": (expert, encode(ExpertResponse(new_correlation_id(), 1, 5, z)), "dropped_not_request"),
-        "version 2": (expert, valid[:2] + b"\x02" + valid[3:], "dropped_malformed"),
+        "version 3": (expert, valid[:2] + b"\x03" + valid[3:], "dropped_malformed"),  # (was version 2 before v2)
+        "version 2 for version-1 content": (expert, valid[:2] + b"\x02" + valid[3:], ErrorCode.BAD_REQUEST),
         "random bytes": (expert, b"\x8f" * 40, "dropped_malformed"),
         "oversized": (expert, valid + bytes(MAX_PAYLOAD), "dropped_malformed"),
         "non-integer pixels": (infer, request_frame(1, np.full((1, 1, 16, 16), 0.5, np.float32), model),
@@ -357,6 +375,41 @@ def test_apps_get_the_combined_output_on_their_inbox(bundles: dict[int, Bundle],
     assert stats["answered"] == 2
 
 
+def test_presence_announces_protocols_and_raw_input(bundles: dict[int, Bundle]) -> None:
+    broker = MemoryBroker()
+    with running(memory_fleet({0: bundles[0]}, broker)):
+        spy = Client(broker.transport("spy"), (TOPICS.presence_filter(),))
+        broker.settle()
+        (_, payload), = spy.received
+        spy.close()
+    presence = decode_presence(payload)
+    assert presence.protocols == (1, 2) and presence.accepts(2)
+    assert presence.input == RawInput(tuple(bundles[0].manifest.input.shape))
+    assert raw_input_encoding(presence) == "uint8"
+
+
+def test_raw_inputs_are_integers_0_to_255_as_uint8_fp16_or_fp32_never_int8(
+        bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    expected = LocalNMoE(bundles, "fp32").predict(0, images[:3]).probs
+    broker = MemoryBroker()
+    replies, sizes = {}, {}
+    with running(memory_fleet(bundles, broker)) as agents:
+        app = Client(broker.transport("app"))
+        for encoding in ("uint8", "fp16", "fp32", "int8"):
+            frame = request_frame(0, images[:3], agents[0].model_version, encoding=encoding)
+            app.publish(TOPICS.infer_request("device-0"), frame)
+            replies[encoding], sizes[encoding] = app.wait_for_reply(decode(frame).correlation_id), len(frame)
+        app.close()
+    for encoding in ("uint8", "fp16", "fp32"):
+        reply = replies[encoding]
+        assert isinstance(reply, ExpertResponse) and np.array_equal(reply.probs, expected), encoding
+    refused = replies["int8"]
+    assert isinstance(refused, ErrorResponse) and refused.code == ErrorCode.BAD_REQUEST
+    assert "not int8" in refused.message
+    pixels = images[:3].size  # 1, 2 and 4 bytes per pixel
+    assert sizes["fp16"] - sizes["uint8"] == pixels and sizes["fp32"] - sizes["fp16"] == 2 * pixels
+
+
 def test_inference_events_name_the_wire_requests_they_served(bundles: dict[int, Bundle], images: np.ndarray,
                                                              tmp_path: Path) -> None:
     broker, log = MemoryBroker(), tmp_path / "events.jsonl"
@@ -434,23 +487,183 @@ def test_concurrent_inferences_from_threads(bundles: dict[int, Bundle], images: 
 
 
 class Scaled:
-    """A runtime whose outputs are multiplied by `factor`."""
+    """A runtime whose inputs and outputs are multiplied by factors."""
 
-    def __init__(self, inner: DeviceModels, factor: float) -> None:
-        self.inner, self.factor, self.name = inner.extractor, factor, "scaled"
+    def __init__(self, inner: Runtime, inputs: float = 1.0, outputs: float = 1.0) -> None:
+        self.inner, self.inputs, self.outputs, self.name = inner, np.float32(inputs), np.float32(outputs), "scaled"
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.inner.run(x) * np.float32(self.factor)
+        return self.inner.run(x * self.inputs) * self.outputs
 
 
 def test_latents_beyond_fp16_range_travel_as_fp32(bundles: dict[int, Bundle], images: np.ndarray) -> None:
     broker = MemoryBroker()
     plain = DeviceModels.open(bundles[0])
-    models = {0: DeviceModels(Scaled(plain, 1e6), plain.gate, plain.expert, plain.format)}
-    config = AgentConfig(latent_encoding="fp16")
+    assert plain.gate is not None
+    # latents x 1e6; the gate sees them unscaled, so that its weights stay > 0 and the peers are asked
+    models = {0: DeviceModels(Scaled(plain.extractor, outputs=1e6), Scaled(plain.gate, inputs=1e-6), plain.expert,
+                              plain.format)}
+    config = AgentConfig(latent_encoding="fp16", check_samples=False)  # device-0's models are altered on purpose
     with running(memory_fleet(bundles, broker, config=config, models=models)) as agents:
         small = agents[1].infer(images)  # fits: fp16, 2 bytes per value
         huge = agents[0].infer(images)
     assert small.missing == {} and huge.missing == {} and set(huge.answered) == {0, 1, 2}
     values_sent = len(images) * bundles[0].manifest.latent_dim  # rows sent to the one other chosen expert
     assert huge.bytes_sent > 4 * values_sent > small.bytes_sent
+
+
+def test_a_frozen_peer_delays_only_the_inferences_that_asked_it(
+        bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    """Issue 9, defect 2: device-2 never answers (frozen, still "online"). An app's inference that needs
+    expert 2 waits out the deadline; the ones sent right after it that need only experts 0 and 1 are
+    answered at once (head-of-line blocking would delay them by the deadline too); after the first
+    deadline miss device-2 is suspect and inputs that chose it are re-routed before sending."""
+    deadline_s = 1.5
+    local = LocalNMoE(bundles, "fp32")
+    needs_2, without_2 = images_by_need(local, 0, 2, images)
+    broker = MemoryBroker()
+    config = AgentConfig(deadline_ms=int(deadline_s * 1000), suspect_ms=60_000)
+    with running(memory_fleet({e: bundles[e] for e in (0, 1)}, broker, config=config)) as agents:
+        frozen = fake_peer(broker.transport("device-2"), "device-2", 2, agents[0].model_version, lambda r: None)
+        assert agents[0].wait_for_experts({2}, 5)
+        app = TimedApp(broker.transport("app"), "device-0", 0, agents[0].model_version)
+        alone = [app.latency(*app.send(image)) for image in without_2[:3]]
+        slow = app.send(needs_2[0])
+        time.sleep(0.05)
+        unrelated = [app.send(image) for image in without_2[:5]]
+        unrelated_s = [app.latency(*sent) for sent in unrelated]
+        slow_s = app.latency(*slow)
+        rerouted_s = app.latency(*app.send(needs_2[1]))  # device-2 is suspect now
+        stats = agents[0].stats()
+        app.client.close()
+        frozen.close()
+    assert slow_s >= deadline_s * 0.95
+    assert max(unrelated_s) < 0.3 * deadline_s, (alone, unrelated_s)  # alone: a few ms
+    assert rerouted_s < 0.3 * deadline_s
+    assert stats["replies"]["timed_out"] == 1 and stats["agent"]["experts_avoided"] >= 1
+    assert stats["infer_server"]["answered"] == 3 + 1 + 5 + 1
+
+
+def test_busy_peers_are_avoided_briefly(bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    broker = MemoryBroker()
+    config = AgentConfig(busy_backoff_ms=400)
+    with running(memory_fleet({e: bundles[e] for e in (0, 1)}, broker, config=config)) as agents:
+        busy = fake_peer(broker.transport("device-2"), "device-2", 2, agents[0].model_version,
+                         lambda r: ErrorResponse(r.correlation_id, ErrorCode.BUSY, r.expert_id, "queue full"))
+        assert agents[0].wait_for_experts({2}, 5)
+        first = agents[0].infer(images)
+        during = agents[0].infer(images)
+        time.sleep(0.5)
+        after = agents[0].infer(images)
+        busy.close()
+    assert first.missing == {2: "busy"} and first.avoided == ()
+    assert during.missing == {} and during.avoided == (2,) and during.rerouted.get(2, 0) > 0
+    assert after.missing == {2: "busy"} and after.avoided == ()
+
+
+def test_malformed_payloads_are_logged_rate_limited(bundles: dict[int, Bundle], tmp_path: Path) -> None:
+    """Protocol §10: besides the counters, malformed payloads show up on stderr and in the events file,
+    at most one line per kind of topic per interval, with how many were suppressed."""
+    log, echo = tmp_path / "events.jsonl", io.StringIO()
+    broker = MemoryBroker()
+    agent = Agent(bundles[0], broker.transport("device-0"), DeviceModels.open(bundles[0]),
+                  events=EventLog(log, echo=echo))
+    agent.start()
+    app = Client(broker.transport("app"))
+    for _ in range(20):
+        for topic in (TOPICS.expert_request(0), TOPICS.infer_request("device-0"), TOPICS.presence("device-7"),
+                      TOPICS.reply_from("device-0", "device-1"), "nmoe/default/reply/device-0/b@d"):
+            app.publish(topic, b"NM\x01\x01junk")
+    broker.settle()
+    agent.stop()
+    app.close()
+    malformed = [e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "malformed"]
+    assert sorted(e["where"] for e in malformed) == ["expert", "infer", "presence", "reply", "topic"]
+    assert next(e for e in malformed if e["where"] == "expert")["reason"] == "truncated header"
+    assert next(e for e in malformed if e["where"] == "presence")["source"] == "device-7"
+    assert echo.getvalue().count("nmoe agent: malformed") == 5
+    stats = agent.stats()
+    assert stats["expert_server"]["dropped_malformed"] == 20 and stats["presence"]["invalid"] == 20
+
+
+def test_peers_with_a_zero_gate_weight_are_not_asked(bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    """Issue 9, defect 5: a chosen peer whose weight is exactly 0 is skipped; the output is unchanged
+    bit for bit (LocalNMoE asks every chosen expert). Gate logits x 1000 put an exact 0 on every
+    choice but the best (as FedGate's top-2 does for ~14% of Fashion-MNIST inputs)."""
+    local = LocalNMoE(bundles, "fp32")
+    local.gates[0] = Scaled(local.gates[0], outputs=1000)
+    expected = local.predict(0, images)
+    plain = DeviceModels.open(bundles[0])
+    assert plain.gate is not None
+    models = {0: DeviceModels(plain.extractor, Scaled(plain.gate, outputs=1000), plain.expert, plain.format)}
+    peer_zero = (expected.weights == 0) & (expected.experts != 0)
+    asked = {e: int(((expected.experts == e) & ~peer_zero).any(axis=1).sum()) for e in (1, 2)}
+    own_only = ((expected.experts == 0) | peer_zero).all(axis=1)  # every peer choice has weight 0
+    assert peer_zero.any() and own_only.any() and sum(asked.values()) > 0
+    broker = MemoryBroker()
+    config = AgentConfig(check_samples=False)  # device-0's gate is altered on purpose
+    with running(memory_fleet(bundles, broker, models=models, config=config)) as agents:
+        spy = Client(broker.transport("spy"), (TOPICS.expert_request(1), TOPICS.expert_request(2)))
+        result = agents[0].infer(images)
+        broker.settle()
+        rows_sent = {e: sum(len(m.latent) for t, m in spy.wait_for(len(spy.received)) if t == TOPICS.expert_request(e))
+                     for e in (1, 2)}
+        sent_before = len(spy.received)
+        alone = agents[0].infer(images[own_only])
+        broker.settle()
+        stats = agents[0].stats()["agent"]
+        spy.close()
+    assert np.array_equal(result.probs, expected.probs) and np.array_equal(result.weights, expected.weights)
+    assert result.zero_weight_skipped == int(peer_zero.sum()) and result.missing == {}
+    assert rows_sent == asked  # only the rows whose weight for that expert is not 0
+    assert len(spy.received) == sent_before and alone.answered == (0,) and alone.bytes_sent == 0
+    assert np.array_equal(alone.probs, local.predict(0, images[own_only]).probs)
+    assert stats["zero_weight_skipped"] == result.zero_weight_skipped + alone.zero_weight_skipped
+
+
+def test_an_agent_refuses_to_start_when_its_models_do_not_reproduce_the_samples(
+        bundles: dict[int, Bundle], tmp_path: Path) -> None:
+    """docs/bundle.md: a device checks its runtime against samples.npz; a wrong expected output (or a
+    wrong runtime) is one clear error at start, not a device that starts normally."""
+    def shift(key: str) -> Callable[[dict[str, np.ndarray]], None]:
+        return lambda samples: samples.__setitem__(key, np.roll(samples[key], 1, axis=0))
+
+    broker = MemoryBroker()
+    for key, role in (("expert_probs", "expert"), ("latent", "extractor"), ("gate_logits", "gate")):
+        wrong = with_samples(bundles[0], tmp_path / key, shift(key))
+        with pytest.raises(BundleError, match=f"samples.npz: the {role} \\(onnx\\) differs from the expected {key}"):
+            Agent(wrong, broker.transport("device-0"), DeviceModels.open(wrong))
+    for precision, format in (("fp32", "onnx"), ("int8", "onnx"), ("int8", "tflite")):  # the bundles' own pass
+        Agent(bundles[0], broker.transport("device-0"), DeviceModels.open(bundles[0], precision, format))
+
+
+def test_a_frozen_peer_delays_only_the_requests_of_a_batch_that_asked_it(
+        bundles: dict[int, Bundle], images: np.ndarray) -> None:
+    """Requests micro-batched into one inference: each is answered when the peers its own rows asked have
+    answered, so those that did not choose the frozen expert do not wait for it."""
+    deadline_s = 1.5
+    local = LocalNMoE(bundles, "fp32")
+    needs_2, without_2 = images_by_need(local, 0, 2, images)
+    plain = DeviceModels.open(bundles[0])
+    slow = Slow(plain.extractor, 0.2)  # the requests sent during the first one's extraction queue up: one batch
+    models = {0: DeviceModels(slow, plain.gate, plain.expert, plain.format)}
+    broker = MemoryBroker()
+    config = AgentConfig(deadline_ms=int(deadline_s * 1000), suspect_ms=60_000)
+    with running(memory_fleet({e: bundles[e] for e in (0, 1)}, broker, config=config, models=models)) as agents:
+        frozen = fake_peer(broker.transport("device-2"), "device-2", 2, agents[0].model_version, lambda r: None)
+        assert agents[0].wait_for_experts({2}, 5)
+        app = TimedApp(broker.transport("app"), "device-0", 0, agents[0].model_version)
+        slow.batches.clear()
+        first = app.send(without_2[0])
+        end = time.monotonic() + 5
+        while not slow.batches and time.monotonic() < end:  # the worker is extracting the first one
+            time.sleep(0.001)
+        batch = [app.send(needs_2[0]), *(app.send(image) for image in without_2[1:4])]
+        first_s = app.latency(*first)
+        unrelated_s = [app.latency(*sent) for sent in batch[1:]]
+        slow_s = app.latency(*batch[0])
+        app.client.close()
+        frozen.close()
+    assert slow.batches[:2] == [1, 4]  # the four requests were extracted in one model call
+    assert slow_s >= 0.95 * deadline_s
+    assert max(unrelated_s) < first_s + 0.3 * deadline_s, (first_s, unrelated_s)

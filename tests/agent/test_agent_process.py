@@ -11,12 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fleet_helpers import TOPICS, Client, request_frame
+from fleet_helpers import (
+    TOPICS,
+    Client,
+    TimedApp,
+    images_by_need,
+    request_frame,
+    wait_online,
+    with_samples,
+)
 
 from broker.process import BrokerOptions, start_broker
 from device_agent.agent import Agent, AgentConfig, InferenceResult
 from device_agent.bundle import Bundle
-from device_agent.device_models import DeviceModels
+from device_agent.device_models import DeviceModels, model_version
 from device_agent.nmoe_local import LocalNMoE
 from device_agent.wire.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
 from device_agent.wire.protocol import ExpertResponse
@@ -121,6 +129,55 @@ def test_device_processes_without_torch_serve_and_survive_a_killed_peer(
     assert any(line["event"] == "inference" and line["bytes_sent"] > 0 for line in log)
 
 
+def test_a_sigstopped_peer_delays_only_the_inferences_that_asked_it(
+        bundles: dict[int, Bundle], images: np.ndarray, tmp_path: Path) -> None:
+    """Issue 9, defect 2, as reported: three `nmoe agent` processes over mosquitto, device-2 SIGSTOPped
+    (it stays "online" until its keep-alive runs out). An inference on device-0 that needs expert 2
+    waits out the deadline; those sent 50 ms after it that need only experts 0 and 1 keep their
+    latency; once device-2 missed a deadline, inputs that chose it are re-routed before sending."""
+    deadline_s = 2.0
+    needs_2, without_2 = images_by_need(LocalNMoE(bundles, "fp32"), 0, 2, images)
+    model = model_version(bundles[0])
+    with start_broker(BrokerOptions(tmp_path / "fleet", port=0)) as broker:
+        url = BrokerUrl.parse(broker.url)
+        events = {e: tmp_path / f"device-{e}.jsonl" for e in bundles}
+        devices = {e: spawn_agent(b, broker.url, events[e], "--deadline-ms", str(int(deadline_s * 1000)))
+                   for e, b in bundles.items()}
+        app = TimedApp(MqttTransport(MqttSettings(url, "test-app")), "device-0", 0, model)
+        try:
+            wait_online(MqttTransport(MqttSettings(url, "test-watcher")), set(bundles), model, 120)
+            def asked_2(line: dict[str, object]) -> bool:
+                return line["event"] == "inference" and 2 in line["answered"]  # type: ignore[operator]
+
+            end = time.monotonic() + 120  # device-0 sees device-2: an input that needs it was answered by it
+            while not any(asked_2(json.loads(x)) for x in _lines(events[0])):
+                assert time.monotonic() < end and all(p.poll() is None for p in devices.values())
+                app.latency(*app.send(needs_2[0]))
+            alone = [app.latency(*app.send(image)) for image in without_2[:3]]
+            devices[2].send_signal(signal.SIGSTOP)
+            slow = app.send(needs_2[0])
+            time.sleep(0.05)
+            unrelated_s = [app.latency(*sent) for sent in [app.send(image) for image in without_2[:5]]]
+            slow_s = app.latency(*slow)
+            rerouted_s = app.latency(*app.send(needs_2[1]))
+        finally:
+            devices[2].send_signal(signal.SIGCONT)
+            app.client.close()
+            for p in devices.values():
+                p.send_signal(signal.SIGTERM)
+            for p in devices.values():
+                p.communicate(timeout=30)
+    assert slow_s >= 0.95 * deadline_s
+    assert max(unrelated_s) < 0.5 * deadline_s, (alone, unrelated_s)
+    assert rerouted_s < 0.5 * deadline_s
+    last = [json.loads(x) for x in _lines(events[0]) if json.loads(x)["event"] == "inference"][-1]
+    assert last["avoided"] == [2] and last["missing"] == {}
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--broker", "http://127.0.0.1:1883"], "mqtt:// or mqtts://"),
     (["--broker", "mqtt://user:pw@127.0.0.1"], "--password-file"),
@@ -139,6 +196,15 @@ def test_unusable_options_exit_2_with_one_line(args: list[str], message: str, bu
 def test_a_bad_bundle_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["agent", "--bundle", str(tmp_path)]) == 2
     assert "manifest.json: cannot read" in capsys.readouterr().err
+
+
+def test_a_bundle_whose_samples_the_models_do_not_reproduce_exits_2(
+        bundles: dict[int, Bundle], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    wrong = with_samples(bundles[1], tmp_path / "device-1",
+                         lambda samples: samples.__setitem__("expert_probs", samples["expert_probs"][:, ::-1]))
+    assert main(["agent", "--bundle", str(wrong.path), "--broker", "mqtt://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "samples.npz: the expert (onnx) differs" in err
 
 
 def test_help_teaches_with_examples(capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,7 +3,12 @@
 import torch
 
 from toolkit.evaluate import ExpertOutputs, accuracy
-from toolkit.gates.ceiling import best_expert_per_class, ceilings, oracle_scores
+from toolkit.gates.ceiling import (
+    best_expert_per_class,
+    ceiling_metrics,
+    mean_ceilings,
+    oracle_scores,
+)
 
 
 def one_hot_experts(answers: list[list[int]], num_classes: int) -> torch.Tensor:
@@ -38,14 +43,18 @@ def test_best_expert_per_class_picks_the_specialist() -> None:
     assert best_expert_per_class(probs, y, 2).tolist() == [0, 1]
 
 
-def test_ceilings_bound_a_fixed_router_and_report_both_accuracies() -> None:
+def test_ceilings_bound_a_fixed_router_and_the_devices_means_report_both_accuracies() -> None:
     gen = torch.Generator().manual_seed(0)
     probs = torch.softmax(3 * torch.randn(200, 4, 5, generator=gen), dim=-1)
     y = torch.randint(0, 5, (200,), generator=gen)
     z = torch.zeros(200, 2)
-    out = ceilings([ExpertOutputs(z[:100], probs[:100]), ExpertOutputs(z[100:], probs[100:])],
-                   [y[:100], y[100:]], ExpertOutputs(z, probs), y)
+    public = ExpertOutputs(z, probs)
+    devices = [ceiling_metrics(ExpertOutputs(z[:100], probs[:100]), y[:100], public, y),
+               ceiling_metrics(ExpertOutputs(z[100:], probs[100:]), y[100:], public, y)]
+    out = mean_ceilings(devices)
     fixed = max(accuracy(probs[:, e], y) for e in range(4))
     assert out["oracle_routing"]["global_accuracy"] >= out["best_expert_per_class"]["global_accuracy"] >= fixed
-    assert 0 <= out["oracle_routing"]["personalized_accuracy"] <= 1
-    assert len(out["best_expert_per_class"]["experts"]) == 5
+    assert devices[0]["ceiling.oracle_routing.global_accuracy"] == devices[1]["ceiling.oracle_routing.global_accuracy"]
+    halves = [d["ceiling.oracle_routing.personalized_accuracy"] for d in devices]
+    assert out["oracle_routing"]["personalized_accuracy"] == sum(halves) / 2
+    assert halves[0] != halves[1]  # each device's own split

@@ -1,11 +1,18 @@
-"""The client side of a federated job, as any transport sees it."""
+"""The client side of a federated job, as any transport sees it.
+
+`Client` is what every participant offers (an in-process client, an MQTT proxy of a device agent,
+a Ray actor): train on the shared parameters, evaluate its own model. `Stateful` is what only the
+simulation offers: private state held in this process, checkpointed so that a resume is exact.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from toolkit.federated.params import Params
+
+Metrics = dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -24,26 +31,52 @@ class FitRes:
 
     params: Params
     num_examples: int
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=dict)
 
 
-class Client(Protocol):
-    """A participant. In-process clients and MQTT-backed proxies both implement this."""
+@dataclass(frozen=True)
+class EvaluateIns:
+    """The latest shared parameters (of `round`); the client merges them into its own model."""
 
-    cid: int
+    round: int
+    params: Params
+
+
+@dataclass(frozen=True)
+class EvaluateRes:
+    """The client's metrics on its own test data (e.g. personalized_accuracy, global_accuracy)."""
+
+    num_examples: int
+    metrics: Metrics
+
+
+class Evaluator(Protocol):
+    """A participant that can evaluate its own model."""
+
+    @property
+    def cid(self) -> int: ...
+
+    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
+        """Merge ins.params into the local model and evaluate it on the client's own test data."""
+        ...
+
+
+class Client(Evaluator, Protocol):
+    """A participant of a federated job."""
 
     def fit(self, ins: FitIns) -> FitRes:
-        """Merge ins.params into the local model, train locally, return the requested names."""
+        """Merge ins.params into the local model, train locally, return exactly the names in ins.upload."""
         ...
 
-    def model(self, shared: Params) -> Params:
-        """The client's full model when combined with the latest shared parameters."""
-        ...
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Simulation only: private state held in this process (a real device persists its own)."""
 
     def get_state(self) -> Params:
-        """Private state to checkpoint (a real device persists it itself)."""
+        """The private state to checkpoint."""
         ...
 
     def set_state(self, state: Params) -> None:
-        """Restore private state from a checkpoint."""
+        """Restore the private state from a checkpoint."""
         ...

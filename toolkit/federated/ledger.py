@@ -1,10 +1,13 @@
-"""Counts the bytes and names of every parameter message a federated job exchanges."""
+"""What a federated job exchanged (bytes and names of every parameter message) and who failed."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 from toolkit.federated.params import Params, nbytes
+
+FailureKind = Literal["error", "timeout", "refused"]
 
 
 @dataclass(frozen=True)
@@ -18,15 +21,33 @@ class Message:
     nbytes: int
 
 
-class Ledger:
-    """Append-only record of exchanged tensors."""
+@dataclass(frozen=True)
+class Failure:
+    """A client that did not deliver: it raised (`error`), missed the deadline (`timeout`), or its
+    upload was refused before aggregation (`refused`: wrong names or shapes, non-finite values)."""
 
-    def __init__(self, messages: list[Message] | None = None) -> None:
+    round: int
+    attempt: int  # 0, then 1, 2, ... when a round without quorum is asked again
+    client: int
+    op: str  # "fit", "evaluate", or a recipe operation ("train_expert", ...)
+    kind: FailureKind
+    reason: str
+
+
+class Ledger:
+    """Append-only record of a job's fit messages (what `upload_bytes`/`download_bytes` count) and failures."""
+
+    def __init__(self, messages: list[Message] | None = None, failures: list[Failure] | None = None) -> None:
         self.messages = list(messages or [])
+        self.failures = list(failures or [])
 
     def record(self, rnd: int, client: int, direction: str, params: Params) -> None:
         """Record one message carrying `params`."""
         self.messages.append(Message(rnd, client, direction, tuple(sorted(params)), nbytes(params)))
+
+    def fail(self, failure: Failure) -> None:
+        """Record a client that did not deliver."""
+        self.failures.append(failure)
 
     def total(self, direction: str) -> int:
         """Total bytes sent in one direction."""
@@ -36,11 +57,13 @@ class Ledger:
         """Every parameter name that ever crossed the wire."""
         return {n for m in self.messages for n in m.names}
 
-    def to_json(self) -> list[dict]:
+    def to_json(self) -> dict[str, Any]:
         """Plain-data form for checkpoints."""
-        return [asdict(m) for m in self.messages]
+        return {"messages": [asdict(m) for m in self.messages], "failures": [asdict(f) for f in self.failures]}
 
     @classmethod
-    def from_json(cls, data: list[dict]) -> Ledger:
-        """Inverse of to_json."""
-        return cls([Message(d["round"], d["client"], d["direction"], tuple(d["names"]), d["nbytes"]) for d in data])
+    def from_json(cls, data: dict[str, Any] | list[dict[str, Any]]) -> Ledger:
+        """Inverse of to_json (a bare list: the messages of a checkpoint written before failures were kept)."""
+        messages, failures = (data, []) if isinstance(data, list) else (data["messages"], data["failures"])
+        return cls([Message(d["round"], d["client"], d["direction"], tuple(d["names"]), d["nbytes"]) for d in messages],
+                   [Failure(**d) for d in failures])

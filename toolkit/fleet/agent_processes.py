@@ -3,7 +3,9 @@
 Each agent runs in its own process group, so a Ctrl-C in the terminal reaches only the trial,
 which then stops the agents in order: SIGTERM (the agent publishes its offline presence and exits),
 SIGKILL for any still running after a timeout. Leaving the context always does that, and an agent
-whose trial is SIGKILLed gets SIGTERM from the kernel (`broker.child_process`).
+whose trial is SIGKILLed gets SIGTERM from the kernel (`broker.child_process`). An agent runs with
+this Python (the venv's) or another interpreter, e.g. an emulated aarch64 one (qemu-user forwards
+the signals to it).
 """
 
 from __future__ import annotations
@@ -28,18 +30,20 @@ class AgentLaunch:
     device: str
     args: tuple[str, ...]  # the `nmoe agent` options
     log: Path  # its stdout and stderr
+    python: tuple[str, ...] = (sys.executable,)  # the interpreter (a command prefix): this venv's by default
+    env: dict[str, str] | None = None  # its environment (None: this process's)
 
 
-def agent_command(args: tuple[str, ...]) -> list[str]:
-    """`nmoe agent ARGS` run by this Python (the venv's, with the same packages)."""
-    return [sys.executable, "-m", "toolkit.cli", "agent", *args]
+def agent_command(launch: AgentLaunch) -> list[str]:
+    """`nmoe agent ARGS` run by the launch's Python."""
+    return [*launch.python, "-m", "toolkit.cli", "agent", *launch.args]
 
 
 class AgentProcesses:
     """Running agents by device id; a context manager that never leaves one behind."""
 
     def __init__(self) -> None:
-        self.processes: dict[str, subprocess.Popen] = {}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
 
     def start(self, launch: AgentLaunch) -> None:
@@ -48,8 +52,8 @@ class AgentProcesses:
         self.logs[launch.device] = launch.log
         with launch.log.open("ab") as log:
             self.processes[launch.device] = subprocess.Popen(
-                dies_with_parent(agent_command(launch.args)), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, process_group=0)
+                dies_with_parent(agent_command(launch)), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, process_group=0, env=launch.env)
 
     def pid(self, device: str) -> int:
         return self.processes[device].pid

@@ -3,7 +3,8 @@
 The trial starts mosquitto (unless given a broker), one `nmoe agent` process per bundle, waits
 until every agent is online, then feeds each device its own personalized test images at a fixed
 rate from the driver's MQTT connection and records every answer (optionally killing an agent or
-restarting the broker on the way). Afterwards it computes the same samples in-process with
+restarting the broker on the way). The last `arm64_devices` agents run as aarch64 programs under
+qemu-user (`toolkit.arm64_env`): emulated Raspberry Pis in the fleet. Afterwards it computes the same samples in-process with
 `LocalNMoE` and writes trial.json, events.jsonl and report.html (`toolkit.fleet.trial_report`).
 Whatever happens, no agent or broker outlives `run_trial`.
 """
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from broker.accounts import Device
+from broker.accounts import Device, FleetCredential
 from broker.layout import FleetLayout
 from broker.process import BrokerOptions, RunningBroker, start_broker
 from device_agent.bundle import Bundle, BundleError, load_bundle
@@ -31,12 +32,16 @@ from device_agent.device_models import model_version
 from device_agent.nmoe_local import LocalNMoE, Prediction
 from device_agent.wire.events import EventLog
 from device_agent.wire.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
-from device_agent.wire.protocol import Topics
+from device_agent.wire.protocol import ProtocolError, Topics
+from toolkit.arm64_env import Arm64EnvError, emulated_command, ensure_env
 from toolkit.artifacts import ArtifactError, load_nmoe
 from toolkit.federated_data import prepare, raw_images
 from toolkit.fleet.agent_processes import AgentLaunch, AgentProcesses
-from toolkit.fleet.trial_driver import INTERRUPTED, NOT_SERVED, OPERATOR, TrialDriver, TrialError
-from toolkit.fleet.trial_report import TrialRecord, summarize, write_outputs
+from toolkit.fleet.trial_driver import OPERATOR, RequestStatus, TrialDriver, TrialError
+from toolkit.fleet.trial_record import BrokerRestart, TrialFacts, TrialRecord, options_json
+from toolkit.fleet.trial_report import write_outputs
+from toolkit.fleet.trial_summary import TrialSummary, summarize
+from toolkit.fleet.web_devices import fleet_processes, web_fleet_check
 from toolkit.progress import progress_bar
 
 ONLINE_TIMEOUT_S = 120.0  # ten agents importing onnxruntime on two cores take ~10 s
@@ -45,7 +50,7 @@ RESTART_TIMEOUT_S = 30.0  # after a broker restart: for the driver to reconnect,
 START_WITHIN = 2  # an agent must start a request within START_WITHIN x --deadline-ms ...
 WAIT_SLACK_S = 0.5  # ... and the driver waits that, plus --deadline-ms for the peers, plus this
 TRIAL_OUTPUTS = ("trial.json", "events.jsonl", "report.html", "events", "logs", "fleet")
-Credential = tuple[str, Path]  # (username, password file)
+ARM64_CPU = "cortex-a72"  # the emulated devices' CPU unless QEMU_CPU says otherwise: a Raspberry Pi 4
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,16 @@ class TrialOptions:
     samples: int = 50
     rate: float = 10.0  # requests per second per device
     auth: bool = False
+    tls: bool = False  # the trial's own mosquitto is TLS-only, with a generated fleet CA
+    tls_ca: Path | None = None  # with an mqtts:// --broker: the CA that verifies it (None: the system's) ...
+    tls_cert: Path | None = None  # ... and a client certificate and key for the driver and every agent
+    tls_key: Path | None = None
+    prefix: str = "nmoe"  # topics {prefix}/{fleet}/...
+    fleet: str = "default"  # the fleet id (also in the client ids)
+    remote: bool = False  # the agents already run (on their devices): start nothing, feed those present
+    username: str | None = None  # with remote: the driver's own login instead of --auth's operator
+    password_file: Path | None = None
+    online_timeout: float = ONLINE_TIMEOUT_S  # for every device's presence
     kill_device: str | None = None
     kill_after: float | None = None
     restart_broker_after: float | None = None  # seconds into the feeding; only with the trial's own broker
@@ -66,7 +81,10 @@ class TrialOptions:
     precision: str | None = None  # None: fp32 when the bundles have it, else int8
     runtime: str = "onnx"
     deadline_ms: int = 1000
+    arm64_devices: int = 0  # the last N agents before the web devices run as aarch64 programs under qemu-user ...
+    arm64_cpu: str = ARM64_CPU  # ... emulating this CPU (QEMU_CPU)
     show_progress: bool = True
+    web_devices: int = 0  # the last N devices run as web devices (android_demo/) in headless Chromium
 
 
 @dataclass(frozen=True)
@@ -114,7 +132,7 @@ class TrialResult:
     """Where the outputs are, the summary, and whether the trial was interrupted."""
 
     out: Path
-    summary: dict[str, Any]
+    summary: TrialSummary
     interrupted: bool
 
     @property
@@ -123,6 +141,62 @@ class TrialResult:
 
 
 # setup -------------------------------------------------------------------------------------------
+
+
+def check_options(options: TrialOptions) -> None:
+    """TrialError (or BrokerUrlError) for options that cannot work together, before anything starts."""
+    try:
+        Topics(options.prefix, options.fleet)
+    except ProtocolError as e:
+        raise TrialError(f"--prefix/--fleet: {e}") from None
+    _check_remote(options)
+    _check_arm64(options)
+    tls_files = {"--tls-ca": options.tls_ca, "--tls-cert": options.tls_cert, "--tls-key": options.tls_key}
+    given = [flag for flag, path in tls_files.items() if path is not None]
+    if options.broker is None:
+        if given:
+            raise TrialError(f"{given[0]} is for an mqtts:// --broker; the trial's own broker makes its CA and "
+                             "certificates with --tls")
+        return
+    url = BrokerUrl.parse(options.broker)  # BrokerUrlError
+    if options.restart_broker_after is not None:
+        raise TrialError("--restart-broker-after restarts the trial's own mosquitto: not with --broker")
+    if options.tls:
+        raise TrialError("--tls makes the trial's own mosquitto TLS-only: with --broker, give an mqtts:// URL "
+                         "(and --tls-ca)")
+    if given and not url.tls:
+        raise TrialError(f"{given[0]} needs an mqtts:// broker URL, got {options.broker}")
+    if (options.tls_cert is None) != (options.tls_key is None):
+        raise TrialError("--tls-cert and --tls-key go together")
+    for flag, path in tls_files.items():
+        if path is not None and not path.is_file():
+            raise TrialError(f"{flag} {path}: no such file")
+
+
+def _check_remote(options: TrialOptions) -> None:
+    """--remote and the driver's own login: what they need and refuse."""
+    if options.remote and options.broker is None:
+        raise TrialError("--remote drives agents that already run: give their broker with --broker URL")
+    if options.remote and options.kill_device is not None:
+        raise TrialError("--kill-device: a --remote trial starts no agent, so it has none to kill")
+    if (options.username is None) != (options.password_file is None):
+        raise TrialError("--username and --password-file go together")
+    if options.username is not None and not options.remote:
+        raise TrialError("--username/--password-file log the driver in to a --remote fleet's broker; the agents a "
+                         "local trial starts log in with --auth")
+    if options.username is not None and options.auth:
+        raise TrialError("--username/--password-file or --auth (the operator's password in --fleet-dir), not both")
+
+
+def _check_arm64(options: TrialOptions) -> None:
+    """--arm64-devices: what emulated agents cannot do."""
+    if not options.arm64_devices:
+        return
+    if options.remote:
+        raise TrialError("--arm64-devices starts emulated agents; a --remote trial starts none")
+    if options.runtime == "executorch":
+        raise TrialError("--arm64-devices with --runtime executorch: ExecuTorch's aarch64 Python bindings need torch, "
+                         "which the emulated environment does not have; use onnx or tflite")
 
 
 def load_fleet(options: TrialOptions) -> Fleet:
@@ -139,13 +213,20 @@ def load_fleet(options: TrialOptions) -> Fleet:
         raise TrialError(f"{options.bundles}: the bundles come from different runs, methods or models, or "
                          "repeat a device id; export them together")
     run_dir, method, _ = origins.pop()
+    if run_dir is None or method is None:
+        raise TrialError(f"{options.bundles}: the manifests do not name the run they were exported from "
+                         "(provenance.run_dir and provenance.method); the trial reads its test samples there")
     missing = sorted(set(range(loaded[0].manifest.num_experts)) - {b.manifest.expert_id for b in loaded})
     if missing:
         raise TrialError(f"{options.bundles}: no bundle holds expert(s) {missing}; a trial needs the whole fleet")
     if options.kill_device is not None and options.kill_device not in bundles:
         raise TrialError(f"--kill-device {options.kill_device}: no such device in {options.bundles} "
                          f"(devices: {', '.join(bundles)})")
-    return Fleet(bundles, _precision(loaded, options), Path(run_dir), method)
+    if options.arm64_devices and options.arm64_devices + options.web_devices > len(bundles):
+        raise TrialError(f"--arm64-devices {options.arm64_devices}: the fleet in {options.bundles} has "
+                         f"{len(bundles)} devices" + (f", {options.web_devices} of them web devices"
+                                                      if options.web_devices else ""))
+    return Fleet(bundles, _precision(loaded, options), Path(run_dir), str(method))
 
 
 def _precision(bundles: list[Bundle], options: TrialOptions) -> str:
@@ -181,21 +262,21 @@ def feeding_plan(options: TrialOptions, samples: dict[str, Samples]) -> list[Ste
     period, devices = 1 / options.rate, list(samples)
     steps = [Step(i * period + k * period / len(devices), StepKind.SEND, d, i)
              for k, d in enumerate(devices) for i in range(len(samples[d].labels))]
-    duration = max(s.at_s for s in steps)
+    feeding = (max(s.at_s for s in steps), max(len(s.labels) for s in samples.values()), options.rate)
     if options.kill_device is not None:
-        steps.append(Step(_within("--kill-after", options.kill_after or 0.0, duration, options), StepKind.KILL,
+        steps.append(Step(_within("--kill-after", options.kill_after or 0.0, *feeding), StepKind.KILL,
                           options.kill_device))
     if options.restart_broker_after is not None:
-        steps.append(Step(_within("--restart-broker-after", options.restart_broker_after, duration, options),
+        steps.append(Step(_within("--restart-broker-after", options.restart_broker_after, *feeding),
                           StepKind.RESTART_BROKER))
     return sorted(steps, key=lambda s: (s.at_s, s.kind == StepKind.SEND))
 
 
-def _within(flag: str, at_s: float, duration: float, options: TrialOptions) -> float:
+def _within(flag: str, at_s: float, duration: float, samples: int, rate: float) -> float:
     """`at_s`, or TrialError unless it lies within the feeding (0 <= at_s < duration)."""
     if not 0 <= at_s < duration:
         raise TrialError(f"{flag} {at_s:g} must be within the feeding, which lasts {duration:.2f} s "
-                         f"({options.samples} samples at {options.rate:g}/s)")
+                         f"({samples} samples at {rate:g}/s)")
     return at_s
 
 
@@ -225,7 +306,7 @@ class BrokerAccess:
     """How the trial reaches its broker."""
 
     url: str
-    credential: Callable[[str], Credential | None]  # account -> its login (None without --auth)
+    credential: Callable[[str], FleetCredential]  # account -> how it logs in (password, TLS files)
     pid: int | None = None  # the mosquitto the trial started
     restart: Callable[[], int] | None = None  # restart the trial's mosquitto; its new pid (None: --broker)
 
@@ -243,9 +324,8 @@ class OwnBroker:
         self.running = start_broker(replace(self.running.options, port=self.running.port))
         return self.running.process.pid
 
-    def credential(self, account: str) -> Credential | None:
-        found = self.running.credentials.get(account)
-        return None if found is None or found.password_file is None else (account, found.password_file)
+    def credential(self, account: str) -> FleetCredential:
+        return self.running.credentials.get(account) or FleetCredential(account)
 
     def stop(self) -> None:
         self.running.stop()
@@ -254,51 +334,112 @@ class OwnBroker:
 @contextmanager
 def fleet_broker(options: TrialOptions, fleet: Fleet, out: Path) -> Iterator[BrokerAccess]:
     """A mosquitto started in OUT/fleet (the running one is stopped on exit), or the given --broker with
-    the passwords `nmoe broker --auth` keeps in its fleet dir."""
+    the passwords `nmoe broker --auth` keeps in its fleet dir and the --tls-* files."""
     if options.broker is not None:
         layout = FleetLayout.of(options.fleet_dir or Path("fleet"))
-        yield BrokerAccess(options.broker, lambda account: _stored_credential(layout, account) if options.auth else None)
+        yield BrokerAccess(options.broker, lambda account: _given_login(options, layout, account))
         return
     accounts = tuple(Device(d, e) for d, e in fleet.experts.items())
-    broker = OwnBroker(BrokerOptions(out / "fleet", port=0, auth=options.auth, accounts=accounts))
+    broker = OwnBroker(BrokerOptions(out / "fleet", port=0, auth=options.auth, tls=options.tls, accounts=accounts,
+                                     prefix=options.prefix, fleet=options.fleet))
     try:
         yield BrokerAccess(broker.running.url, broker.credential, broker.running.process.pid, broker.restart)
     finally:
         broker.stop()
 
 
-def _stored_credential(layout: FleetLayout, account: str) -> Credential:
+def _given_login(options: TrialOptions, layout: FleetLayout, account: str) -> FleetCredential:
+    """With --broker: the driver's --username/--password-file, or the account's password in --fleet-dir with
+    --auth; and the --tls-* files."""
+    tls = (options.tls_ca, options.tls_cert, options.tls_key)
+    if account == OPERATOR and options.username is not None:
+        return FleetCredential(options.username, options.password_file, *tls)
+    return FleetCredential(account, _stored_password(layout, account) if options.auth else None, *tls)
+
+
+def _stored_password(layout: FleetLayout, account: str) -> Path:
     path = layout.password(account)
     if not path.is_file():
         raise TrialError(f"{path} does not exist: with --broker and --auth, --fleet-dir must be the fleet dir of "
                          "`nmoe broker --auth --bundles BUNDLES` (default ./fleet)")
-    return account, path
+    return path
 
 
-def agent_launches(options: TrialOptions, fleet: Fleet, broker: BrokerAccess, out: Path) -> list[AgentLaunch]:
-    """One `nmoe agent` per bundle, its events in OUT/events/<device>.jsonl, its log in OUT/logs/."""
+def emulated_devices(options: TrialOptions, devices: Collection[str]) -> list[str]:
+    """The devices whose agents run under emulation: the last --arm64-devices before the --web-devices (in
+    expert order)."""
+    agents = list(devices)[:len(devices) - options.web_devices]
+    return agents[len(agents) - options.arm64_devices:]
+
+
+def arm64_cache(options: TrialOptions) -> Path | None:
+    """With --arm64-devices, the emulated environment (built when missing, scripts/arm64_env.sh); else None."""
+    if not options.arm64_devices:
+        return None
+    try:
+        return ensure_env()
+    except Arm64EnvError as e:
+        raise TrialError(f"--arm64-devices: {e}") from None
+
+
+def agent_launches(options: TrialOptions, fleet: Fleet, broker: BrokerAccess, out: Path,
+                   arm64: Path | None = None) -> list[AgentLaunch]:
+    """One `nmoe agent` per bundle, its events in OUT/events/<device>.jsonl, its log in OUT/logs/; the
+    emulated devices' under the aarch64 Python of the `arm64` cache."""
     launches = []
+    emulated = emulated_devices(options, fleet.bundles) if arm64 is not None else []
     for device, bundle in fleet.bundles.items():
         args = ["--bundle", str(bundle.path), "--broker", broker.url, "--runtime", options.runtime,
                 "--precision", fleet.precision, "--latent-encoding", options.latent_encoding,
-                "--deadline-ms", str(options.deadline_ms), "--events", str(out / "events" / f"{device}.jsonl")]
-        login = broker.credential(device)
-        if login is not None:
-            args += ["--username", login[0], "--password-file", str(login[1])]
-        launches.append(AgentLaunch(device, tuple(args), out / "logs" / f"{device}.log"))
+                "--deadline-ms", str(options.deadline_ms), "--prefix", options.prefix, "--fleet", options.fleet,
+                "--events", str(out / "events" / f"{device}.jsonl"), *_login_args(broker.credential(device))]
+        launch = AgentLaunch(device, tuple(args), out / "logs" / f"{device}.log")
+        if arm64 is not None and device in emulated:
+            python, env = emulated_command(arm64, options.arm64_cpu)
+            launch = replace(launch, python=tuple(python), env=env)
+        launches.append(launch)
     return launches
 
 
+def _login_args(login: FleetCredential) -> list[str]:
+    """`nmoe agent` options for what `login` holds: user name and password file, TLS files."""
+    args = [] if login.password_file is None else ["--username", login.username, "--password-file",
+                                                   str(login.password_file)]
+    for flag, path in (("--tls-ca", login.ca_file), ("--tls-cert", login.cert_file), ("--tls-key", login.key_file)):
+        args += [] if path is None else [flag, str(path)]
+    return args
+
+
 @contextmanager
-def connected(driver: TrialDriver, url: str, login: Credential | None) -> Iterator[TrialDriver]:
+def connected(driver: TrialDriver, url: str, login: FleetCredential, fleet: str) -> Iterator[TrialDriver]:
     """The driver connected to the broker (as `operator` with --auth); disconnected on exit."""
-    username, password = (None, None) if login is None else (login[0], login[1].read_text().strip())
+    password = None if login.password_file is None else login.password()
+    settings = MqttSettings(BrokerUrl.parse(url), f"{fleet}-{OPERATOR}-trial",
+                            None if password is None else login.username, password, login.ca_file, login.cert_file,
+                            login.key_file)
+    try:
+        transport = MqttTransport(settings)
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        raise TrialError(f"cannot use the TLS files {login.ca_file}, {login.cert_file}, {login.key_file}: {e}") from None
     try:  # a failed connect closes the transport too: it would retry in the background forever
-        driver.connect(MqttTransport(MqttSettings(BrokerUrl.parse(url), f"default-{OPERATOR}-trial", username,
-                                                  password)), CONNECT_TIMEOUT_S)
+        driver.connect(transport, CONNECT_TIMEOUT_S)
         yield driver
     finally:
         driver.close()
+
+
+def absent_devices(driver: TrialDriver, devices: Collection[str], timeout_s: float) -> dict[str, str]:
+    """A remote fleet: wait up to `timeout_s` for every device's presence; the devices that cannot take part (no
+    presence, offline, another model version than the bundles') and why. TrialError when none can."""
+    absent = {}
+    for device, p in driver.wait_present(set(devices), timeout_s).items():
+        if p is None or p.status != "online":
+            absent[device] = f"no presence within {timeout_s:g} s" if p is None else "offline"
+        elif p.model != driver.model_version:
+            absent[device] = f"runs model {str(p.model)[:12]}, not the bundles' {driver.model_version[:12]}"
+    if len(absent) == len(devices):
+        raise TrialError("no device of the fleet can take part: " + "; ".join(f"{d} {why}" for d, why in absent.items()))
+    return absent
 
 
 def _check_alive(agents: AgentProcesses, when: str, killed: Collection[str] = ()) -> None:
@@ -321,12 +462,14 @@ def _last_line(path: Path) -> str:
 class Feeder:
     """Runs the feeding plan on the driver: sends, kills and broker restarts on time, expires late requests."""
 
-    def __init__(self, driver: TrialDriver, agents: AgentProcesses, broker: BrokerAccess, fleet: Fleet,
-                 samples: dict[str, Samples], options: TrialOptions, bar: Any) -> None:
-        self.driver, self.agents, self.broker, self.fleet, self.samples = driver, agents, broker, fleet, samples
-        self.options, self.bar = options, bar
+    def __init__(self, driver: TrialDriver, agents: AgentProcesses | None, broker: BrokerAccess,
+                 experts: dict[str, int], samples: dict[str, Samples], deadline_ms: int, bar: Any,
+                 absent: Collection[str] = ()) -> None:
+        """`agents`: the processes the trial started (None: a remote fleet); `absent`: devices not fed."""
+        self.driver, self.agents, self.broker, self.experts, self.samples = driver, agents, broker, experts, samples
+        self.deadline_ms, self.bar, self.absent = deadline_ms, bar, absent
         self.killed: dict[str, float] = {}  # device -> seconds into the feeding
-        self.restarts: list[dict[str, Any]] = []  # at_s, then broker_pid, driver_reconnect_s, outage_s
+        self.restarts: list[BrokerRestart] = []
         self.delay = 0.0  # how far the rest of the plan is shifted by the broker restarts' pauses
 
     def run(self, plan: list[Step]) -> float:
@@ -350,39 +493,41 @@ class Feeder:
     def _send(self, device: str, index: int) -> None:
         s = self.samples[device]
         label = int(s.labels[index])
-        if device in self.killed:
+        if device in self.killed or device in self.absent:
             self.driver.skip(device, label, index, round(self.driver.elapsed(), 6))
             return
-        ms = self.options.deadline_ms
-        self.driver.send(device, self.fleet.experts[device], s.images[index], label, index,
+        ms = self.deadline_ms
+        self.driver.send(device, self.experts[device], s.images[index], label, index,
                          START_WITHIN * ms, (START_WITHIN + 1) * ms / 1000 + WAIT_SLACK_S)
 
     def _kill(self, device: str) -> None:
+        assert self.agents is not None, "check_options refuses --kill-device with --remote"
         pid, self.killed[device] = self.agents.pid(device), round(self.driver.elapsed(), 6)
         self.agents.kill(device)
         self.driver.events.emit("kill", device=device, pid=pid, at_s=self.killed[device])
-        self.driver.abandon(NOT_SERVED, device)
+        self.driver.abandon(RequestStatus.NOT_SERVED, device)
 
     def _restart_broker(self, planned_s: float) -> None:
         """Pause the feeding until the requests in flight are settled (no QoS 0 message crosses the outage),
         restart the broker, wait until the driver and every live agent are back, and shift the rest of
         the plan by the pause."""
-        assert self.broker.restart is not None, "run_trial refuses --restart-broker-after with --broker"
+        agents, restart_broker = self.agents, self.broker.restart
+        assert restart_broker is not None and agents is not None, "check_options refuses it with --broker"
         self._wait(None)
         since, stopped = time.time(), time.monotonic()
-        restart: dict[str, Any] = {"at_s": round(self.driver.elapsed(), 6)}
+        restart = BrokerRestart(round(self.driver.elapsed(), 6))
         self.restarts.append(restart)
-        self.driver.events.emit("broker_restart", at_s=restart["at_s"])
-        restart["broker_pid"] = self.broker.restart()
-        live = set(self.fleet.bundles) - set(self.killed)
+        self.driver.events.emit("broker_restart", at_s=restart.at_s)
+        restart.broker_pid = restart_broker()
+        live = set(self.experts) - set(self.killed)
         try:
-            restart["driver_reconnect_s"] = round(self.driver.wait_reconnected(stopped, RESTART_TIMEOUT_S), 3)
+            restart.driver_reconnect_s = round(self.driver.wait_reconnected(stopped, RESTART_TIMEOUT_S), 3)
             self.driver.wait_online(live, since, RESTART_TIMEOUT_S,
-                                    lambda: _check_alive(self.agents, "after the broker restart", self.killed))
+                                    lambda: _check_alive(agents, "after the broker restart", self.killed))
         except TrialError as e:
-            raise TrialError(f"the broker restart at {restart['at_s']:.2f} s: {e}") from None
-        restart["outage_s"] = round(time.monotonic() - stopped, 3)
-        self.driver.events.emit("broker_back", **restart)
+            raise TrialError(f"the broker restart at {restart.at_s:.2f} s: {e}") from None
+        restart.outage_s = round(time.monotonic() - stopped, 3)
+        self.driver.events.emit("broker_back", **asdict(restart))
         self.delay = self.driver.elapsed() - planned_s
 
     def _wait(self, at_s: float | None) -> None:
@@ -422,73 +567,74 @@ def stop_signals(driver: TrialDriver) -> Iterator[None]:
 
 def run_trial(options: TrialOptions) -> TrialResult:
     """Run the trial and write its outputs (also, partially, after Ctrl-C or SIGTERM)."""
-    if options.broker is not None:
-        BrokerUrl.parse(options.broker)  # BrokerUrlError before anything starts
-        if options.restart_broker_after is not None:
-            raise TrialError("--restart-broker-after restarts the trial's own mosquitto: not with --broker")
+    check_options(options)
     fleet = load_fleet(options)
+    web_fleet_check(options.web_devices, options.runtime, fleet.bundles)
     samples = load_samples(fleet, options.samples)
     plan = feeding_plan(options, samples)
     expected = in_process(fleet, samples, options.runtime)
     prepare_out(options.out)
     events = EventLog(options.out / "events.jsonl")
-    events.emit("start", options=options_dict(options), devices=fleet.experts, precision=fleet.precision)
-    driver = TrialDriver(Topics(), model_version(next(iter(fleet.bundles.values()))), events)
-    facts: dict[str, Any] = {"planned": sum(s.kind == StepKind.SEND for s in plan), "interrupted": False}
+    events.emit("start", options=options_json(options), devices=fleet.experts, precision=fleet.precision)
+    driver = TrialDriver(Topics(options.prefix, options.fleet), model_version(next(iter(fleet.bundles.values()))), events)
+    facts = TrialFacts(planned=sum(s.kind == StepKind.SEND for s in plan))
     with stop_signals(driver):  # also while the outputs are written: a late signal must not lose them
         try:
             _run(options, fleet, samples, plan, driver, facts)
         except KeyboardInterrupt:
-            facts["interrupted"] = True
+            facts.interrupted = True
         finally:
-            events.emit("stop", interrupted=facts["interrupted"])
+            events.emit("stop", interrupted=facts.interrupted)
             events.close()
         first = next(iter(fleet.bundles.values())).manifest
         record = TrialRecord(
-            options_dict(options), fleet.experts, first.num_experts, int(np.prod(first.input.shape)),
-            {d: s.labels for d, s in samples.items()}, expected, driver.requests, driver.presence_changes(),
-            {**facts, "precision": fleet.precision, "run_dir": str(fleet.run_dir), "method": fleet.method,
-             "model_version": driver.model_version, "driver": driver.counters.snapshot()},
-            options.out / "events")
+            options, fleet.experts, first.num_experts, int(np.prod(first.input.shape)), fleet.precision,
+            fleet.run_dir, fleet.method, driver.model_version, {d: s.labels for d, s in samples.items()}, expected,
+            driver.requests, driver.presence_changes(), facts, driver.counters.snapshot(), options.out / "events")
         summary = summarize(record)
         write_outputs(summary, options.out)
-    return TrialResult(options.out, summary, facts["interrupted"])
+    return TrialResult(options.out, summary, facts.interrupted)
 
 
 def _run(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan: list[Step], driver: TrialDriver,
-         facts: dict[str, Any]) -> None:
+         facts: TrialFacts) -> None:
     """Broker, driver connection, agents, feeding; all stopped on the way out, in reverse order."""
+    arm64 = arm64_cache(options)
     with ExitStack() as stack:
         broker = stack.enter_context(fleet_broker(options, fleet, options.out))
-        facts["broker"], facts["broker_pids"] = broker.url, [] if broker.pid is None else [broker.pid]
-        stack.enter_context(connected(driver, broker.url, broker.credential(OPERATOR)))
-        agents = stack.enter_context(AgentProcesses())
+        facts.broker, facts.broker_pids = broker.url, [] if broker.pid is None else [broker.pid]
+        stack.enter_context(connected(driver, broker.url, broker.credential(OPERATOR), options.fleet))
+        if options.remote:
+            since = time.time()
+            facts.absent = absent_devices(driver, fleet.experts, options.online_timeout)
+            facts.online_s = round(time.time() - since, 3)
+            driver.events.emit("online", devices=sorted(set(fleet.bundles) - set(facts.absent)), absent=facts.absent,
+                               after_s=facts.online_s)
+            _feed(options, fleet, samples, plan, driver, None, broker, facts)
+            return
+        agents = stack.enter_context(fleet_processes(options.web_devices, fleet.bundles, options.out))
         since = time.time()
-        for launch in agent_launches(options, fleet, broker, options.out):
+        for launch in agent_launches(options, fleet, broker, options.out, arm64):
             agents.start(launch)
-        facts["pids"] = {d: agents.pid(d) for d in fleet.bundles}
+        facts.pids = {d: agents.pid(d) for d in fleet.bundles}
+        facts.emulated = {d: options.arm64_cpu for d in emulated_devices(options, fleet.bundles)}
         try:
-            driver.wait_online(set(fleet.bundles), since, ONLINE_TIMEOUT_S,
+            driver.wait_online(set(fleet.bundles), since, options.online_timeout,
                                lambda: _check_alive(agents, "before the trial started"))
-            facts["online_s"] = round(time.time() - since, 3)
-            driver.events.emit("online", devices=sorted(fleet.bundles), after_s=facts["online_s"])
+            facts.online_s = round(time.time() - since, 3)
+            driver.events.emit("online", devices=sorted(fleet.bundles), after_s=facts.online_s)
             _feed(options, fleet, samples, plan, driver, agents, broker, facts)
         finally:
-            facts["exit_status"] = agents.stop()
+            facts.exit_status = agents.stop()
 
 
 def _feed(options: TrialOptions, fleet: Fleet, samples: dict[str, Samples], plan: list[Step], driver: TrialDriver,
-          agents: AgentProcesses, broker: BrokerAccess, facts: dict[str, Any]) -> None:
-    with progress_bar(facts["planned"], "trial", "req", options.show_progress) as bar:
-        feeder = Feeder(driver, agents, broker, fleet, samples, options, bar)
+          agents: AgentProcesses | None, broker: BrokerAccess, facts: TrialFacts) -> None:
+    with progress_bar(facts.planned, "trial", "req", options.show_progress) as bar:
+        feeder = Feeder(driver, agents, broker, fleet.experts, samples, options.deadline_ms, bar, set(facts.absent))
         try:
-            facts["feeding_s"] = feeder.run(plan)
+            facts.feeding_s = feeder.run(plan)
         finally:
-            facts["killed"], facts["broker_restarts"] = feeder.killed, feeder.restarts
-            facts["broker_pids"] += [r["broker_pid"] for r in feeder.restarts if "broker_pid" in r]
-            driver.abandon(INTERRUPTED)
-
-
-def options_dict(options: TrialOptions) -> dict[str, Any]:
-    """The options as JSON values."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}
+            facts.killed, facts.broker_restarts = feeder.killed, feeder.restarts
+            facts.broker_pids += [r.broker_pid for r in feeder.restarts if r.broker_pid is not None]
+            driver.abandon(RequestStatus.INTERRUPTED)

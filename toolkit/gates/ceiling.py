@@ -44,22 +44,26 @@ def class_expert_scores(probs: torch.Tensor, y: torch.Tensor, pick: torch.Tensor
     return probs[torch.arange(len(y)), pick[y]]
 
 
-def ceilings(personal: list[ExpertOutputs], personal_y: list[torch.Tensor], global_: ExpertOutputs,
-             global_y: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Oracle-routing and best-expert-per-class accuracy, personalized (mean over clients) and global.
+CEILING = "ceiling."  # metric `ceiling.<rule>.<accuracy>` of a device's NMoE evaluation
+RULES = ("oracle_routing", "best_expert_per_class")
 
-    Both ceilings route the same way on every client, so their global accuracy is one number.
-    """
-    num_classes = global_.probs.shape[2]
-    pick = best_expert_per_class(global_.probs, global_y, num_classes)
-    rules = {
-        "oracle_routing": lambda out, y: oracle_scores(out.probs, y),
-        "best_expert_per_class": lambda out, y: class_expert_scores(out.probs, y, pick),
-    }
-    result = {}
+
+def ceiling_metrics(personal: ExpertOutputs, personal_y: torch.Tensor, public: ExpertOutputs,
+                    public_y: torch.Tensor) -> dict[str, float]:
+    """One device's ceilings: oracle routing and best expert per class on its own test split and on
+    the public test set (the per-class choice of experts comes from the public set, so every device
+    makes the same one)."""
+    pick = best_expert_per_class(public.probs, public_y, public.probs.shape[2])
+    rules = {"oracle_routing": lambda out, y: oracle_scores(out.probs, y),
+             "best_expert_per_class": lambda out, y: class_expert_scores(out.probs, y, pick)}
+    metrics = {}
     for name, scores in rules.items():
-        pers = [accuracy(scores(out, y), y) for out, y in zip(personal, personal_y)]
-        result[name] = {"personalized_accuracy": sum(pers) / len(pers),
-                        "global_accuracy": accuracy(scores(global_, global_y), global_y)}
-    result["best_expert_per_class"]["experts"] = pick.tolist()
-    return result
+        metrics[f"{CEILING}{name}.personalized_accuracy"] = accuracy(scores(personal, personal_y), personal_y)
+        metrics[f"{CEILING}{name}.global_accuracy"] = accuracy(scores(public, public_y), public_y)
+    return metrics
+
+
+def mean_ceilings(per_device: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """{rule: {accuracy: mean over devices}} from the devices' `ceiling.*` metrics."""
+    return {rule: {kind: sum(m[f"{CEILING}{rule}.{kind}"] for m in per_device) / len(per_device)
+                   for kind in ("personalized_accuracy", "global_accuracy")} for rule in RULES}

@@ -25,30 +25,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from toolkit.evaluate import ExpertOutputs, Router, gate_router, predict
-from toolkit.federated import FedAvg, NoSharing, Params, PartialSync, Strategy, nbytes
-from toolkit.federated.engine import run_federated
-from toolkit.gates.stats import (
-    ClassStats,
-    Mahalanobis,
-    class_stats,
-    from_params,
-    pool,
-    sample_virtual,
-    to_params,
-)
-from toolkit.models import GATE_FINAL_PREFIX, Gate
-from toolkit.seeding import derive_seed
-from toolkit.torch_params import get_params, set_params, subset
-from toolkit.training import GateData, GateTask, LocalClient, OptimSpec, SupervisedTask, TensorData
-
-if TYPE_CHECKING:
-    from toolkit.pipeline import LatentSets, Pipeline
+from toolkit.evaluate import ExpertOutputs, Router
+from toolkit.federated import NoSharing, Params, PartialSync, Strategy
+from toolkit.gates.stats import Mahalanobis, class_stats
+from toolkit.models import GATE_FINAL_PREFIX, Expert
+from toolkit.torch_params import get_params, set_params
 
 CCVR_EPOCHS = 5  # last-layer recalibration of the shared expert on virtual latents (CCVR)
 CCVR_LR = 1e-3
@@ -69,27 +54,6 @@ EXTENDED_GATES: dict[str, GateMethod] = {
     "localgate_vl": GateMethod(NoSharing, "virtual"),
     "fedgate_heldout": GateMethod(lambda: PartialSync((GATE_FINAL_PREFIX,)), "heldout"),
 }
-
-
-@dataclass(frozen=True)
-class Stage3Inputs:
-    """What the classic gates of one Stage-1 method are trained and evaluated on."""
-
-    method: str
-    z: LatentSets
-    experts: list[Params]
-    personal: list[ExpertOutputs]
-    global_: ExpertOutputs
-    gate_data: list[GateData]
-
-
-@dataclass(frozen=True)
-class SharedExpert:
-    """The classifier head every device holds, and the bytes it cost beyond Stage 1."""
-
-    params: Params
-    upload_bytes: int
-    download_bytes: int
 
 
 def with_expert(out: ExpertOutputs, extra: torch.Tensor) -> ExpertOutputs:
@@ -142,153 +106,27 @@ def split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tenso
     return perm[cut:], perm[:cut]
 
 
-class ExtendedGates:
-    """Runs the extended gate methods of one Stage-1 method through the pipeline's jobs and checkpoints."""
+def ccvr_calibrated(expert: Expert, head: Params, vz: torch.Tensor, vy: torch.Tensor, batch_size: int,
+                    seed: int) -> Params:
+    """CCVR: the shared expert's last layer retrained on virtual latents (the rest frozen), seeded."""
+    model = set_params(expert, head)
+    last = model.net[-1]
+    opt = torch.optim.Adam(last.parameters(), lr=CCVR_LR)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        hidden = model.net[:-1](vz)
+    for _ in range(CCVR_EPOCHS):
+        for idx in torch.randperm(len(vy), generator=gen).split(batch_size):
+            loss = F.cross_entropy(last(hidden[idx]), vy[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return get_params(model)
 
-    def __init__(self, pipeline: Pipeline, inputs: Stage3Inputs) -> None:
-        self.p, self.x = pipeline, inputs
-        self.cfg, self.n, self.k = pipeline.cfg, pipeline.n, pipeline.k
-        self.train_y = [t.y for t in pipeline.fd.train]
-        self.num_classes = pipeline.fd.splits.num_classes
 
-    def run(self, gate: str) -> tuple[dict, int, int]:
-        """(metrics, upload bytes, download bytes beyond Stage 1) of one extended gate method."""
-        kind = EXTENDED_GATES[gate].kind
-        if kind == "ood":
-            return self.ood()
-        if kind == "virtual":
-            return self.virtual(gate)
-        return self.heldout(gate)
-
-    # ---- the shared expert ----------------------------------------------------------------------
-    def shared_head(self) -> SharedExpert:
-        """The Stage-1 classifier head; FedSC has none, so one is trained by FedAvg on the frozen latents."""
-        method = self.x.method
-        if method == "fedce":
-            return SharedExpert(subset(self.p.dense_fedavg.shared, "head."), 0, 0)
-        if method == "hybrid":
-            return SharedExpert(subset(self.p.contrastive(method).shared, "head."), 0, 0)
-        f = self.cfg.federated
-        task = SupervisedTask(self.p.expert, f.local_epochs, f.batch_size, self.p.sgd())
-        init = self.p.init(self.p.expert, "shared_head")
-        clients = [LocalClient(c, task, TensorData(self.x.z.train[c], self.train_y[c]), init) for c in range(self.n)]
-        job = f"shared_head_{method}"
-        res = run_federated(job, FedAvg(), clients, init, f.rounds, f.client_fraction, self.cfg.seed,
-                            self.p.store(job), None, self.p.show)
-        return SharedExpert(res.shared, res.ledger.total("up"), res.ledger.total("down"))
-
-    def head_probs(self, head: Params, z: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(predict(set_params(self.p.expert(), head), z), dim=-1)
-
-    def extended(self, head: Params) -> tuple[list[ExpertOutputs], ExpertOutputs]:
-        """Personalized and global evaluation outputs with the shared expert as expert index n."""
-        personal = [with_expert(o, self.head_probs(head, o.z)) for o in self.x.personal]
-        return personal, with_expert(self.x.global_, self.head_probs(head, self.x.global_.z))
-
-    # ---- fedgate_ood ------------------------------------------------------------------------------
-    def ood(self) -> tuple[dict, int, int]:
-        g = self.cfg.gate
-        shared = self.shared_head()
-        job = self.p.gate_job(self.x.method, "fedgate", self.x.gate_data, self.x.personal, self.x.global_)
-        routers = []
-        for c in range(self.n):
-            score = OODScore.fit(self.x.z.train[c], self.train_y[c], self.num_classes, g.heldout_fraction,
-                                 g.ood_quantile, g.ood_temperature, derive_seed(self.cfg.seed, "ood", c))
-            route = gate_router(set_params(self.p.gate(), job.client_models[c]), self.k)
-            routers.append(fallback_router(route, score, self.n))
-        result = self.p.nmoe_accuracy(routers, *self.extended(shared.params))
-        result["curve"] = job.curve
-        up, down = job.ledger.total("up"), job.ledger.total("down")
-        return result, up + shared.upload_bytes, down + shared.download_bytes
-
-    # ---- fedgate_vl / localgate_vl -----------------------------------------------------------------
-    def pooled_stats(self) -> tuple[ClassStats, int]:
-        """The pool of every device's class statistics (as uploaded) and the bytes one upload takes."""
-        diagonal = self.cfg.gate.class_stats == "diagonal"
-        uploads = [to_params(class_stats(self.x.z.train[c], self.train_y[c], self.num_classes), diagonal)
-                   for c in range(self.n)]
-        dim = self.x.z.global_.shape[1]
-        return pool([from_params(u, dim) for u in uploads]), nbytes(uploads[0])
-
-    def calibrated(self, head: Params, vz: torch.Tensor, vy: torch.Tensor) -> Params:
-        """CCVR: the shared expert's last layer retrained on virtual latents (rest frozen), seeded."""
-        model = set_params(self.p.expert(), head)
-        last = model.net[-1]
-        opt = torch.optim.Adam(last.parameters(), lr=CCVR_LR)
-        gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "ccvr", self.x.method))
-        with torch.no_grad():
-            hidden = model.net[:-1](vz)
-        for _ in range(CCVR_EPOCHS):
-            for idx in torch.randperm(len(vy), generator=gen).split(self.cfg.gate.batch_size):
-                loss = F.cross_entropy(last(hidden[idx]), vy[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        return get_params(model)
-
-    def virtual(self, gate: str) -> tuple[dict, int, int]:
-        g = self.cfg.gate
-        pooled, stats_bytes = self.pooled_stats()
-        per_class = torch.full((self.num_classes,), g.virtual_per_class)
-        vz, vy = sample_virtual(pooled, per_class, derive_seed(self.cfg.seed, "virtual", self.x.method))
-        shared = self.shared_head()
-        head = self.calibrated(shared.params, vz, vy)
-        virtual_probs = torch.cat([self.p.expert_probs(self.x.experts, vz), self.head_probs(head, vz).unsqueeze(1)], 1)
-        data = []
-        for c, real in enumerate(self.x.gate_data):
-            real_probs = torch.cat([real.probs, self.head_probs(head, real.z).unsqueeze(1)], dim=1)
-            data.append(GateData(torch.cat([real.z, vz]), torch.cat([real_probs, virtual_probs]),
-                                 torch.cat([real.y, vy])))
-        personal, global_ = self.extended(head)
-        job = self.train_gates(gate, data, self.n + 1, personal, global_)
-        routers = [gate_router(set_params(self.gate(self.n + 1), job.client_models[c]), self.k) for c in range(self.n)]
-        result = self.p.nmoe_accuracy(routers, personal, global_)
-        result["curve"] = job.curve
-        # per device: its statistics up, the pool and the calibrated head down, then its expert's
-        # true-class probability on every virtual latent up and everyone's down (the table the gate trains on)
-        m = len(vy)
-        extra_up = stats_bytes + 4 * m
-        extra_down = stats_bytes + nbytes(head) + 4 * m * self.n
-        result["revealed"] = {
-            "what": "per device: per-class latent counts (its label histogram), means and "
-                    f"{g.class_stats} covariances; its expert's true-class probability on {m} virtual latents",
-            "stats_bytes_per_device": stats_bytes, "virtual_latents": m}
-        up, down = job.ledger.total("up"), job.ledger.total("down")
-        return (result, up + shared.upload_bytes + self.n * extra_up,
-                down + shared.download_bytes + self.n * extra_down)
-
-    # ---- fedgate_heldout ------------------------------------------------------------------------
-    def heldout(self, gate: str) -> tuple[dict, int, int]:
-        g = self.cfg.gate
-        parts = [split(len(y), g.heldout_fraction, derive_seed(self.cfg.seed, "heldout", c))
-                 for c, y in enumerate(self.train_y)]
-        experts = self.p.experts(self.x.method, self.x.z, subsets=[kept for kept, _ in parts], tag="heldout")
-        probs = lambda z: self.p.expert_probs(experts, z)
-        data = [GateData(self.x.z.train[c][held], probs(self.x.z.train[c][held]), self.train_y[c][held])
-                for c, (_, held) in enumerate(parts)]
-        personal = [ExpertOutputs(o.z, probs(o.z)) for o in self.x.personal]
-        global_ = ExpertOutputs(self.x.global_.z, probs(self.x.global_.z))
-        job = self.train_gates(gate, data, self.n, personal, global_)
-        routers = [gate_router(set_params(self.gate(self.n), job.client_models[c]), self.k) for c in range(self.n)]
-        result = self.p.nmoe_accuracy(routers, personal, global_)
-        result["curve"] = job.curve
-        return result, job.ledger.total("up"), job.ledger.total("down")
-
-    # ---- shared by the trained variants ---------------------------------------------------------
-    def gate(self, outputs: int) -> Gate:
-        m = self.cfg.model
-        return Gate(m.latent_dim, m.gate_hidden, outputs)
-
-    def train_gates(self, gate: str, data: list[GateData], outputs: int, personal: list[ExpertOutputs],
-                    global_: ExpertOutputs):
-        """One federated gate job (checkpointed as stage3_<method>_<gate>) with its evaluation curve."""
-        g = self.cfg.gate
-        build = lambda: self.gate(outputs)
-        task = GateTask(build, g.local_epochs, g.batch_size, OptimSpec("adam", g.lr, weight_decay=g.weight_decay))
-        init = self.p.init(build, "gate" if outputs == self.n else "gate_shared")
-        clients = [LocalClient(c, task, data[c], init) for c in range(self.n)]
-        evaluate = lambda models: self.p.means(self.p.nmoe_accuracy(
-            [gate_router(set_params(build(), models[c]), self.k) for c in range(self.n)], personal, global_))
-        job = f"stage3_{self.x.method}_{gate}"
-        return run_federated(job, EXTENDED_GATES[gate].strategy(), clients, init, g.rounds, g.client_fraction,
-                             self.cfg.seed, self.p.store(job), evaluate, self.p.show)
+def true_class_table(answers: torch.Tensor, vy: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[M, E, C] expert outputs for a gate's training data from true-class probabilities [M, E] only
+    (the gate's loss, toolkit.training.mixture_nll, reads nothing else)."""
+    probs = torch.zeros(len(vy), answers.shape[1], num_classes)
+    probs[torch.arange(len(vy)), :, vy] = answers
+    return probs

@@ -1,0 +1,5 @@
+package org.nmoeedge.device;
+
+import com.getcapacitor.BridgeActivity;
+
+public class MainActivity extends BridgeActivity {}

@@ -1,0 +1,31 @@
+// The golden-vector checks (tests/vector_checks.ts, built by `node scripts/build.mjs --tests`) in
+// headless Chromium: prints one JSON line per check and `N passed, N failed`; exit 1 on any failure.
+import { readFileSync, readdirSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..");
+const vectorsDir = join(root, "..", "tests", "vectors");
+const files = readdirSync(vectorsDir).filter((f) => f.endsWith(".json") && f !== "invalid.json").sort();
+const valid = files.map((f) => JSON.parse(readFileSync(join(vectorsDir, f), "utf8")));
+const invalid = JSON.parse(readFileSync(join(vectorsDir, "invalid.json"), "utf8"));
+
+const browser = await chromium.launch({ executablePath: process.env.NMOE_CHROMIUM || "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync"] });
+try {
+  const page = await browser.newPage();
+  await page.addScriptTag({ content: readFileSync(join(root, "build", "browser", "checks.js"), "utf8") });
+  const { results, agent } = await page.evaluate(([v, i]) => ({
+    results: [...window.nmoeChecks.runVectorChecks(v, i), ...window.nmoeChecks.runFuzz(v, 5000)],
+    agent: navigator.userAgent,
+  }), [valid, invalid]);
+  for (const r of results) console.log(JSON.stringify(r));
+  const failed = results.filter((r) => r.error !== null).length;
+  console.log(`${agent}`);
+  console.log(`${results.length - failed} passed, ${failed} failed`);
+  process.exitCode = failed || results.length < 60 ? 1 : 0;
+} finally {
+  await browser.close();
+}

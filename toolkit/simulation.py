@@ -1,0 +1,290 @@
+"""The in-process simulation of a fleet: devices that hold their own data and private models.
+
+`SimDevice` implements the recipe's device operations (toolkit.federated.operations) with torch in
+this process, and `Pipeline` runs the server side (toolkit.federated.recipe) on them. What a real
+device keeps to itself stays inside its SimDevice; only the simulation also lets the recipe
+checkpoint it (`state`), so that a resumed run is exact and `nmoe export` finds every device's models.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+
+from toolkit.artifacts import stage1_job, stage2_job, stage3_job
+from toolkit.config import STAGE1_METHODS, Config, FederatedConfig
+from toolkit.evaluate import (
+    ExpertOutputs,
+    Router,
+    accuracy,
+    gate_router,
+    nmoe_predict,
+    predict,
+    random_router,
+    routing_shares,
+)
+from toolkit.federated import Client, EvaluateIns, EvaluateRes, Evaluator, Params, Stateful
+from toolkit.federated.operations import ExpertIns, ExtractorIns, GateDataIns, Peer, Report
+from toolkit.federated.params import digest
+from toolkit.federated.summary import ROUTING
+from toolkit.federated_data import FederatedData
+from toolkit.models import ContrastiveNet, DenseModel, Expert, Extractor, Gate, ProjectionHead
+from toolkit.seeding import derive_seed
+from toolkit.torch_params import get_params, set_params
+from toolkit.training import (
+    ContrastiveTask,
+    GateData,
+    GateTask,
+    LocalClient,
+    OptimSpec,
+    SupervisedTask,
+    TensorData,
+)
+
+
+def sgd(f: FederatedConfig, lr: float | None = None) -> OptimSpec:
+    """The optimizer of Stage 1 and the dense baselines."""
+    return OptimSpec("sgd", lr or f.lr, f.momentum, f.weight_decay)
+
+
+_TORCH_RNG = threading.RLock()  # building a module draws from torch's global RNG: one builder at a time
+
+
+@dataclass(frozen=True)
+class ModelFactory:
+    """The run's models and their seeded initial parameters (the same on the server and every device).
+
+    Every build holds one lock, so that in-process devices asked concurrently (ThreadPool) still get
+    exactly their seeded initializations.
+    """
+
+    cfg: Config
+    input_shape: tuple[int, ...]
+    num_classes: int
+    num_experts: int
+
+    @classmethod
+    def of(cls, cfg: Config, fd: FederatedData) -> ModelFactory:
+        return cls(cfg, fd.splits.input_shape, fd.splits.num_classes, fd.num_clients)
+
+    def extractor(self) -> Extractor:
+        with _TORCH_RNG:
+            m, (c, h, w) = self.cfg.model, self.input_shape
+            return Extractor((c, h, w), m.width, m.latent_dim)
+
+    def expert(self) -> Expert:
+        with _TORCH_RNG:
+            m = self.cfg.model
+            return Expert(m.latent_dim, m.expert_hidden, self.num_classes)
+
+    def gate(self) -> Gate:
+        with _TORCH_RNG:
+            m = self.cfg.model
+            return Gate(m.latent_dim, m.gate_hidden, self.num_experts)
+
+    def dense(self) -> DenseModel:
+        with _TORCH_RNG:
+            return DenseModel(self.extractor(), self.expert())
+
+    def contrastive(self, method: str) -> ContrastiveNet:
+        """FedSC's extractor + projection head; `hybrid` adds an expert-shaped CE head."""
+        with _TORCH_RNG:
+            return ContrastiveNet(self.extractor(), ProjectionHead(self.cfg.model.latent_dim,
+                                                                   self.cfg.stage1.projection_dim),
+                                  self.expert() if method == "hybrid" else None)
+
+    def seeded(self, build: Callable[[], nn.Module], seed: int) -> Params:
+        """Initial parameters of `build()` after torch.manual_seed(seed)."""
+        with _TORCH_RNG:
+            torch.manual_seed(seed)
+            return get_params(build())
+
+    def init(self, build: Callable[[], nn.Module], name: str) -> Params:
+        """Seeded initial parameters (the same for everyone who starts from `name`)."""
+        return self.seeded(build, derive_seed(self.cfg.seed, "init", name))
+
+    def initial(self, name: str) -> Params:
+        """The recipe's shared models: "fedce" (the dense model), "fedsc", "hybrid" or "gate"."""
+        if name == "fedce":
+            return self.init(self.dense, "dense")
+        if name == "gate":
+            return self.init(self.gate, "gate")
+        return self.init(partial(self.contrastive, name), name)
+
+
+class PublicTest:
+    """The balanced test set: public, the same on every device. Devices that run the same model on it
+    share one forward pass (the latest, keyed by a digest of the parameters): no number changes, and
+    N devices evaluating one shared model cost one pass."""
+
+    def __init__(self, data: TensorData) -> None:
+        self.data = data
+        self._lock = threading.Lock()
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def outputs(self, build: Callable[[], nn.Module], params: Params) -> torch.Tensor:
+        """predict(build() with params, x)."""
+        key = digest(params)
+        with self._lock:
+            if self._last is None or self._last[0] != key:
+                self._last = (key, predict(set_params(build(), params), self.data.x))
+            return self._last[1]
+
+
+class Held:
+    """Private parameters held in this process (a Stage 2 expert)."""
+
+    def __init__(self) -> None:
+        self.state: Params = {}
+
+    def get_state(self) -> Params:
+        return self.state
+
+    def set_state(self, state: Params) -> None:
+        self.state = dict(state)
+
+
+@dataclass(frozen=True)
+class FixedEvaluator:
+    """A participant with nothing to train and no shared parameters (RanGate)."""
+
+    cid: int
+    check: Callable[[], EvaluateRes]
+
+    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
+        return self.check()
+
+
+@dataclass(frozen=True)
+class Latents:
+    """A device's latents under one Stage 1 extractor."""
+
+    train: torch.Tensor
+    personal: torch.Tensor
+    public: torch.Tensor
+
+
+@dataclass(frozen=True)
+class GateInputs:
+    """Every expert's outputs on a device's latents: its gate's training data and its NMoE's test inputs."""
+
+    train: GateData
+    personal: ExpertOutputs
+    public: ExpertOutputs
+
+
+class SimDevice:
+    """One in-process device: its own training data and test split, its private models (implements
+    `Device`, `Peer` and `Simulated` of toolkit.federated.operations)."""
+
+    def __init__(self, cid: int, cfg: Config, models: ModelFactory, train: TensorData, personal: TensorData,
+                 public: PublicTest, peers: Callable[[int], Peer]) -> None:
+        self.cid, self.cfg, self.models = cid, cfg, models
+        self.train, self.personal, self.public, self.peers = train, personal, public, peers
+        self._clients: dict[str, LocalClient[TensorData] | LocalClient[GateData]] = {}
+        self._experts: dict[str, Held] = {}  # by Stage 2 job
+        self._latents: dict[str, Latents] = {}  # by Stage 1 method
+        self._gate_inputs: dict[str, GateInputs] = {}  # by Stage 1 method
+
+    # ---- Stage 1 -------------------------------------------------------------------------------
+    def stage1(self, method: str) -> Client:
+        job = stage1_job(method)
+        if job not in self._clients:
+            f, s1 = self.cfg.federated, self.cfg.stage1
+            init = self.models.initial(method)
+            if method == "fedce":
+                task = SupervisedTask(self.models.dense, f.local_epochs, f.batch_size, sgd(f))
+                self._clients[job] = LocalClient(self.cid, task, self.train, init, self._classify)
+            else:
+                hybrid = method == "hybrid"
+                contrastive = ContrastiveTask(partial(self.models.contrastive, method), f.local_epochs,
+                                              s1.sc_batch_size, sgd(f), s1.sc_temperature,
+                                              sc_weight=s1.sc_weight if hybrid else 1.0, ce_weight=1.0 if hybrid else 0.0)
+                self._clients[job] = LocalClient(self.cid, contrastive, self.train, init)
+        return self._clients[job]
+
+    def _classify(self, params: Params) -> EvaluateRes:
+        """A dense model's accuracy on the device's own test split and on the public test set."""
+        model = set_params(self.models.dense(), params)
+        public = self.public.outputs(self.models.dense, params)
+        return EvaluateRes(len(self.personal), {
+            "personalized_accuracy": accuracy(predict(model, self.personal.x), self.personal.y),
+            "global_accuracy": accuracy(public, self.public.data.y)})
+
+    def use_extractor(self, ins: ExtractorIns) -> Report:
+        ext = set_params(self.models.extractor(), ins.extractor)
+        self._latents[ins.stage1] = Latents(predict(ext, self.train.x), predict(ext, self.personal.x),
+                                            self.public.outputs(self.models.extractor, ins.extractor))
+        return Report(len(self.train), {})
+
+    # ---- Stage 2 -------------------------------------------------------------------------------
+    def _expert(self, stage1: str) -> Held:
+        return self._experts.setdefault(stage2_job(stage1), Held())
+
+    def train_expert(self, ins: ExpertIns) -> Report:
+        e = self.cfg.expert
+        task = SupervisedTask(self.models.expert, e.epochs, e.batch_size,
+                              OptimSpec("adam", e.lr, weight_decay=e.weight_decay))
+        init = self.models.seeded(self.models.expert, ins.init_seed)
+        params, metrics = task.fit(init, TensorData(self._latents[ins.stage1].train, self.train.y), ins.seed)
+        self._expert(ins.stage1).set_state(params)
+        return Report(len(self.train), metrics)
+
+    def expert_outputs(self, stage1: str, z: np.ndarray) -> np.ndarray:
+        expert = set_params(self.models.expert(), self._expert(stage1).state)
+        probs: np.ndarray = torch.softmax(predict(expert, torch.from_numpy(z)), dim=-1).numpy()
+        return probs
+
+    # ---- Stage 3 -------------------------------------------------------------------------------
+    def prepare_gate(self, ins: GateDataIns) -> Report:
+        z = self._latents[ins.stage1]
+
+        def probs(latents: torch.Tensor) -> torch.Tensor:  # [N, experts, classes]
+            return torch.stack([torch.from_numpy(self.peers(e).expert_outputs(ins.stage1, latents.numpy()))
+                                for e in ins.experts], dim=1)
+
+        self._gate_inputs[ins.stage1] = GateInputs(GateData(z.train, probs(z.train), self.train.y),
+                                                   ExpertOutputs(z.personal, probs(z.personal)),
+                                                   ExpertOutputs(z.public, probs(z.public)))
+        return Report(len(self.train), {})
+
+    def gate(self, stage1: str, gate: str) -> Client:
+        job = stage3_job(stage1, gate)
+        if job not in self._clients:
+            g, k = self.cfg.gate, self.cfg.model.top_k
+            task = GateTask(self.models.gate, g.local_epochs, g.batch_size,
+                            OptimSpec("adam", g.lr, weight_decay=g.weight_decay))
+            check = lambda params: self._evaluate_nmoe(stage1, gate_router(set_params(self.models.gate(), params), k))
+            self._clients[job] = LocalClient(self.cid, task, self._gate_inputs[stage1].train,
+                                             self.models.initial("gate"), check)
+        return self._clients[job]
+
+    def random_gate(self, stage1: str) -> Evaluator:
+        router = random_router(self.models.num_experts, self.cfg.model.top_k,
+                               derive_seed(self.cfg.seed, "rangate", self.cid))
+        return FixedEvaluator(self.cid, partial(self._evaluate_nmoe, stage1, router))
+
+    def _evaluate_nmoe(self, stage1: str, router: Router) -> EvaluateRes:
+        """The device's NMoE (its router + every expert) on its own test split and on the public test set."""
+        inputs = self._gate_inputs[stage1]
+        own, chosen = nmoe_predict(router, inputs.personal)
+        public, _ = nmoe_predict(router, inputs.public)
+        shares = routing_shares(chosen, self.models.num_experts)
+        return EvaluateRes(len(self.personal), {
+            "personalized_accuracy": accuracy(own, self.personal.y),
+            "global_accuracy": accuracy(public, self.public.data.y),
+            **{f"{ROUTING}{e}": share for e, share in enumerate(shares)}})
+
+    # ---- simulation only -----------------------------------------------------------------------
+    def state(self, job: str) -> Stateful:
+        if job in self._clients:
+            return self._clients[job]
+        if job in {stage2_job(m) for m in STAGE1_METHODS}:
+            return self._experts.setdefault(job, Held())
+        raise KeyError(f"device {self.cid} holds no state for job {job!r}")

@@ -1,18 +1,23 @@
-"""Accuracy benchmark: every method x setting on Fashion-MNIST, written to docs/results/accuracy.md.
+"""Accuracy benchmark: every method x setting on Fashion-MNIST, written to a report in docs/results/.
 
-    .venv/bin/python -m bench.accuracy [--runs runs/bench] [--out docs/results/accuracy.md] [--set KEY=VALUE ...]
+    .venv/bin/python -m bench.accuracy [--suite accuracy|gates] [--runs DIR] [--out FILE] [--set KEY=VALUE ...]
 
+Suites: `accuracy` (configs/fmnist-{dir0.1,dir0.5,iid}.toml -> docs/results/accuracy.md) and `gates`
+(the -gates configs: the classic gates and toolkit.gates' methods over FedCE -> docs/results/gates.md).
 Runs are resumable (each goes through `nmoe train` into RUNS/<setting>); rerunning only
 recomputes what did not finish. --set overrides are applied to every setting (e.g. a smaller
 number of rounds for a smoke test; the report records them). Every setting gets a table, the
 routing ceilings of its experts, the issue's targets with verdicts and a scatter plot of
-personalized vs global accuracy (one point per method) next to the report.
+personalized vs global accuracy (one point per method) next to the report. The machine's load
+average is recorded before and after. Whatever follows the line NOTES in an existing report
+(hand-written analysis) is kept when the report is rewritten.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,8 +29,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = {"Dirichlet 0.1": "fmnist-dir0.1-gates", "Dirichlet 0.5": "fmnist-dir0.5-gates",
-            "IID": "fmnist-iid-gates"}
+SUITES = {  # suite -> ({setting: config}, default report)
+    "accuracy": ({"Dirichlet 0.1": "fmnist-dir0.1", "Dirichlet 0.5": "fmnist-dir0.5", "IID": "fmnist-iid"},
+                 "docs/results/accuracy.md"),
+    "gates": ({"Dirichlet 0.1": "fmnist-dir0.1-gates", "Dirichlet 0.5": "fmnist-dir0.5-gates",
+               "IID": "fmnist-iid-gates"}, "docs/results/gates.md"),
+}
+NOTES = "## Notes"  # from this line on, a report's text is hand-written and kept
 DENSE = ("local", "fedavg", "fedavg_ft")
 BASELINES = (*DENSE, "centralized")
 NEW_FEDGATES = ("fedgate_ood", "fedgate_vl", "fedgate_heldout")  # toolkit.gates' FedGate-family methods
@@ -178,39 +188,61 @@ def compute_section(metrics: dict) -> list[str]:
     return lines + [""]
 
 
+def kept_notes(out: Path) -> list[str]:
+    """The hand-written part of an existing report (from the NOTES line on), or nothing."""
+    if not out.exists():
+        return []
+    text = out.read_text()
+    at = text.find(f"\n{NOTES}\n")
+    return text[at + 1:].splitlines() if at >= 0 else []
+
+
+def load() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=list(SUITES), default="accuracy", help="which configs (default accuracy)")
     ap.add_argument("--runs", default="runs/bench", help="where the run dirs go (default runs/bench)")
-    ap.add_argument("--out", default="docs/results/accuracy.md", help="the report to write")
+    ap.add_argument("--out", help="the report to write (default: the suite's, in docs/results/)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every setting")
-    ap.add_argument("--only", action="append", choices=list(SETTINGS.values()), help="run only these settings")
+    ap.add_argument("--only", action="append", help="run only these settings (config names)")
     args = ap.parse_args()
-    start = time.time()
+    settings, default_out = SUITES[args.suite]
+    unknown = sorted(set(args.only or []) - set(settings.values()))
+    if unknown:
+        ap.error(f"--only {unknown[0]}: not a config of suite {args.suite} ({', '.join(settings.values())})")
+    start, load_before = time.time(), load()
     results = {}
-    for title, config in SETTINGS.items():
+    for title, config in settings.items():
         if args.only and config not in args.only:
             continue
         results[title] = (config, run_setting(config, ROOT / args.runs / config, args.set))
     any_metrics = next(iter(results.values()))[1]
     machine = any_metrics["machine"]
-    cmd = "make bench-accuracy" if not (args.set or args.only) else "python -m bench.accuracy " + " ".join(
-        [f"--set {s}" for s in args.set] + [f"--only {o}" for o in args.only or []])
-    lines = ["# Accuracy benchmark", "",
+    cmd = "python -m bench.accuracy " + " ".join([f"--suite {args.suite}", f"--runs {args.runs}"] +
+                                                  [f"--set '{s}'" for s in args.set] +
+                                                  [f"--only {o}" for o in args.only or []])
+    title = "Accuracy benchmark" if args.suite == "accuracy" else "Gate benchmark (issue 13)"
+    lines = [f"# {title}", "",
              f"Command: `{cmd}` (wrote this file in {time.time() - start:.0f} s of wall time).", "",
              (f"Machine: {machine['processor']}, {machine['cpus']} cores, {machine['platform']}, "
-             f"Python {machine['python']}, torch {machine['torch']}."), "",
+             f"Python {machine['python']}, torch {machine['torch']}. Load average (1 / 5 / 15 min) "
+             f"before: {load_before}, after: {load()} (the machine is shared)."), "",
              ("Fashion-MNIST (60k train / 10k test, Debian `dataset-fashion-mnist`), 10 clients. "
              "Personalized accuracy: mean over clients of the accuracy on a test split drawn with the "
              "client's own label mix (1000 samples each); global accuracy: mean over clients of the "
              "accuracy of the model that client uses on the full balanced test set. Bytes: every tensor "
              "exchanged over all rounds and clients (NMoE includes its Stage 1)."), ""]
-    out = ROOT / args.out
+    out = ROOT / (args.out or default_out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    notes = kept_notes(out)
     for title, (config, metrics) in results.items():
         plot = out.parent / f"{out.stem}-{config}.png"
         scatter(title, metrics["methods"], plot)
         lines += setting_section(title, config, metrics, plot)
-    lines += compute_section(any_metrics)
+    lines += compute_section(any_metrics) + notes
     out.write_text("\n".join(lines))
     print(f"wrote {out}")
     return 0

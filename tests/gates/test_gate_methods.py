@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from toolkit.checkpoint import JobStore
 from toolkit.cli import main
+from toolkit.federated import Ledger
 from toolkit.gates.methods import OODScore, fallback_router, split
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +75,7 @@ def test_shared_expert_is_a_routing_column_and_its_bytes_are_counted(gates_run: 
     methods = gates_run["metrics"]["methods"]
     for gate in ("fedgate_ood", "fedgate_vl", "localgate_vl"):
         assert all(len(row) == 4 for row in methods[f"nmoe_fedce_{gate}"]["routing"])  # 3 experts + shared
+    assert all(len(row) == 3 for row in methods["nmoe_fedce_fedgate_heldout"]["routing"])
     vl, fg = methods["nmoe_fedce_fedgate_vl"], methods["nmoe_fedce_fedgate"]
     stats = vl["revealed"]["stats_bytes_per_device"]
     classes, dim = 10, 16  # tiny.toml: synthetic data, latent_dim 16
@@ -80,14 +83,18 @@ def test_shared_expert_is_a_routing_column_and_its_bytes_are_counted(gates_run: 
     assert vl["revealed"]["virtual_latents"] == 100 * classes
     # the gate bodies are the same size, so the difference is each device's statistics and virtual answers
     assert vl["upload_bytes"] - fg["upload_bytes"] == 3 * (stats + 4 * 100 * classes)
+    head = JobStore(gates_run["out"] / "checkpoints", "stage1_fedce").load()
+    head_bytes = sum(v.nbytes for k, v in head.arrays.items() if k.startswith("shared/head."))
+    table = 4 * 100 * classes * 3  # every expert's true-class probability on every virtual latent
+    assert vl["download_bytes"] - fg["download_bytes"] == 3 * (stats + head_bytes + table)
     assert methods["nmoe_fedce_localgate_vl"]["upload_bytes"] < vl["upload_bytes"]  # nothing of the gate averaged
-    # the OOD fallback adds nothing on the wire to FedGate (its own data sets the threshold)
-    assert methods["nmoe_fedce_fedgate_ood"]["upload_bytes"] == fg["upload_bytes"]
+    # the OOD fallback uploads nothing more than FedGate (its own data sets the threshold); the server
+    # sends every device the shared expert
+    ood = methods["nmoe_fedce_fedgate_ood"]
+    assert ood["upload_bytes"] == fg["upload_bytes"] and ood["download_bytes"] == fg["download_bytes"] + 3 * head_bytes
 
 
 def test_final_layers_never_leave_the_device(gates_run: dict) -> None:
-    from toolkit.checkpoint import JobStore
-    from toolkit.federated import Ledger
     for gate in ("fedgate_vl", "fedgate_heldout"):
         state = JobStore(gates_run["out"] / "checkpoints", f"stage3_fedce_{gate}").load()
         names = Ledger.from_json(state.meta["ledger"]).names_sent()

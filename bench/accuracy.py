@@ -38,7 +38,7 @@ SUITES = {  # suite -> ({setting: config}, default report)
 NOTES = "## Notes"  # from this line on, a report's text is hand-written and kept
 DENSE = ("local", "fedavg", "fedavg_ft")
 BASELINES = (*DENSE, "centralized")
-NEW_FEDGATES = ("fedgate_ood", "fedgate_vl", "fedgate_heldout")  # toolkit.gates' FedGate-family methods
+NEW_FEDGATES = ("fedgate_ood", "fedgate_vl", "fedgate_heldout", "fedgate_switch")  # toolkit.gates' FedGate-family methods
 LOCAL_VARIANT = {"fedgate_vl": "localgate_vl", "fedgate": "localgate"}  # same method, nothing averaged
 IID_MARGIN = 0.005
 

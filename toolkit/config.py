@@ -17,11 +17,12 @@ from typing import Any, Literal
 
 Stage1Method = Literal["fedce", "fedsc", "hybrid"]
 GateMethod = Literal["rangate", "rollgate", "fedavggate", "fedgate", "localgate",
-                     "fedgate_ood", "fedgate_vl", "localgate_vl", "fedgate_heldout"]
+                     "fedgate_ood", "fedgate_vl", "localgate_vl", "fedgate_heldout", "fedgate_switch"]
 BaselineMethod = Literal["local", "fedavg", "fedavg_ft", "centralized"]
 STAGE1_METHODS: tuple[Stage1Method, ...] = ("fedce", "fedsc", "hybrid")
 CLASSIC_GATES: tuple[GateMethod, ...] = ("rangate", "rollgate", "fedavggate", "fedgate", "localgate")
-EXTENDED_GATES: tuple[GateMethod, ...] = ("fedgate_ood", "fedgate_vl", "localgate_vl", "fedgate_heldout")  # toolkit.gates
+EXTENDED_GATES: tuple[GateMethod, ...] = (  # toolkit.gates
+    "fedgate_ood", "fedgate_vl", "localgate_vl", "fedgate_heldout", "fedgate_switch")
 GATE_METHODS: tuple[GateMethod, ...] = CLASSIC_GATES + EXTENDED_GATES
 BASELINE_METHODS: tuple[BaselineMethod, ...] = ("local", "fedavg", "fedavg_ft", "centralized")
 
@@ -295,6 +296,10 @@ def validate(cfg: Config) -> Config:
     _require(0 < cfg.gate.heldout_fraction < 1, "gate.heldout_fraction", "must be in (0, 1)")
     _require(0 < cfg.gate.ood_quantile < 1, "gate.ood_quantile", "must be in (0, 1)")
     _require(cfg.gate.ood_temperature > 0, "gate.ood_temperature", "must be > 0")
+    if "fedgate_switch" in cfg.gate.methods:
+        before = cfg.gate.methods[:cfg.gate.methods.index("fedgate_switch")]
+        _require("fedgate" in before and "fedgate_vl" in before, "gate.methods",
+                 "fedgate_switch switches between fedgate and fedgate_vl: list both before it")
     _require(cfg.expert.timeout >= 0, "expert.timeout", "must be >= 0 (0 = no deadline)")
     _require(cfg.expert.retries >= 0, "expert.retries", "must be >= 0")
     for key in ("local_epochs", "finetune_epochs", "centralized_epochs"):

@@ -9,10 +9,10 @@ import torch
 from toolkit.checkpoint import JobStore
 from toolkit.cli import main
 from toolkit.federated import Ledger
-from toolkit.gates.methods import OODScore, fallback_router, split
+from toolkit.gates.methods import OODScore, fallback_router, split, switch_router
 
 ROOT = Path(__file__).resolve().parents[2]
-GATES = ["fedgate", "localgate", "fedgate_ood", "fedgate_vl", "localgate_vl", "fedgate_heldout"]
+GATES = ["fedgate", "localgate", "fedgate_ood", "fedgate_vl", "localgate_vl", "fedgate_heldout", "fedgate_switch"]
 
 
 def test_fallback_router_hands_weight_s_to_the_shared_expert() -> None:
@@ -21,6 +21,22 @@ def test_fallback_router_hands_weight_s_to_the_shared_expert() -> None:
     idx, w = fallback_router(route, lambda z: s, shared_index=3)(torch.zeros(3, 2))
     assert idx.tolist() == [[0, 1, 3]] * 3
     torch.testing.assert_close(w, torch.tensor([[0.75, 0.25, 0.0], [0.375, 0.125, 0.5], [0.0, 0.0, 1.0]]))
+
+
+def test_switch_router_takes_one_gates_top_k_per_input() -> None:
+    familiar = lambda z: (torch.tensor([[0, 1]] * len(z)), torch.tensor([[0.6, 0.4]] * len(z)))
+    unfamiliar = lambda z: (torch.tensor([[2, 3]] * len(z)), torch.tensor([[0.9, 0.1]] * len(z)))
+    idx, w = switch_router(familiar, unfamiliar, lambda z: torch.tensor([0.2, 0.7, 0.5]))(torch.zeros(3, 2))
+    assert idx.tolist() == [[0, 1], [2, 3], [0, 1]]
+    torch.testing.assert_close(w, torch.tensor([[0.6, 0.4], [0.9, 0.1], [0.6, 0.4]]))
+
+
+def test_switch_needs_both_gates_trained_before_it() -> None:
+    from toolkit.config import ConfigError, load
+    ok = load(ROOT / "configs" / "tiny.toml", ['gate.methods=["fedgate", "fedgate_vl", "fedgate_switch"]'])
+    assert ok.gate.methods[-1] == "fedgate_switch"
+    with pytest.raises(ConfigError, match="gate.methods: fedgate_switch switches between fedgate and fedgate_vl"):
+        load(ROOT / "configs" / "tiny.toml", ['gate.methods=["fedgate", "fedgate_switch", "fedgate_vl"]'])
 
 
 def test_split_is_seeded_disjoint_and_sized() -> None:
@@ -73,7 +89,7 @@ def test_virtual_latents_teach_the_gate_the_classes_a_device_never_saw(gates_run
 
 def test_shared_expert_is_a_routing_column_and_its_bytes_are_counted(gates_run: dict) -> None:
     methods = gates_run["metrics"]["methods"]
-    for gate in ("fedgate_ood", "fedgate_vl", "localgate_vl"):
+    for gate in ("fedgate_ood", "fedgate_vl", "localgate_vl", "fedgate_switch"):
         assert all(len(row) == 4 for row in methods[f"nmoe_fedce_{gate}"]["routing"])  # 3 experts + shared
     assert all(len(row) == 3 for row in methods["nmoe_fedce_fedgate_heldout"]["routing"])
     vl, fg = methods["nmoe_fedce_fedgate_vl"], methods["nmoe_fedce_fedgate"]
@@ -101,3 +117,10 @@ def test_final_layers_never_leave_the_device(gates_run: dict) -> None:
         assert names and not any(n.startswith("final.") for n in names)
     local = JobStore(gates_run["out"] / "checkpoints", "stage3_fedce_localgate_vl").load()
     assert not Ledger.from_json(local.meta["ledger"]).names_sent()
+
+
+def test_export_refuses_the_gate_methods_until_bundles_carry_them() -> None:
+    from toolkit.artifacts import ArtifactError, parse_method
+    assert parse_method("nmoe_fedce_fedgate") == ("fedce", "fedgate")
+    with pytest.raises(ArtifactError, match="bundles of toolkit.gates' methods are not supported yet"):
+        parse_method("nmoe_fedce_fedgate_vl")

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from test_recipe import ClientProxy, DeviceProxy, Wire, small_config
+from test_recipe import ClientProxy, DeviceProxy, EvaluatorProxy, Wire, small_config
 
 from toolkit.artifacts import stage3_job
-from toolkit.federated import Client, ThreadPool
+from toolkit.federated import Client, Evaluator, ThreadPool
 from toolkit.federated.operations import Report
 from toolkit.gates import GatesRecipe
 from toolkit.gates.device import heldout_job
@@ -26,7 +26,7 @@ from toolkit.gates.operations import (
 )
 from toolkit.pipeline import Pipeline
 
-GATES = '["fedgate", "fedgate_ood", "fedgate_vl", "localgate_vl", "fedgate_heldout"]'
+GATES = '["fedgate", "fedgate_ood", "fedgate_vl", "localgate_vl", "fedgate_heldout", "fedgate_switch"]'
 
 
 @dataclass
@@ -66,6 +66,9 @@ class GateDeviceProxy(DeviceProxy):
         self.wire.call("prepare_heldout_gate", self.cid)
         return self.inner.prepare_heldout_gate(ins)
 
+    def switch_gate(self, stage1: str) -> Evaluator:
+        return EvaluatorProxy(self.inner.switch_gate(stage1), self.wire, "fedgate_switch")
+
 
 def test_over_a_network_the_gate_methods_give_the_simulations_numbers_and_keep_private_tensors(tmp_path: Path) -> None:
     cfg = small_config(f"gate.methods={GATES}", "data.alpha=0.1", "gate.virtual_per_class=20")
@@ -79,7 +82,7 @@ def test_over_a_network_the_gate_methods_give_the_simulations_numbers_and_keep_p
     assert got == expected  # accuracies, curves, routing, ceilings, bytes
     assert all(m["failures"] == [] for m in got.values())
     assert {"prepare_ood", "class_stats", "virtual_answers", "prepare_virtual_gate", "train_heldout_expert",
-            "prepare_heldout_gate"} <= set(wire.calls)
+            "prepare_heldout_gate", "fedgate_switch.evaluate"} <= set(wire.calls)
 
     # what the devices keep: held-out experts, the final layers of fedgate_vl's gates, localgate_vl's gates
     private = [d.state(heldout_job("fedce")).get_state() for d in sim.devices]

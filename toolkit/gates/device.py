@@ -7,22 +7,26 @@ expert appended, or the held-out experts) keeps them as gate inputs under `<stag
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from toolkit.artifacts import stage2_job, stage3_job
+from toolkit.checkpoint import unpack
 from toolkit.evaluate import ExpertOutputs, Router, gate_router, predict
-from toolkit.federated import Client, EvaluateRes, Params, Stateful
+from toolkit.federated import Client, EvaluateIns, EvaluateRes, Evaluator, Params, Stateful
 from toolkit.federated.operations import Report
 from toolkit.federated.summary import ROUTING
 from toolkit.gates.ceiling import ceiling_metrics
 from toolkit.gates.methods import (
     EXTENDED_GATES,
+    SWITCHED,
     OODScore,
     fallback_router,
     split,
+    switch_router,
     true_class_table,
     with_expert,
 )
@@ -66,6 +70,17 @@ def gate_init(models: ModelFactory, outputs: int) -> Params:
 def shared_head_init(models: ModelFactory) -> Params:
     """Initial parameters of the shared expert FedSC trains on frozen latents (it has no classifier head)."""
     return models.init(models.expert, "shared_head")
+
+
+@dataclass(frozen=True)
+class SharedEvaluator:
+    """A participant that trains nothing and evaluates with the shared parameters it is sent."""
+
+    cid: int
+    check: Callable[[Params], EvaluateRes]
+
+    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
+        return self.check(ins.params)
 
 
 class GateSimDevice(SimDevice):
@@ -113,6 +128,22 @@ class GateSimDevice(SimDevice):
             self._clients[job] = LocalClient(self.cid, task, inputs.train, gate_init(self.models, models.num_experts),
                                              check)
         return self._clients[job]
+
+    # ---- fedgate_switch ------------------------------------------------------------------------------
+    def switch_gate(self, stage1: str) -> Evaluator:
+        """Its fedgate gate for familiar inputs, its fedgate_vl gate for the others (its OOD score decides);
+        evaluated with both jobs' final shared parameters, packed under each gate's name."""
+        k, score = self.cfg.model.top_k, self._ood[stage1]
+
+        def router(gate: str, params: Params) -> Router:
+            client = self.gate(stage1, gate)
+            key = f"{stage1}/{gate}" if gate in EXTENDED_GATES else stage1
+            models = gate_models(self.models, self._gate_inputs[key].train.probs.shape[1])
+            return gate_router(set_params(models.gate(), {**client.state, **unpack(gate, params)}), k)
+
+        familiar, unfamiliar = SWITCHED
+        return SharedEvaluator(self.cid, lambda params: self._evaluate_nmoe(
+            f"{stage1}/{unfamiliar}", switch_router(router(familiar, params), router(unfamiliar, params), score)))
 
     # ---- the shared expert -------------------------------------------------------------------------
     def shared_head(self, stage1: str) -> Client:

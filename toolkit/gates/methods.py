@@ -42,10 +42,11 @@ MIN_KNOWN_FRACTION = 0.01  # a class with less than this share of a device's dat
 
 @dataclass(frozen=True)
 class GateMethod:
-    """One extended gate method: its aggregation strategy and what it adds to FedGate."""
+    """One extended gate method: its aggregation strategy (None: it trains no gate of its own) and
+    what it adds to FedGate."""
 
-    strategy: Callable[[], Strategy]
-    kind: str  # "ood" | "virtual" | "heldout"
+    strategy: Callable[[], Strategy] | None
+    kind: str  # "ood" | "virtual" | "heldout" | "switch"
 
 
 EXTENDED_GATES: dict[str, GateMethod] = {
@@ -53,7 +54,9 @@ EXTENDED_GATES: dict[str, GateMethod] = {
     "fedgate_vl": GateMethod(lambda: PartialSync((GATE_FINAL_PREFIX,)), "virtual"),
     "localgate_vl": GateMethod(NoSharing, "virtual"),
     "fedgate_heldout": GateMethod(lambda: PartialSync((GATE_FINAL_PREFIX,)), "heldout"),
+    "fedgate_switch": GateMethod(None, "switch"),  # fedgate's gate for familiar inputs, fedgate_vl's for the rest
 }
+SWITCHED = ("fedgate", "fedgate_vl")  # fedgate_switch's (familiar, unfamiliar) gates, trained before it
 
 
 def with_expert(out: ExpertOutputs, extra: torch.Tensor) -> ExpertOutputs:
@@ -68,6 +71,15 @@ def fallback_router(route: Router, score: Callable[[torch.Tensor], torch.Tensor]
         s = score(z).unsqueeze(1)
         shared = torch.full((len(z), 1), shared_index, dtype=idx.dtype)
         return torch.cat([idx, shared], dim=1), torch.cat([(1 - s) * weights, s], dim=1)
+    return routed
+
+
+def switch_router(familiar: Router, unfamiliar: Router, score: Callable[[torch.Tensor], torch.Tensor]) -> Router:
+    """Per input, `unfamiliar`'s top-k where score(z) > 1/2, else `familiar`'s (so k experts per input)."""
+    def routed(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        far = (score(z) > 0.5).unsqueeze(1)
+        (i1, w1), (i2, w2) = familiar(z), unfamiliar(z)
+        return torch.where(far, i2, i1), torch.where(far, w2, w1)
     return routed
 
 

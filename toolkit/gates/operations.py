@@ -13,6 +13,7 @@ experts, its gate's final layer, its OOD score) never leaves it.
 | `prepare_virtual_gate` | *_vl | VirtualGateIns: pool, every expert's answers, shared expert | Report |
 | `train_heldout_expert` | fedgate_heldout | HeldoutIns: seeds, fraction | Report |
 | `prepare_heldout_gate` | fedgate_heldout | HeldoutGateIns | Report |
+| `switch_gate(m).evaluate` | fedgate_switch (after `prepare_ood`) | EvaluateIns: fedgate's and fedgate_vl's shared bodies | EvaluateRes |
 
 Peer to peer, `heldout_outputs` is `expert_outputs` of the expert trained on the kept part.
 """
@@ -24,7 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
-from toolkit.federated import Client, Params
+from toolkit.federated import Client, Evaluator, Params
 from toolkit.federated.operations import Device, Report
 
 
@@ -114,6 +115,8 @@ class GateDevice(Device, Protocol):
     def train_heldout_expert(self, ins: HeldoutIns) -> Report: ...
 
     def prepare_heldout_gate(self, ins: HeldoutGateIns) -> Report: ...
+
+    def switch_gate(self, stage1: str) -> Evaluator: ...
 
 
 class HeldoutPeer(Protocol):

@@ -17,13 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from toolkit.artifacts import stage3_job
+from toolkit.checkpoint import pack, unpack
 from toolkit.federated import EvaluateIns, EvaluateRes, Evaluator, FedAvg, Params, Strategy, nbytes
 from toolkit.federated.engine import run_federated
 from toolkit.federated.recipe import FailureRows, NMoERecipe, failure_rows, round_policy
 from toolkit.federated.summary import ROUTING
 from toolkit.gates.ceiling import CEILING, mean_ceilings
 from toolkit.gates.device import gate_init, heldout_job, shared_head_init
-from toolkit.gates.methods import EXTENDED_GATES, ccvr_calibrated
+from toolkit.gates.methods import EXTENDED_GATES, SWITCHED, ccvr_calibrated
 from toolkit.gates.operations import (
     GateDevice,
     HeldoutGateIns,
@@ -74,24 +76,31 @@ class GatesRecipe(NMoERecipe):
                  **kwargs: Any) -> None:
         super().__init__(cfg, devices, models.initial, *args, **kwargs)
         self.models = models
+        self._results: dict[tuple[str, str], dict[str, Any]] = {}  # (stage 1, gate) -> its metrics
 
     def gate_strategy(self, gate: str) -> Strategy:
-        return EXTENDED_GATES[gate].strategy() if gate in EXTENDED_GATES else super().gate_strategy(gate)
+        strategy = EXTENDED_GATES[gate].strategy if gate in EXTENDED_GATES else None
+        return strategy() if strategy else super().gate_strategy(gate)
 
     def gate_init(self, gate: str) -> Params:
         shared_column = gate in EXTENDED_GATES and EXTENDED_GATES[gate].kind == "virtual"
         return gate_init(self.models, self.models.num_experts + shared_column)
 
     def gate(self, method: str, gate: str, s1: Any, failures: FailureRows) -> dict[str, Any]:
-        if gate not in EXTENDED_GATES:
-            return super().gate(method, gate, s1, failures)
-        prepare: dict[str, Callable[[str, str, Any], Preparation]] = {
-            "ood": self.prepare_ood, "virtual": self.prepare_virtual, "heldout": self.prepare_heldout}
-        extra = prepare[EXTENDED_GATES[gate].kind](method, gate, s1)
-        result = super().gate(method, gate, s1, failures + extra.failures)
-        result["upload_bytes"] += extra.upload_bytes
-        result["download_bytes"] += extra.download_bytes
-        return {**result, **extra.info}
+        if gate == "fedgate_switch":
+            result = self.switch(method, gate, s1, failures)
+        elif gate not in EXTENDED_GATES:
+            result = super().gate(method, gate, s1, failures)
+        else:
+            prepare: dict[str, Callable[[str, str, Any], Preparation]] = {
+                "ood": self.prepare_ood, "virtual": self.prepare_virtual, "heldout": self.prepare_heldout}
+            extra = prepare[EXTENDED_GATES[gate].kind](method, gate, s1)
+            result = super().gate(method, gate, s1, failures + extra.failures)
+            result["upload_bytes"] += extra.upload_bytes
+            result["download_bytes"] += extra.download_bytes
+            result.update(extra.info)
+        self._results[(method, gate)] = result
+        return result
 
     def evaluate(self, job: str, evaluators: Sequence[Evaluator], ins: EvaluateIns) -> tuple[dict[str, Any], FailureRows]:
         answers: dict[int, EvaluateRes] = {}
@@ -152,6 +161,28 @@ class GatesRecipe(NMoERecipe):
         return Preparation(prep.upload_bytes + n * (stats_bytes + 4 * m),
                            prep.download_bytes + n * (nbytes(pooled) + nbytes(head) + table.nbytes),
                            prep.failures + failures + more + last, {"revealed": revealed})
+
+    # ---- fedgate_switch ------------------------------------------------------------------------------
+    def switch(self, method: str, gate: str, s1: Any, failures: FailureRows) -> dict[str, Any]:
+        """No training: every device switches per input between its fedgate and fedgate_vl gates (both
+        trained before, config validation sees to it) by its OOD score. Bytes: both jobs' and preparations',
+        Stage 1 once, plus both final shared gate bodies sent for the evaluation."""
+        prep = self.prepare_ood(method, gate, s1)
+        shared: Params = {}
+        for g in SWITCHED:
+            saved = self.store(stage3_job(method, g)).load()
+            if saved is None or not saved.done:
+                raise RuntimeError(f"{gate} needs the finished job {stage3_job(method, g)}")
+            shared.update(pack(g, unpack("shared", saved.arrays)))
+        result, evaluation_failures = self.evaluate(stage3_job(method, gate), [d.switch_gate(method) for d in self.devices],
+                                                    EvaluateIns(0, shared))
+        parts = [self._results[(method, g)] for g in SWITCHED]
+        n = len(self.devices)
+        result["upload_bytes"] = sum(p["upload_bytes"] for p in parts) - s1.ledger.total("up") + prep.upload_bytes
+        result["download_bytes"] = (sum(p["download_bytes"] for p in parts) - s1.ledger.total("down")
+                                    + prep.download_bytes + n * nbytes(shared))
+        result["failures"] = failures + prep.failures + evaluation_failures
+        return result
 
     # ---- fedgate_heldout ---------------------------------------------------------------------------
     def prepare_heldout(self, method: str, gate: str, s1: Any) -> Preparation:

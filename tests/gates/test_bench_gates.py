@@ -22,6 +22,15 @@ def test_targets_pick_the_most_balanced_new_method_and_say_by_how_much_it_misses
     assert "its local-only variant `nmoe_fedce_localgate_vl` 78.00 (+1.00 pts): **met**" in lines[3]
 
 
+def test_the_averaged_body_target_falls_back_to_a_method_with_a_local_only_variant() -> None:
+    methods = {**METHODS, "nmoe_fedce_fedgate_switch": m(0.96, 0.785)}
+    lines = targets(methods, iid=False)
+    assert "`nmoe_fedce_fedgate_switch`" in lines[0]
+    assert lines[3] == ("- averaged gate body helps: global of `nmoe_fedce_fedgate_vl` 79.00 vs its local-only "
+                        "variant `nmoe_fedce_localgate_vl` 78.00 (+1.00 pts): **met** "
+                        "(`nmoe_fedce_fedgate_switch` has no local-only variant)")
+
+
 def test_iid_target_is_within_half_a_point_of_fedavggate() -> None:
     methods = {**METHODS, "nmoe_fedce_fedavggate": m(0.953, 0.794)}
     lines = targets(methods, iid=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.checkpoint import JobState, JobStore, unpack
-from toolkit.config import GATE_METHODS, STAGE1_METHODS, Config
+from toolkit.config import CLASSIC_GATES, STAGE1_METHODS, Config
 from toolkit.errors import DamagedFile
 from toolkit.federated import Params
 from toolkit.run_files import FLEET_FILE, read_config, read_dataset_info
@@ -53,9 +53,9 @@ class TrainedNMoE:
 def parse_method(method: str) -> tuple[str, str]:
     """`nmoe_<stage1>_<gate>` -> (stage1, gate)."""
     parts = method.split("_")
-    if len(parts) != 3 or parts[0] != "nmoe" or parts[1] not in STAGE1_METHODS or parts[2] not in GATE_METHODS:
+    if len(parts) != 3 or parts[0] != "nmoe" or parts[1] not in STAGE1_METHODS or parts[2] not in CLASSIC_GATES:
         raise ArtifactError(f"{method!r} is not an NMoE method (expected nmoe_<{'|'.join(STAGE1_METHODS)}>_"
-                            f"<{'|'.join(GATE_METHODS)}>)")
+                            f"<{'|'.join(CLASSIC_GATES)}>; bundles of toolkit.gates' methods are not supported yet)")
     return parts[1], parts[2]
 
 

@@ -16,10 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 Stage1Method = Literal["fedce", "fedsc", "hybrid"]
-GateMethod = Literal["rangate", "rollgate", "fedavggate", "fedgate", "localgate"]
+GateMethod = Literal["rangate", "rollgate", "fedavggate", "fedgate", "localgate",
+                     "fedgate_ood", "fedgate_vl", "localgate_vl", "fedgate_heldout", "fedgate_switch"]
 BaselineMethod = Literal["local", "fedavg", "fedavg_ft", "centralized"]
 STAGE1_METHODS: tuple[Stage1Method, ...] = ("fedce", "fedsc", "hybrid")
-GATE_METHODS: tuple[GateMethod, ...] = ("rangate", "rollgate", "fedavggate", "fedgate", "localgate")
+CLASSIC_GATES: tuple[GateMethod, ...] = ("rangate", "rollgate", "fedavggate", "fedgate", "localgate")
+EXTENDED_GATES: tuple[GateMethod, ...] = (  # toolkit.gates
+    "fedgate_ood", "fedgate_vl", "localgate_vl", "fedgate_heldout", "fedgate_switch")
+GATE_METHODS: tuple[GateMethod, ...] = CLASSIC_GATES + EXTENDED_GATES
 BASELINE_METHODS: tuple[BaselineMethod, ...] = ("local", "fedavg", "fedavg_ft", "centralized")
 
 
@@ -103,7 +107,7 @@ class ExpertConfig:
 class GateConfig:
     """Stage 3: gate variants and their federated schedule."""
 
-    methods: tuple[GateMethod, ...] = GATE_METHODS
+    methods: tuple[GateMethod, ...] = CLASSIC_GATES
     rounds: int = 20
     local_epochs: int = 1
     client_fraction: float = 1.0
@@ -114,6 +118,11 @@ class GateConfig:
     batch_size: int = 64
     lr: float = 0.01
     weight_decay: float = 0.0
+    virtual_per_class: int = 300  # *_vl: virtual latents per class drawn from the pooled class statistics
+    class_stats: Literal["full", "diagonal"] = "full"  # *_vl: covariances devices share
+    heldout_fraction: float = 0.25  # fedgate_heldout: gate data; fedgate_ood: data that sets the threshold
+    ood_quantile: float = 0.95  # fedgate_ood: held-out score quantile where the shared expert takes half
+    ood_temperature: float = 0.25  # fedgate_ood: softness of the switch, in units of the held-out spread
 
 
 @dataclass(frozen=True)
@@ -283,6 +292,14 @@ def validate(cfg: Config) -> Config:
     _require(cfg.stage1.sc_weight >= 0, "stage1.sc_weight", "must be >= 0")
     _require(cfg.stage1.projection_dim >= 1, "stage1.projection_dim", "must be >= 1")
     _require(cfg.expert.epochs >= 1, "expert.epochs", "must be >= 1")
+    _require(cfg.gate.virtual_per_class >= 1, "gate.virtual_per_class", "must be >= 1")
+    _require(0 < cfg.gate.heldout_fraction < 1, "gate.heldout_fraction", "must be in (0, 1)")
+    _require(0 < cfg.gate.ood_quantile < 1, "gate.ood_quantile", "must be in (0, 1)")
+    _require(cfg.gate.ood_temperature > 0, "gate.ood_temperature", "must be > 0")
+    if "fedgate_switch" in cfg.gate.methods:
+        before = cfg.gate.methods[:cfg.gate.methods.index("fedgate_switch")]
+        _require("fedgate" in before and "fedgate_vl" in before, "gate.methods",
+                 "fedgate_switch switches between fedgate and fedgate_vl: list both before it")
     _require(cfg.expert.timeout >= 0, "expert.timeout", "must be >= 0 (0 = no deadline)")
     _require(cfg.expert.retries >= 0, "expert.retries", "must be >= 0")
     for key in ("local_epochs", "finetune_epochs", "centralized_epochs"):

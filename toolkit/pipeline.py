@@ -22,12 +22,13 @@ from toolkit.config import Config
 from toolkit.evaluate import client_accuracies, predict
 from toolkit.federated import Params
 from toolkit.federated.executor import Executor
-from toolkit.federated.recipe import NMoERecipe, failure_rows
+from toolkit.federated.recipe import failure_rows
 from toolkit.federated.summary import ACCURACIES
 from toolkit.federated_data import FederatedData, prepare
+from toolkit.gates import GateSimDevice, GatesRecipe
 from toolkit.models import count_macs, count_params
 from toolkit.seeding import derive_seed
-from toolkit.simulation import ModelFactory, Place, PublicTest, SimDevice, in_process, sgd
+from toolkit.simulation import ModelFactory, Place, PublicTest, in_process, sgd
 from toolkit.torch_params import set_params
 from toolkit.training import SupervisedTask, TensorData
 
@@ -50,12 +51,11 @@ class Pipeline:
         self.global_y = self.fd.global_test.y
         self.models = ModelFactory.of(cfg, self.fd)
         public = PublicTest(self.fd.global_test)
-        self.devices = [SimDevice(c, cfg, self.models, self.fd.train[c], self.fd.personal_test[c], public,
-                                  self.device, place) for c in range(self.n)]
-        self.recipe = NMoERecipe(cfg, self.devices, self.models.initial, checkpoints, executor,
-                                 show_progress=show_progress)
+        self.devices = [GateSimDevice(c, cfg, self.models, self.fd.train[c], self.fd.personal_test[c], public,
+                                      self.device, place) for c in range(self.n)]
+        self.recipe = GatesRecipe(cfg, self.devices, self.models, checkpoints, executor, show_progress=show_progress)
 
-    def device(self, cid: int) -> SimDevice:
+    def device(self, cid: int) -> GateSimDevice:
         """A device's peers reach it directly (on a fleet: over MQTT)."""
         return self.devices[cid]
 

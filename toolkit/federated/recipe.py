@@ -144,9 +144,11 @@ class NMoERecipe:
         raise NoQuorumError(f"{job}: {op} needs every device; {len(pending)} failed in {e.retries + 1} "
                             f"attempt(s): {reasons}")
 
-    def experts(self, method: str) -> FailureRows:
-        """Stage 2: every device trains its own expert (the simulation checkpoints them as `step<cid>`)."""
-        job, seed = stage2_job(method), self.cfg.seed
+    def experts(self, method: str, job: str | None = None,
+                train: Callable[[Device], Report] | None = None) -> FailureRows:
+        """Stage 2: every device trains its own expert (the simulation checkpoints them as `step<cid>`);
+        `job` and `train`: another set of experts of every device (a hook for gate variants)."""
+        job, seed = job or stage2_job(method), self.cfg.seed
         store, holders = self.store(job), self.private(job)
         saved = store.load()
         if saved and saved.done:
@@ -154,8 +156,8 @@ class NMoERecipe:
                 holder.set_state(unpack(f"step{cid}", saved.arrays))
             failures: FailureRows = saved.meta.get("failures", [])
             return failures
-        reports, failures = self.every_device(job, "train_expert", lambda d: d.train_expert(
-            ExpertIns(method, derive_seed(seed, "init", f"expert{d.cid}"), derive_seed(seed, method, "expert", d.cid))))
+        reports, failures = self.every_device(job, "train_expert", train or (lambda d: d.train_expert(
+            ExpertIns(method, derive_seed(seed, "init", f"expert{d.cid}"), derive_seed(seed, method, "expert", d.cid)))))
         arrays: dict[str, Any] = {}
         for cid, holder in holders.items():
             arrays.update(pack(f"step{cid}", holder.get_state()))
@@ -173,7 +175,7 @@ class NMoERecipe:
         else:
             clients = [d.gate(method, gate) for d in self.devices]
             trained = run_federated(
-                job, GATE_STRATEGIES[gate](), clients, self.initial("gate"), g.rounds, self.cfg.seed,
+                job, self.gate_strategy(gate), clients, self.gate_init(gate), g.rounds, self.cfg.seed,
                 policy=round_policy(g), executor=self.executor, availability=self.availability, store=self.store(job),
                 evaluate=mean_accuracies, private=self.private(job), show_progress=self.show)
             self.gates[job] = trained.shared
@@ -189,6 +191,14 @@ class NMoERecipe:
         result["download_bytes"] = s1.ledger.total("down") + down
         result["failures"] = failures + evaluation_failures
         return result
+
+    def gate_strategy(self, gate: str) -> Strategy:
+        """How a gate variant's job aggregates (a hook for gate variants defined elsewhere)."""
+        return GATE_STRATEGIES[gate]()
+
+    def gate_init(self, gate: str) -> Params:
+        """A gate variant's initial parameters (a hook for gates with other outputs than the experts)."""
+        return self.initial("gate")
 
     def evaluate(self, job: str, evaluators: Sequence[Evaluator], ins: EvaluateIns) -> tuple[dict[str, Any], FailureRows]:
         """The devices' own evaluations: means over those that answered, per-client rows, routing."""

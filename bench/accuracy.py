@@ -201,9 +201,8 @@ def kept_notes(out: Path) -> list[str]:
     """The hand-written part of an existing report (from the NOTES line on), or nothing."""
     if not out.exists():
         return []
-    text = out.read_text()
-    at = text.find(f"\n{NOTES}\n")
-    return text[at + 1:].splitlines() if at >= 0 else []
+    lines = out.read_text().splitlines()
+    return lines[lines.index(NOTES):] if NOTES in lines else []
 
 
 def load() -> str:

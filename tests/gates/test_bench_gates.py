@@ -45,5 +45,7 @@ def test_notes_after_the_marker_survive_a_rewrite(tmp_path: Path) -> None:
     assert kept_notes(report) == []
     report.write_text(f"# generated\n| table |\n{NOTES}\nwhy it missed\n")
     assert kept_notes(report) == [NOTES, "why it missed"]
+    report.write_text(f"{NOTES}\nonly notes, before the first run\n")
+    assert kept_notes(report) == [NOTES, "only notes, before the first run"]
     report.write_text("# generated, no notes\n")
     assert kept_notes(report) == []

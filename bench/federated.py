@@ -42,6 +42,10 @@ from toolkit.fleet.federate import FederateOptions, federate
 from toolkit.rundir import train
 
 WORK = ROOT / "runs" / "bench" / "federated"
+NOTE = ("Reading the times: the in-process run is one process (2 torch threads); the fleet is one process per device. "
+        "On a machine shared with other work (see the load above) the fleet's processes get a larger share of the CPU "
+        "than the one in-process run, so a ratio below 1 measures that contention, not a faster fleet; on a quiet "
+        "machine expect the fleet above 1 (messaging, set-up, and devices that share 2 cores).")
 ROUND = re.compile(r"INFO (\S+): round (\d+) fit ([\d.]+) s, evaluate ([\d.]+) s")
 
 
@@ -199,7 +203,7 @@ def write_page(out: Path, cfg: Config, sim: dict[str, Any], sim_s: float, fleet:
         if job.startswith("stage3"):
             ratios_stage3.append(b / a)
     worst = max(ratios_stage3) if ratios_stage3 else float("nan")
-    lines += ["", (f"Whole run: in-process {sim_s:.1f} s, fleet {fleet_s:.1f} s ({fleet_s / sim_s:.2f}x; the fleet's "
+    lines += ["", NOTE, "", (f"Whole run: in-process {sim_s:.1f} s, fleet {fleet_s:.1f} s ({fleet_s / sim_s:.2f}x; the fleet's "
               "includes the agents' set-up and the commit-free end)."),
               f"Target: Stage 3 rounds at most 1.5x in-process: worst {worst:.2f}x, {verdict(worst <= 1.5)}.", "",
               "## Bytes on the wire", "",

@@ -77,7 +77,7 @@ class RayExecutor(ThreadPool):
                 # everything else, including an in-process run; they keep this process's priority.
                 os.environ.setdefault("RAY_worker_niceness", "0")
                 ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                         configure_logging=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+                         configure_logging=False, log_to_driver=True)
             else:
                 try:
                     ray.init(address=address, configure_logging=False)

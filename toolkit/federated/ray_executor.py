@@ -73,6 +73,9 @@ class RayExecutor(ThreadPool):
             check_reachable(address)
         if not ray.is_initialized():
             if address is None:
+                # Ray renices its workers by +15 by default: under load they would lose the CPU to
+                # everything else, including an in-process run; they keep this process's priority.
+                os.environ.setdefault("RAY_worker_niceness", "0")
                 ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
                          configure_logging=False, log_to_driver=True)
             else:

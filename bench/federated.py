@@ -39,6 +39,7 @@ from toolkit.config import Config, load
 from toolkit.fleet.agent_processes import AgentLaunch, AgentProcesses
 from toolkit.fleet.device_data_files import write_fleet_data
 from toolkit.fleet.federate import FederateOptions, federate
+from toolkit.fleet.trial_federate import training_launches
 from toolkit.rundir import train
 
 WORK = ROOT / "runs" / "bench" / "federated"
@@ -61,12 +62,8 @@ def round_times(run_dir: Path) -> dict[str, list[float]]:
 def fleet_of(cfg: Config, work: Path) -> Iterator[tuple[str, AgentProcesses, list[AgentLaunch]]]:
     """A mosquitto and one training agent per client (no auth: the ACL is tested in tests/fleet)."""
     data = write_fleet_data(cfg, work / "data")
-    (work / "events").mkdir(parents=True, exist_ok=True)
     with start_broker(BrokerOptions(work / "broker", port=0)) as broker, AgentProcesses() as agents:
-        launches = [AgentLaunch(f"device-{c}", ("--data", str(p), "--state", str(work / "state" / f"device-{c}"),
-                                                "--trainer", "torch", "--broker", broker.url,
-                                                "--events", str(work / "events" / f"device-{c}.jsonl")),
-                                work / "logs" / f"device-{c}.log") for c, p in enumerate(data)]
+        launches = training_launches(data, work, broker)
         for launch in launches:
             agents.start(launch)
         yield broker.url, agents, launches

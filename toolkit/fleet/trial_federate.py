@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from broker.accounts import FleetCredential, fleet_accounts
-from broker.process import BrokerOptions, start_broker
+from broker.process import BrokerOptions, RunningBroker, start_broker
 from device_agent.training_service import BUNDLE_DIR
 from device_agent.wire.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
 from device_agent.wire.training_link import COORDINATOR
@@ -27,19 +27,28 @@ from toolkit.fleet.trial import login_args
 from toolkit.fleet.trial_driver import TrialError
 
 
+def training_launches(data: list[Path], work: Path, broker: RunningBroker) -> list[AgentLaunch]:
+    """One `nmoe agent --data --trainer torch` per device data file (device-<c>), its state, events and log under
+    `work`, logged in to `broker` as its device when the broker has accounts."""
+    (work / "events").mkdir(parents=True, exist_ok=True)
+    launches = []
+    for c, path in enumerate(data):
+        device = f"device-{c}"
+        args = ("--data", str(path), "--state", str(work / "state" / device), "--trainer", "torch",
+                "--broker", broker.url, "--events", str(work / "events" / f"{device}.jsonl"),
+                *login_args(broker.credentials.get(device) or FleetCredential(device)))
+        launches.append(AgentLaunch(device, args, work / "logs" / f"{device}.log"))
+    return launches
+
+
 def train_fleet(cfg: Config, out: Path, *, auth: bool, show_progress: bool) -> Path:
     """Train `cfg` through agent processes (steps 1-3 of the module docstring); the bundles' folder."""
     n, work = cfg.data.num_clients, out / "train"
     data = write_fleet_data(cfg, work / "data")
-    (work / "events").mkdir(parents=True, exist_ok=True)
     options = BrokerOptions(work / "fleet", port=0, auth=auth, accounts=fleet_accounts(n))
     with start_broker(options) as broker, AgentProcesses() as agents:
-        for c, path in enumerate(data):
-            device = f"device-{c}"
-            args = ("--data", str(path), "--state", str(work / "state" / device), "--trainer", "torch",
-                    "--broker", broker.url, "--events", str(work / "events" / f"{device}.jsonl"),
-                    *login_args(broker.credentials.get(device) or FleetCredential(device)))
-            agents.start(AgentLaunch(device, args, work / "logs" / f"{device}.log"))
+        for launch in training_launches(data, work, broker):
+            agents.start(launch)
         login = broker.credentials.get(COORDINATOR)
         password = None if login is None else login.password()
         transport = MqttTransport(MqttSettings(BrokerUrl.parse(broker.url), COORDINATOR,

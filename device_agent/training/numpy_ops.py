@@ -69,7 +69,8 @@ class NumpyOps:
             try:
                 self._torch = load_device_ops("torch")(self.cid, self.config, self.data, self.workdir)
             except OperationRefused as e:
-                raise OperationRefused(f"Stage 1 trains convolutions and needs torch on the device: {e}") from e
+                raise OperationRefused(f"Stage 1 trains convolutions and needs torch on the device ({e}); train it "
+                                      "in-process and give the run to `nmoe federate --stage1-from RUN`") from e
         return self._torch
 
     # operations ---------------------------------------------------------------------------------

@@ -69,3 +69,33 @@ def test_trains_without_torch(absent: str, missing: str) -> None:
     assert result["routed"] > 0.95
     assert result["torch_backend"] == (f"trainer backend 'torch' is not installed here: no module named "
                                        f"{missing!r} (install nmoe-edge[train])")
+
+
+STAGE1_SCRIPT = r'''
+import sys
+
+sys.modules["torch"] = None  # nmoe-edge[agent]: no torch
+
+import numpy as np
+
+from device_agent.device_data import DeviceData, Split
+from device_agent.training.device_ops import OperationRefused
+from device_agent.training.numpy_ops import NumpyOps
+
+split = Split(np.zeros((2, 1, 4, 4), np.uint8), np.zeros(2, np.int64))
+data = DeviceData(0, "toy", (1, 4, 4), 1 / 255, (0.0,), (1.0,), ("a", "b"), split, split)
+try:
+    NumpyOps(0, {"data": {"num_clients": 2}}, data, __import__("pathlib").Path(sys.argv[1])).fit(
+        "stage1_fedce", 0, {}, (), 0)
+except OperationRefused as e:
+    print(e)
+'''
+
+
+def test_stage1_refusal_names_the_way_out(tmp_path: Path) -> None:
+    """A torch-free device refuses Stage 1 and says how to run the fleet anyway (--stage1-from)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", STAGE1_SCRIPT, str(tmp_path)], check=False, cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "needs torch on the device" in proc.stdout and "nmoe federate --stage1-from RUN" in proc.stdout

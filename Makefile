@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-done
 RUN    ?= runs/quick
 BUNDLES ?= runs/quick-bundles
 
-.PHONY: setup test lint demo bench-accuracy bench-export bench-agent bench-federated clean arm64-env arm64-check
+.PHONY: setup test lint demo bench-accuracy bench-export bench-agent bench-federated bench-field clean arm64-env arm64-check
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	scripts/setup.sh
@@ -43,6 +43,11 @@ bench-agent: $(STAMP)
 # in-process Stage 1 alone takes minutes per round under load; docs/results/federated.md was made on a smaller config).
 bench-federated: $(STAMP)
 	$(PY) -m bench.federated
+
+# The demo fleet (runs/quick-bundles; trained and exported first when missing) under emulated wifi/lte/congested
+# links and a 10 s outage, against loopback in one run (~10 min).
+bench-field: $(STAMP)
+	$(PY) -m bench.field --bundles $(BUNDLES)
 
 # Emulated aarch64 Python (qemu-user + Debian arm64 sysroot + aarch64 wheels), cached in ~/.cache/nmoe-edge/arm64.
 arm64-env:

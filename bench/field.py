@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +127,7 @@ def page(results: dict[str, dict[str, Any]], args: argparse.Namespace, wall_s: f
     m = machine()
     lines = [
         "# Field benchmark: the quick fleet under emulated radio links", "",
-        (f"Command: `python -m bench.field` (wrote this file after {wall_s:.0f} s of wall time). "
+        (f"Command: `{shlex.join(['python', '-m', 'bench.field', *sys.argv[1:]])}` (wrote this file after {wall_s:.0f} s of wall time). "
         f"Fleet: `{args.bundles}` ({len(first['fleet']['devices'])} devices, method `{first['fleet']['method']}`, "
         f"{first['fleet']['runtime']} {first['fleet']['precision']}), {args.samples} personalized test samples per "
         f"device at {args.rate:g} requests/s each, all devices at once, peer deadline "

@@ -32,6 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bench.common import ROOT, log, machine, other_load, verdict
 from broker.process import BrokerOptions, start_broker
 from device_agent.wire.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
@@ -144,8 +146,12 @@ def main() -> None:
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "quick.toml")
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--no-disturbed", action="store_true", help="skip the killed-device and straggler runs")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads in-process and in every agent (default 1: with 2, a loaded machine "
+                        "makes torch's threads wait for each other and a Stage 3 round takes minutes)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "federated.md")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)  # the agents get as many (FederateOptions.device_threads: the coordinator's)
     cfg = load(args.config, ['baselines.methods=["fedavg"]', *args.set])
     shutil.rmtree(WORK, ignore_errors=True)
     load_before = other_load()
@@ -184,7 +190,9 @@ def write_page(out: Path, cfg: Config, sim: dict[str, Any], sim_s: float, fleet:
               "bench-federated` runs the quick config). The same config and seeds run in-process "
              f"(`nmoe train`) and through {cfg.data.num_clients} `nmoe agent --data --trainer torch` processes on one "
              "mosquitto (`nmoe federate`), all on this machine: the agents share its cores with the coordinator."), "",
-             f"Machine: {json.dumps(machine())}", "", f"Load before: {load_before}", "", f"Load after: {load_after}", "",
+             f"Machine: {json.dumps(machine())}", "",
+             (f"Torch intra-op threads: {torch.get_num_threads()} in the in-process run and in every agent "
+              "(`--threads`)."), "", f"Load before: {load_before}", "", f"Load after: {load_after}", "",
              (f"Config: `{cfg.data.dataset}`, {cfg.data.num_clients} clients, config hash `{cfg.hash()[:12]}`; "
              "baselines reduced to `fedavg` (the others need the server to hold the data)."), "",
              "## Accuracy: fleet vs in-process", "", *accuracy_rows(sim, fleet), "",

@@ -39,8 +39,8 @@ bench-export: $(STAMP) arm64-env
 bench-agent: $(STAMP)
 	$(PY) -m bench.agent
 
-# The quick config in-process vs through 10 agent processes over MQTT, killed device, stragglers (long: the
-# in-process Stage 1 alone takes minutes per round under load; docs/results/federated.md was made on a smaller config).
+# The quick config in-process vs through 10 agent processes over MQTT, then a killed device and stragglers (~55 min
+# on 2 shared cores: four fleet runs after the in-process one).
 bench-federated: $(STAMP)
 	$(PY) -m bench.federated
 

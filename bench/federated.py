@@ -45,10 +45,12 @@ from toolkit.fleet.trial_federate import training_launches
 from toolkit.rundir import train
 
 WORK = ROOT / "runs" / "bench" / "federated"
-NOTE = ("Reading the times: the in-process run is one process (2 torch threads); the fleet is one process per device. "
-        "On a machine shared with other work (see the load above) the fleet's processes get a larger share of the CPU "
-        "than the one in-process run, so a ratio below 1 measures that contention, not a faster fleet; on a quiet "
-        "machine expect the fleet above 1 (messaging, set-up, and devices that share 2 cores).")
+NOTE = ("Reading the times: the in-process run is one process that trains the clients one after another; the fleet is "
+        "one process per device, and the devices of a step train at the same time on the machine's cores. Stage 1 "
+        "rounds (convolutions, seconds per client) gain from that parallelism, which is why they can be faster "
+        "through the fleet; on a machine shared with other work (see the load above) the fleet's processes also get a "
+        "larger share of the CPU than the one in-process run. Stage 3 rounds are short (small MLPs), so messaging "
+        "and set-up show there.")
 ROUND = re.compile(r"INFO (\S+): round (\d+) fit ([\d.]+) s, evaluate ([\d.]+) s")
 
 
@@ -186,7 +188,7 @@ def write_page(out: Path, cfg: Config, sim: dict[str, Any], sim_s: float, fleet:
                load_after: str) -> None:
     equal = all(line.endswith("| yes |") for line in accuracy_rows(sim, fleet)[2:])
     lines = ["# Federated training through device agents over MQTT (bench/federated)", "",
-             (f"Reproduce: `.venv/bin/python -m bench.federated {shlex.join(sys.argv[1:])}` (this page; `make "
+             (f"Reproduce: `{shlex.join(['.venv/bin/python', '-m', 'bench.federated', *sys.argv[1:]])}` (this page; `make "
               "bench-federated` runs the quick config). The same config and seeds run in-process "
              f"(`nmoe train`) and through {cfg.data.num_clients} `nmoe agent --data --trainer torch` processes on one "
              "mosquitto (`nmoe federate`), all on this machine: the agents share its cores with the coordinator."), "",

@@ -1,4 +1,5 @@
-"""Device bundles: `manifest.json` (schema version 2; 1 is still read) plus model files, verified before any use.
+"""Device bundles: `manifest.json` (schema version 2, or 3 with a shared expert; 1 is still read) plus model files,
+verified before any use.
 
 `load_bundle` checks the schema version, every field, and the size and sha256 of every listed file
 before it returns; any problem raises one `BundleError` naming the file and the problem, and no
@@ -19,12 +20,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-SCHEMA_VERSION = 2  # what writers write
-READABLE_SCHEMA_VERSIONS = (1, 2)  # 1: no model_version field, it is provenance.config_hash
+SCHEMA_VERSION = 2  # what writers write for a bundle without a shared expert
+SHARED_EXPERT_SCHEMA_VERSION = 3  # ... and with one (the `shared_expert` field, the shared_expert role)
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)  # 1: no model_version field, it is provenance.config_hash
 MAX_MODEL_VERSION_BYTES = 255  # the wire protocol's short text
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20
-ROLES = ("extractor", "gate", "expert")
+ROLES = ("extractor", "gate", "expert", "shared_expert")
 PRECISIONS = ("fp32", "int8")
 ROUTINGS = ("gate", "random")
 DTYPES = ("float32", "int8", "uint8")
@@ -88,6 +90,15 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class SharedExpert:
+    """Schema 3: an expert every device holds and runs itself (never asked over MQTT), routed as
+    gate output `index` (= num_experts: the gate has num_experts + 1 outputs)."""
+
+    index: int
+    local: bool  # always true: the device runs it in-process
+
+
+@dataclass(frozen=True)
 class SamplesRef:
     """The self-check samples file."""
 
@@ -114,10 +125,19 @@ class Manifest:
     models: list[ModelEntry]
     provenance: dict[str, Any]
     samples: SamplesRef | None
+    shared_expert: SharedExpert | None = None  # schema 3 only
+
+    @property
+    def gate_outputs(self) -> int:
+        """Routing targets: the fleet's experts, plus the shared expert when there is one."""
+        return self.num_experts + (self.shared_expert is not None)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written to manifest.json."""
-        return dataclasses.asdict(self)
+        fields = dataclasses.asdict(self)
+        if self.shared_expert is None:
+            del fields["shared_expert"]  # schema 1/2 have no such field
+        return fields
 
 
 @dataclass(frozen=True)
@@ -210,7 +230,8 @@ def _parse_manifest(obj: object) -> Manifest:
     m = _obj(obj, "manifest")
     version = _get(m, "schema_version", "", _int)
     if version not in READABLE_SCHEMA_VERSIONS:
-        readable = " and ".join(map(str, READABLE_SCHEMA_VERSIONS))
+        *older, last = map(str, READABLE_SCHEMA_VERSIONS)
+        readable = f"{', '.join(older)} and {last}"
         raise _Malformed(f"schema_version {version} is not supported (this agent reads schema_version "
                          f"{readable}); export the bundle again with a matching nmoe-edge")
     provenance = _get(m, "provenance", "", _obj)
@@ -227,7 +248,14 @@ def _parse_manifest(obj: object) -> Manifest:
         raise _Malformed(f"top_k: {top_k} is more than num_experts={num_experts}")
     models = _get(m, "models", "", _list_of(_model_entry))
     routing = _get(m, "routing", "", _choice(ROUTINGS))
-    _check_models(models, routing)
+    shared = _get(m, "shared_expert", "", _shared_expert) if version >= SHARED_EXPERT_SCHEMA_VERSION else None
+    if shared is not None:
+        if shared.index != num_experts:
+            raise _Malformed(f"shared_expert.index: {shared.index}, must be num_experts={num_experts} "
+                             "(the gate's last output)")
+        if routing != "gate":
+            raise _Malformed(f"shared_expert: needs routing \"gate\", got {routing!r}")
+    _check_models(models, routing, shared is not None)
     samples = m.get("samples")
     return Manifest(
         schema_version=version, model_version=_model_version(m, provenance, version),
@@ -235,7 +263,7 @@ def _parse_manifest(obj: object) -> Manifest:
         num_experts=num_experts, top_k=top_k, latent_dim=_get(m, "latent_dim", "", _positive),
         num_classes=num_classes, class_names=class_names, routing=routing,
         input=_get(m, "input", "", _input_spec), models=models, provenance=provenance,
-        samples=None if samples is None else _samples_ref(samples, "samples"))
+        samples=None if samples is None else _samples_ref(samples, "samples"), shared_expert=shared)
 
 
 def _model_version(m: dict[str, Any], provenance: dict[str, Any], schema_version: int) -> str | None:
@@ -248,7 +276,7 @@ def _model_version(m: dict[str, Any], provenance: dict[str, Any], schema_version
         return None
 
 
-def _check_models(models: list[ModelEntry], routing: str) -> None:
+def _check_models(models: list[ModelEntry], routing: str, shared: bool) -> None:
     """Unique files and (role, format, precision); every exported variant is a complete set."""
     files = [e.file for e in models]
     if len(set(files)) != len(files):
@@ -256,7 +284,7 @@ def _check_models(models: list[ModelEntry], routing: str) -> None:
     keys = [(e.role, e.format, e.precision) for e in models]
     if len(set(keys)) != len(keys):
         raise _Malformed("models: a role/format/precision is listed twice")
-    needed = {"extractor", "expert"} | ({"gate"} if routing == "gate" else set())
+    needed = {"extractor", "expert"} | ({"gate"} if routing == "gate" else set()) | ({"shared_expert"} if shared else set())
     for fmt, precision in {(f, p) for _, f, p in keys}:
         roles = {r for r, f, p in keys if (f, p) == (fmt, precision)}
         if roles != needed:
@@ -272,6 +300,13 @@ def _model_entry(obj: object, where: str) -> ModelEntry:
         sha256=_get(m, "sha256", where, _sha256), bytes=_get(m, "bytes", where, _nonnegative),
         inputs=_get(m, "inputs", where, _list_of(_tensor_spec)),
         outputs=_get(m, "outputs", where, _list_of(_tensor_spec)))
+
+
+def _shared_expert(obj: object, where: str) -> SharedExpert:
+    m = _obj(obj, where)
+    if m.get("local") is not True:
+        raise _Malformed(f"{where}.local: must be true (a device runs its shared expert itself), got {m.get('local')!r}")
+    return SharedExpert(_get(m, "index", where, _nonnegative), True)
 
 
 def _tensor_spec(obj: object, where: str) -> TensorSpec:

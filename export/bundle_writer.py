@@ -23,10 +23,12 @@ from device_agent import bundle_writer
 from device_agent.bundle import (
     MANIFEST,
     SCHEMA_VERSION,
+    SHARED_EXPERT_SCHEMA_VERSION,
     Bundle,
     BundleError,
     InputSpec,
     Manifest,
+    SharedExpert,
     TensorSpec,
 )
 from device_agent.bundle_writer import ModelFile, package_versions, utc_now
@@ -83,19 +85,25 @@ class ModelFormat(Protocol):
 
 @dataclass(frozen=True)
 class DeviceModules:
-    """A device's torch models (fp32, eval mode): the reference for every exported file."""
+    """A device's torch models (fp32, eval mode): the reference for every exported file. With a shared
+    expert the gate has one more output than the fleet has experts (the shared expert's)."""
 
     extractor: Extractor
     gate: Gate | None
     expert: Expert
+    shared_expert: Expert | None = None
+
+    def roles(self) -> dict[str, nn.Module]:
+        """Every model of the bundle by role (latent -> output except the extractor)."""
+        roles: dict[str, nn.Module | None] = {"extractor": self.extractor, "gate": self.gate, "expert": self.expert,
+                                              "shared_expert": self.shared_expert}
+        return {role: m for role, m in roles.items() if m is not None}
 
     def sources(self, images: torch.Tensor) -> list[ModelSource]:
-        """Export sources; gate and expert calibrate on the latents of the same images."""
+        """Export sources; gate and experts calibrate on the latents of the same images."""
         z = predict(self.extractor, images)
-        sources = [ModelSource("extractor", self.extractor, *IO_NAMES["extractor"], images.numpy())]
-        if self.gate is not None:
-            sources.append(ModelSource("gate", self.gate, *IO_NAMES["gate"], z.numpy()))
-        return sources + [ModelSource("expert", self.expert, *IO_NAMES["expert"], z.numpy())]
+        return [ModelSource(role, m, *IO_NAMES[role], (images if role == "extractor" else z).numpy())
+                for role, m in self.roles().items()]
 
 
 def device_modules(trained: TrainedNMoE) -> list[DeviceModules]:
@@ -108,10 +116,13 @@ def device_modules(trained: TrainedNMoE) -> list[DeviceModules]:
         set_params(module, params)
         return module.eval()
 
+    def expert(params: Params) -> Expert:
+        return build(Expert(m.latent_dim, m.expert_hidden, ds["num_classes"]), params)
+
     return [DeviceModules(
         build(Extractor(shape, m.width, m.latent_dim), d.extractor),
-        None if d.gate is None else build(Gate(m.latent_dim, m.gate_hidden, n), d.gate),
-        build(Expert(m.latent_dim, m.expert_hidden, ds["num_classes"]), d.expert))
+        None if d.gate is None else build(Gate(m.latent_dim, m.gate_hidden, n + (d.shared_expert is not None)), d.gate),
+        expert(d.expert), None if d.shared_expert is None else expert(d.shared_expert))
         for d in trained.devices]
 
 
@@ -136,6 +147,8 @@ def self_check_samples(mods: DeviceModules, x: torch.Tensor, y: torch.Tensor, sp
                "expert_probs": torch.softmax(predict(mods.expert, z), dim=-1).numpy()}
     if mods.gate is not None:
         samples["gate_logits"] = predict(mods.gate, z).numpy()
+    if mods.shared_expert is not None:
+        samples["shared_expert_probs"] = torch.softmax(predict(mods.shared_expert, z), dim=-1).numpy()
     return samples
 
 
@@ -188,16 +201,18 @@ def write_bundles(trained: TrainedNMoE, modules: list[DeviceModules], data: Fede
 def partial_manifest(trained: TrainedNMoE, c: int, spec: InputSpec, origin: dict[str, Any]) -> Manifest:
     """Device c's manifest without models and samples (write_bundle fills them in).
 
-    The model version of an export is the run's config hash (what schema 1 bundles implied).
+    The model version of an export is the run's config hash (what schema 1 bundles implied). A bundle
+    with a shared expert is schema 3 (an older agent would not know the gate's last output); others 2.
     """
-    ds = trained.dataset
+    ds, n = trained.dataset, len(trained.devices)
+    shared = None if trained.devices[c].shared_expert is None else SharedExpert(index=n, local=True)
     return Manifest(
-        schema_version=SCHEMA_VERSION, model_version=trained.config.hash(), device_id=f"device-{c}", expert_id=c,
-        num_experts=len(trained.devices),
+        schema_version=SCHEMA_VERSION if shared is None else SHARED_EXPERT_SCHEMA_VERSION, model_version=trained.config.hash(), device_id=f"device-{c}", expert_id=c,
+        num_experts=n,
         top_k=trained.config.model.top_k, latent_dim=trained.config.model.latent_dim,
         num_classes=ds["num_classes"], class_names=list(ds["class_names"]),
         routing="random" if trained.devices[c].gate is None else "gate", input=spec, models=[],
-        provenance=origin, samples=None)
+        provenance=origin, samples=None, shared_expert=shared)
 
 
 def write_bundle(dest: Path, manifest: Manifest, sources: list[ModelSource], formats: Sequence[ModelFormat],

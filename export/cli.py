@@ -116,6 +116,14 @@ def _export(args: argparse.Namespace) -> int:
         return 2
 
 
+def run_accuracies(run_dir: Path, method: str) -> list[float] | None:
+    """Every device's personalized accuracy (percent) for `method` in the run's metrics.json, by client."""
+    from toolkit.run_files import read_metrics
+
+    rows = read_metrics(run_dir)["methods"].get(method, {}).get("per_client")
+    return None if rows is None else [100 * r["personalized_accuracy"] for r in sorted(rows, key=lambda r: r["client"])]
+
+
 def _run(args: argparse.Namespace) -> int:
     from export import parity
     from export.bundle_writer import best_method, device_modules, write_bundles
@@ -130,7 +138,8 @@ def _run(args: argparse.Namespace) -> int:
     formats = [importlib.import_module(FORMATS[name]).FORMAT for name in args.formats]
     bundles = write_bundles(trained, modules, data, run_dir, out, formats, args.precision,
                             args.calibration_samples, show)
-    models, nmoe = parity.measure(bundles, modules, data, args.formats, args.precision, show)
+    models, nmoe = parity.measure(bundles, modules, data, args.formats, args.precision, show,
+                                  run_accuracies(run_dir, method))
     report = parity.build_report(run_dir, method, args.max_accuracy_drop, models, nmoe)
     parity.write_report(report, out)
     print(f"{method}: {len(bundles)} bundles in {out}\n\n{parity.nmoe_table(report)}\n\nreport: {out / 'report.md'}")

@@ -3,7 +3,8 @@
 Every exported model is run through the device agent's own runtime (`device_agent.runtime`) on
 the client's held-out personalized test samples and compared with the torch module it came from;
 the whole fleet's NMoE accuracy is measured with the agent's `LocalNMoE` against the torch NMoE
-(toolkit.evaluate). For RanGate devices the torch reference reuses the device's random draws, so
+(toolkit.evaluate) and the accuracy the run itself measured (metrics.json). A shared expert (schema 3
+bundles) is one more expert of every device's torch NMoE, as in training. For RanGate devices the torch reference reuses the device's random draws, so
 the comparison measures the export, not the dice.
 """
 
@@ -69,6 +70,7 @@ class NMoEParity:
     agreement: float  # fraction of predictions equal to torch's
     latency_us_median: float  # one image, every expert in-process
     latency_us_p99: float
+    run_accuracy: float | None = None  # percent: the device's personalized accuracy in the run's metrics.json
 
 
 @dataclass(frozen=True)
@@ -123,10 +125,8 @@ def role_references(mods: DeviceModules, x: torch.Tensor) -> dict[str, tuple[np.
     Gate and expert get the torch latents, so each model's diff is its own, not the extractor's.
     """
     z = predict(mods.extractor, x)
-    refs = {"extractor": (x.numpy(), z.numpy()), "expert": (z.numpy(), predict(mods.expert, z).numpy())}
-    if mods.gate is not None:
-        refs["gate"] = (z.numpy(), predict(mods.gate, z).numpy())
-    return refs
+    return {role: (x.numpy(), z.numpy()) if role == "extractor" else (z.numpy(), predict(m, z).numpy())
+            for role, m in mods.roles().items()}
 
 
 def model_parity(bundle: Bundle, entry: ModelEntry, reference: tuple[np.ndarray, np.ndarray]) -> ModelParity:
@@ -136,7 +136,7 @@ def model_parity(bundle: Bundle, entry: ModelEntry, reference: tuple[np.ndarray,
     got = runtime.run(inputs)
     kind, agree = {"extractor": ("cosine", cosine),
                    "gate": (f"top-{bundle.manifest.top_k} set", top_k_sets(bundle.manifest.top_k)),
-                   "expert": ("argmax", argmax_agreement)}[entry.role]
+                   "expert": ("argmax", argmax_agreement), "shared_expert": ("argmax", argmax_agreement)}[entry.role]
     one = inputs[:1]
     median, p99 = latency_us(lambda: runtime.run(one))
     return ModelParity(bundle.manifest.device_id, entry.role, entry.format, entry.precision, entry.file,
@@ -145,9 +145,11 @@ def model_parity(bundle: Bundle, entry: ModelEntry, reference: tuple[np.ndarray,
 
 
 def expert_outputs(device: DeviceModules, fleet: list[DeviceModules], x: torch.Tensor) -> ExpertOutputs:
-    """The device's torch latents of x and every expert's class probabilities on them."""
+    """The device's torch latents of x and every expert's class probabilities on them (then the device's
+    shared expert's, when it has one)."""
     z = predict(device.extractor, x)
-    return ExpertOutputs(z, torch.stack([torch.softmax(predict(m.expert, z), dim=-1) for m in fleet], dim=1))
+    experts = [m.expert for m in fleet] + ([device.shared_expert] if device.shared_expert is not None else [])
+    return ExpertOutputs(z, torch.stack([torch.softmax(predict(e, z), dim=-1) for e in experts], dim=1))
 
 
 def fixed_router(experts: np.ndarray) -> Router:
@@ -157,7 +159,7 @@ def fixed_router(experts: np.ndarray) -> Router:
 
 
 def nmoe_parity(fleet: LocalNMoE, c: int, mods: list[DeviceModules], data: FederatedData,
-                fmt: str, precision: str) -> NMoEParity:
+                fmt: str, precision: str, run_accuracy: float | None = None) -> NMoEParity:
     """Device c's NMoE accuracy with the bundles vs the torch fp32 NMoE, on its personalized test."""
     test = data.personal_test[c]
     images = raw_images(test.x, fleet.bundles[c].manifest.input)
@@ -170,12 +172,14 @@ def nmoe_parity(fleet: LocalNMoE, c: int, mods: list[DeviceModules], data: Feder
     median, p99 = latency_us(lambda: fleet.predict(c, images[:1]))
     size = sum(e.bytes for e in fleet.bundles[c].manifest.models if (e.format, e.precision) == (fmt, precision))
     return NMoEParity(fleet.bundles[c].manifest.device_id, fmt, precision, len(y), size, torch_acc, acc,
-                      torch_acc - acc, float(np.mean(got.labels == want)), median, p99)
+                      torch_acc - acc, float(np.mean(got.labels == want)), median, p99, run_accuracy)
 
 
 def measure(bundles: dict[int, Bundle], mods: list[DeviceModules], data: FederatedData, formats: Sequence[str],
-            precisions: Sequence[str], show_progress: bool = True) -> tuple[list[ModelParity], list[NMoEParity]]:
-    """Per-model parity for every device x role x format x precision, then the fleet's NMoE parity."""
+            precisions: Sequence[str], show_progress: bool = True, run_accuracy: Sequence[float] | None = None
+            ) -> tuple[list[ModelParity], list[NMoEParity]]:
+    """Per-model parity for every device x role x format x precision, then the fleet's NMoE parity
+    (with `run_accuracy[c]`, device c's accuracy in percent as the run measured it, when given)."""
     variants = [(f, p) for f in formats for p in precisions]
     models = []
     with progress_bar(len(bundles), "parity", "device", show_progress) as bar:
@@ -189,7 +193,7 @@ def measure(bundles: dict[int, Bundle], mods: list[DeviceModules], data: Federat
         for f, p in variants:
             fleet = LocalNMoE(bundles, p, f, intra_op_threads=THREADS)
             for c in bundles:
-                nmoe.append(nmoe_parity(fleet, c, mods, data, f, p))
+                nmoe.append(nmoe_parity(fleet, c, mods, data, f, p, None if run_accuracy is None else run_accuracy[c]))
                 bar.update(1)
     return models, nmoe
 
@@ -221,9 +225,10 @@ def build_report(run_dir: Path, method: str, max_drop: float, models: list[Model
 
 def nmoe_table(report: ParityReport) -> str:
     """Markdown table of the NMoE rows (also the summary `nmoe export` prints)."""
-    rows = ["| device | format | precision | MB | torch fp32 % | bundle % | drop | agree % | p50 us | p99 us |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    rows += [f"| {r.device} | {r.format} | {r.precision} | {r.model_bytes / 1e6:.3f} | {r.torch_accuracy:.2f} | "
+    rows = ["| device | format | precision | MB | run % | torch fp32 % | bundle % | drop | agree % | p50 us | p99 us |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows += [f"| {r.device} | {r.format} | {r.precision} | {r.model_bytes / 1e6:.3f} | "
+             f"{'-' if r.run_accuracy is None else f'{r.run_accuracy:.2f}'} | {r.torch_accuracy:.2f} | "
              f"{r.accuracy:.2f} | {r.drop:+.2f} | {100 * r.agreement:.1f} | {r.latency_us_median:.0f} | "
              f"{r.latency_us_p99:.0f} |" for r in report.nmoe]
     return "\n".join(rows)

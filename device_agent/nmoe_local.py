@@ -1,6 +1,8 @@
 """NMoE inference over bundles without torch: extractor -> gate -> top-k -> experts -> combine.
 
-`LocalNMoE` holds every expert in-process. The pieces (`preprocess`, `top_k_route`,
+`LocalNMoE` holds every expert in-process. A bundle with a shared expert (schema 3) routes over the
+fleet's experts plus its own shared expert (gate output `num_experts`), which runs on the device like its
+own expert. The pieces (`preprocess`, `top_k_route`,
 `random_route`, `combine`) are what an MQTT agent calls with remote experts: an `ExpertFn` maps
 latents to class probabilities, exactly what an expert response carries.
 """
@@ -80,7 +82,7 @@ class LocalNMoE:
             if b.manifest.expert_id != expert_id:
                 raise ValueError(f"{b.path}: holds expert {b.manifest.expert_id}, passed as {expert_id}")
             if _fleet_shape(b) != shape:
-                raise ValueError(f"{b.path}: num_experts/top_k/latent_dim/num_classes {_fleet_shape(b)} "
+                raise ValueError(f"{b.path}: num_experts/top_k/latent_dim/num_classes/gate outputs {_fleet_shape(b)} "
                                  f"differ from {first.path}'s {shape}")
         missing = sorted(set(range(first.manifest.num_experts)) - set(bundles))
         if missing:
@@ -97,6 +99,8 @@ class LocalNMoE:
         self.gates = {d: runtime(b, "gate") for d, b in bundles.items() if b.manifest.routing == "gate"}
         expert_runtimes = {d: runtime(b, "expert") for d, b in bundles.items()}
         self.experts: dict[int, ExpertFn] = {d: _probabilities(r) for d, r in expert_runtimes.items()}
+        self.shared_experts: dict[int, ExpertFn] = {  # by device: each runs its own copy
+            d: _probabilities(runtime(b, "shared_expert")) for d, b in bundles.items() if b.manifest.shared_expert}
         self._rngs = {d: np.random.default_rng([seed, d]) for d in bundles}
 
     def latents(self, device: int, images: np.ndarray) -> np.ndarray:
@@ -104,7 +108,8 @@ class LocalNMoE:
         return self.extractors[device].run(preprocess(images, self.bundles[device].manifest.input))
 
     def route(self, device: int, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Chosen experts and weights: the device's gate top-k, or random for a "random" bundle."""
+        """Chosen experts and weights: the device's gate top-k (over the shared expert too, index
+        num_experts, when it has one), or random for a "random" bundle."""
         gate = self.gates.get(device)
         if gate is None:
             return random_route(len(z), self.num_experts, self.top_k, self._rngs[device])
@@ -114,13 +119,16 @@ class LocalNMoE:
         """Classify uint8 images [N, C, H, W] as device `device` would."""
         z = self.latents(device, images)
         idx, weights = self.route(device, z)
-        probs = combine(z, idx, weights, self.experts, self.num_classes)
+        experts = self.experts
+        if device in self.shared_experts:
+            experts = {**experts, self.num_experts: self.shared_experts[device]}
+        probs = combine(z, idx, weights, experts, self.num_classes)
         return Prediction(probs.argmax(axis=1), probs, idx, weights)
 
 
-def _fleet_shape(b: Bundle) -> tuple[int, int, int, int]:
+def _fleet_shape(b: Bundle) -> tuple[int, int, int, int, int]:
     m = b.manifest
-    return m.num_experts, m.top_k, m.latent_dim, m.num_classes
+    return m.num_experts, m.top_k, m.latent_dim, m.num_classes, m.gate_outputs
 
 
 def _probabilities(expert: Runtime) -> ExpertFn:

@@ -17,7 +17,7 @@ from device_agent.bundle import Bundle, BundleError
 from device_agent.device_models import DeviceModels
 from device_agent.nmoe_local import softmax
 from device_agent.runtime import Runtime
-from device_agent.selfcheck import EXPECTED, FP32_TOLERANCE, model_input
+from device_agent.selfcheck import EXPECTED, EXPERT_ROLES, FP32_TOLERANCE, model_input
 
 INT8_RELATIVE_TOLERANCE = 0.1
 
@@ -27,7 +27,8 @@ def check_against_samples(bundle: Bundle, models: DeviceModels) -> None:
     if bundle.manifest.samples is None:
         return
     samples = bundle.samples()
-    roles: dict[str, Runtime | None] = {"extractor": models.extractor, "gate": models.gate, "expert": models.expert}
+    roles: dict[str, Runtime | None] = {"extractor": models.extractor, "gate": models.gate, "expert": models.expert,
+                                        "shared_expert": models.shared_expert}
     for role, runtime in roles.items():
         if runtime is None:
             continue
@@ -35,7 +36,7 @@ def check_against_samples(bundle: Bundle, models: DeviceModels) -> None:
         if expected is None:
             raise BundleError(f"{bundle.path / 'samples.npz'}: no {EXPECTED[role]!r} to check the {role} against")
         output = runtime.run(model_input(bundle, role, samples))
-        if role == "expert":
+        if role in EXPERT_ROLES:
             output = softmax(output)
         if output.shape != expected.shape:
             raise BundleError(f"{bundle.path / 'samples.npz'}: the {role} gives {list(output.shape)} for the "

@@ -30,7 +30,7 @@ import numpy as np
 from device_agent.bundle import Bundle
 from device_agent.device_models import RUNTIME_NAMES, DeviceModels, model_version
 from device_agent.nmoe_local import combine, preprocess, softmax
-from device_agent.routing import Route, Suspects, gate_route, random_live_route
+from device_agent.routing import Route, Suspects, gate_route, random_live_route, with_fallback
 from device_agent.sample_check import check_against_samples
 from device_agent.serving import Deferred, RequestServer, Served, ServerLimits
 from device_agent.wire.clock import now_ms
@@ -374,7 +374,11 @@ class Agent:
                      if e < m.num_experts}
             avoided = usable - live
         if inst.models.gate is not None:
-            return gate_route(inst.models.gate.run(z), m.top_k, live), tuple(sorted(avoided))
+            logits = inst.models.gate.run(z)
+            route = gate_route(logits, m.top_k, {e for e in live if e < logits.shape[1]})
+            if inst.models.ood is not None and m.shared_expert is not None:  # mode "fallback"
+                route = with_fallback(route, inst.models.ood(z), m.shared_expert.index)
+            return route, tuple(sorted(avoided))
         with self._rng_lock:
             return random_live_route(len(z), m.num_experts, m.top_k, live, self._rng), tuple(sorted(avoided))
 

@@ -29,6 +29,8 @@ MAX_MANIFEST_BYTES = 1 << 20
 ROLES = ("extractor", "gate", "expert", "shared_expert")
 PRECISIONS = ("fp32", "int8")
 ROUTINGS = ("gate", "random")
+SHARED_EXPERT_MODES = ("routed", "fallback")  # a gate output of its own / weight s(z) from the OOD score
+OOD_KEYS = ("means", "precision", "tau", "spread", "temperature")  # ood.npz
 DTYPES = ("float32", "int8", "uint8")
 LAYOUTS = ("NCHW",)
 
@@ -90,21 +92,25 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
-class SharedExpert:
-    """Schema 3: an expert every device holds and runs itself (never asked over MQTT), routed as
-    gate output `index` (= num_experts: the gate has num_experts + 1 outputs)."""
-
-    index: int
-    local: bool  # always true: the device runs it in-process
-
-
-@dataclass(frozen=True)
 class SamplesRef:
-    """The self-check samples file."""
+    """A tensors file of the bundle (samples.npz, ood.npz)."""
 
     file: str
     sha256: str
     bytes: int
+
+
+@dataclass(frozen=True)
+class SharedExpert:
+    """Schema 3: an expert every device holds and runs itself (never asked over MQTT), with expert index
+    `index` (= num_experts). Mode "routed": it is the gate's last output (num_experts + 1 outputs);
+    "fallback": the gate has num_experts outputs and the shared expert gets weight s(z), the OOD score
+    of `ood`, the gate's top-k the rest."""
+
+    index: int
+    local: bool  # always true: the device runs it in-process
+    mode: str = "routed"
+    ood: SamplesRef | None = None  # mode "fallback": ood.npz
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,7 @@ class Manifest:
     @property
     def gate_outputs(self) -> int:
         """Routing targets: the fleet's experts, plus the shared expert when there is one."""
-        return self.num_experts + (self.shared_expert is not None)
+        return self.num_experts + (self.shared_expert is not None and self.shared_expert.mode == "routed")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written to manifest.json."""
@@ -164,6 +170,16 @@ class Bundle:
         ref = self.manifest.samples
         if ref is None:
             raise BundleError(f"{self.path / MANIFEST}: this bundle has no samples")
+        return self._tensors(ref)
+
+    def ood_tensors(self) -> dict[str, np.ndarray]:
+        """The OOD score's tensors (ood.npz) of a shared expert in mode "fallback"."""
+        shared = self.manifest.shared_expert
+        if shared is None or shared.ood is None:
+            raise BundleError(f"{self.path / MANIFEST}: this bundle has no OOD score")
+        return self._tensors(shared.ood)
+
+    def _tensors(self, ref: SamplesRef) -> dict[str, np.ndarray]:
         with np.load(io.BytesIO(_read_verified(self.path / ref.file, ref.sha256, ref.bytes)),
                      allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
@@ -189,8 +205,9 @@ def load_bundle(path: str | Path) -> Bundle:
     except _Malformed as e:
         raise BundleError(f"{manifest_path}: {e}") from None
     refs = [(e.file, e.sha256, e.bytes) for e in manifest.models]
-    if manifest.samples is not None:
-        refs.append((manifest.samples.file, manifest.samples.sha256, manifest.samples.bytes))
+    for ref in (manifest.samples, manifest.shared_expert and manifest.shared_expert.ood):
+        if ref is not None:
+            refs.append((ref.file, ref.sha256, ref.bytes))
     for file, sha256, size in refs:
         _verify_file(path / file, sha256, size)
     return Bundle(path, manifest)
@@ -306,7 +323,12 @@ def _shared_expert(obj: object, where: str) -> SharedExpert:
     m = _obj(obj, where)
     if m.get("local") is not True:
         raise _Malformed(f"{where}.local: must be true (a device runs its shared expert itself), got {m.get('local')!r}")
-    return SharedExpert(_get(m, "index", where, _nonnegative), True)
+    mode = _get(m, "mode", where, _choice(SHARED_EXPERT_MODES))
+    ood = m.get("ood")
+    if (mode == "fallback") != (ood is not None):
+        raise _Malformed(f"{where}.ood: mode {mode!r} needs {'an' if mode == 'fallback' else 'no'} OOD score file")
+    return SharedExpert(_get(m, "index", where, _nonnegative), True, mode,
+                        None if ood is None else _samples_ref(ood, f"{where}.ood"))
 
 
 def _tensor_spec(obj: object, where: str) -> TensorSpec:

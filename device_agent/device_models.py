@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from device_agent.bundle import Bundle, BundleError, Manifest
+from device_agent.ood_score import OODScore
 from device_agent.runtime import Runtime, checked_run, open_runtime
 
 RUNTIME_NAMES = {"onnx": "onnxruntime", "tflite": "tflite", "executorch": "executorch"}  # presence caps
@@ -37,6 +38,7 @@ class DeviceModels:
     expert: Runtime
     format: str
     shared_expert: Runtime | None = None
+    ood: OODScore | None = None  # the shared expert's weight per input, in mode "fallback"
 
     def local_experts(self, manifest: Manifest) -> dict[int, Runtime]:
         """The experts this device runs itself, by routing index: its own and the shared expert."""
@@ -63,8 +65,9 @@ class DeviceModels:
 
         gate = load("gate", [m.latent_dim], m.gate_outputs) if m.routing == "gate" else None
         shared = None if m.shared_expert is None else load("shared_expert", [m.latent_dim], m.num_classes)
+        ood = OODScore.of(bundle) if m.shared_expert is not None and m.shared_expert.mode == "fallback" else None
         return cls(load("extractor", m.input.shape, m.latent_dim), gate,
-                   load("expert", [m.latent_dim], m.num_classes), format, shared)
+                   load("expert", [m.latent_dim], m.num_classes), format, shared, ood)
 
 
 def model_version(bundle: Bundle) -> str:

@@ -126,7 +126,7 @@ def run_accuracies(run_dir: Path, method: str) -> list[float] | None:
 
 def _run(args: argparse.Namespace) -> int:
     from export import parity
-    from export.bundle_writer import best_method, device_modules, write_bundles
+    from export.bundle_writer import best_method, device_modules, with_ood_scores, write_bundles
     from toolkit.artifacts import load_nmoe
     from toolkit.federated_data import prepare
 
@@ -134,13 +134,13 @@ def _run(args: argparse.Namespace) -> int:
     method = args.method or best_method(run_dir)
     trained = load_nmoe(run_dir, method)
     data = prepare(trained.config.data)
-    modules = device_modules(trained)
+    modules = with_ood_scores(trained, device_modules(trained), data)
     formats = [importlib.import_module(FORMATS[name]).FORMAT for name in args.formats]
     bundles = write_bundles(trained, modules, data, run_dir, out, formats, args.precision,
                             args.calibration_samples, show)
-    models, nmoe = parity.measure(bundles, modules, data, args.formats, args.precision, show,
+    models, nmoe, ood = parity.measure(bundles, modules, data, args.formats, args.precision, show,
                                   run_accuracies(run_dir, method))
-    report = parity.build_report(run_dir, method, args.max_accuracy_drop, models, nmoe)
+    report = parity.build_report(run_dir, method, args.max_accuracy_drop, models, nmoe, ood)
     parity.write_report(report, out)
     print(f"{method}: {len(bundles)} bundles in {out}\n\n{parity.nmoe_table(report)}\n\nreport: {out / 'report.md'}")
     failures = list(report.failures)

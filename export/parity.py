@@ -22,9 +22,10 @@ import torch
 
 from device_agent.bundle import Bundle, ModelEntry
 from device_agent.nmoe_local import LocalNMoE, top_k_route
+from device_agent.ood_score import OODScore
 from device_agent.runtime import open_runtime
 from export.bundle_writer import DeviceModules
-from toolkit.evaluate import ExpertOutputs, Router, gate_router, nmoe_predict, predict
+from toolkit.evaluate import ExpertOutputs, Router, nmoe_predict, predict
 from toolkit.federated_data import FederatedData, raw_images
 from toolkit.progress import progress_bar
 from toolkit.rundir import machine, write_json
@@ -74,6 +75,17 @@ class NMoEParity:
 
 
 @dataclass(frozen=True)
+class OODParity:
+    """One device's OOD score in numpy (device_agent.ood_score, from ood.npz) against torch's, on torch latents."""
+
+    device: str
+    samples: int
+    max_abs_diff: float  # of s(z) in [0, 1]
+    agreement: float  # fraction of inputs on the same side of s = 1/2 (the switch fedgate_switch would make)
+    handed_off: float  # fraction with s > 1/2 in torch
+
+
+@dataclass(frozen=True)
 class ParityReport:
     """Everything `nmoe export` writes to report.json."""
 
@@ -85,6 +97,7 @@ class ParityReport:
     models: list[ModelParity]
     nmoe: list[NMoEParity]
     failures: list[str]
+    ood: list[OODParity]
 
 
 def latency_us(run: Callable[[], object]) -> tuple[float, float]:
@@ -144,6 +157,15 @@ def model_parity(bundle: Bundle, entry: ModelEntry, reference: tuple[np.ndarray,
                        agree(got, expected), kind, median, p99)
 
 
+def ood_parity(bundle: Bundle, mods: DeviceModules, x: torch.Tensor) -> OODParity:
+    """The device's numpy OOD score against its torch one on the torch latents of x."""
+    assert mods.ood is not None
+    z = predict(mods.extractor, x)
+    want, got = mods.ood(z).numpy(), OODScore.of(bundle)(z.numpy())
+    return OODParity(bundle.manifest.device_id, len(z), float(np.abs(got - want).max()),
+                     float(np.mean((got > 0.5) == (want > 0.5))), float(np.mean(want > 0.5)))
+
+
 def expert_outputs(device: DeviceModules, fleet: list[DeviceModules], x: torch.Tensor) -> ExpertOutputs:
     """The device's torch latents of x and every expert's class probabilities on them (then the device's
     shared expert's, when it has one)."""
@@ -164,8 +186,7 @@ def nmoe_parity(fleet: LocalNMoE, c: int, mods: list[DeviceModules], data: Feder
     test = data.personal_test[c]
     images = raw_images(test.x, fleet.bundles[c].manifest.input)
     got = fleet.predict(c, images)
-    gate = mods[c].gate
-    router = fixed_router(got.experts) if gate is None else gate_router(gate, fleet.top_k)
+    router = fixed_router(got.experts) if mods[c].gate is None else mods[c].router(fleet.top_k, fleet.num_experts)
     want = nmoe_predict(router, expert_outputs(mods[c], mods, test.x))[0].argmax(dim=1).numpy()
     y = test.y.numpy()
     torch_acc, acc = 100 * float(np.mean(want == y)), 100 * float(np.mean(got.labels == y))
@@ -177,11 +198,12 @@ def nmoe_parity(fleet: LocalNMoE, c: int, mods: list[DeviceModules], data: Feder
 
 def measure(bundles: dict[int, Bundle], mods: list[DeviceModules], data: FederatedData, formats: Sequence[str],
             precisions: Sequence[str], show_progress: bool = True, run_accuracy: Sequence[float] | None = None
-            ) -> tuple[list[ModelParity], list[NMoEParity]]:
-    """Per-model parity for every device x role x format x precision, then the fleet's NMoE parity
-    (with `run_accuracy[c]`, device c's accuracy in percent as the run measured it, when given)."""
+            ) -> tuple[list[ModelParity], list[NMoEParity], list[OODParity]]:
+    """Per-model parity for every device x role x format x precision, the OOD scores', then the fleet's
+    NMoE parity (with `run_accuracy[c]`, device c's accuracy in percent as the run measured it, when given)."""
     variants = [(f, p) for f in formats for p in precisions]
     models = []
+    ood = [ood_parity(b, mods[c], data.personal_test[c].x) for c, b in bundles.items() if mods[c].ood is not None]
     with progress_bar(len(bundles), "parity", "device", show_progress) as bar:
         for c, bundle in bundles.items():
             refs = role_references(mods[c], data.personal_test[c].x[:PARITY_SAMPLES])
@@ -195,7 +217,7 @@ def measure(bundles: dict[int, Bundle], mods: list[DeviceModules], data: Federat
             for c in bundles:
                 nmoe.append(nmoe_parity(fleet, c, mods, data, f, p, None if run_accuracy is None else run_accuracy[c]))
                 bar.update(1)
-    return models, nmoe
+    return models, nmoe, ood
 
 
 def accuracy_failures(nmoe: list[NMoEParity], max_drop: float) -> list[str]:
@@ -215,12 +237,12 @@ def runtime_versions() -> dict[str, str]:
 
 
 def build_report(run_dir: Path, method: str, max_drop: float, models: list[ModelParity],
-                 nmoe: list[NMoEParity]) -> ParityReport:
+                 nmoe: list[NMoEParity], ood: list[OODParity]) -> ParityReport:
     """The report with its settings, machine (with runtime versions) and accuracy failures."""
     settings = {"parity_samples": PARITY_SAMPLES, "latency_warmup": LATENCY_WARMUP, "latency_runs": LATENCY_RUNS,
                 "intra_op_threads": THREADS, "batch": 1}
     return ParityReport(str(run_dir), method, max_drop, settings, {**machine(), **runtime_versions()},
-                        models, nmoe, accuracy_failures(nmoe, max_drop))
+                        models, nmoe, accuracy_failures(nmoe, max_drop), ood)
 
 
 def nmoe_table(report: ParityReport) -> str:
@@ -244,6 +266,17 @@ def models_table(report: ParityReport) -> str:
     return "\n".join(rows)
 
 
+def ood_section(report: ParityReport) -> str:
+    """Markdown of the OOD score rows ("" without any)."""
+    if not report.ood:
+        return ""
+    rows = ["| device | samples | max abs diff of s | same side of 1/2 | s > 1/2 (torch) |", "|---|---:|---:|---:|---:|"]
+    rows += [f"| {o.device} | {o.samples} | {o.max_abs_diff:.2e} | {100 * o.agreement:.1f}% | {100 * o.handed_off:.1f}% |"
+             for o in report.ood]
+    return ("## OOD score (numpy on the device vs torch, on the torch latents of the personalized test)\n\n"
+            + "\n".join(rows) + "\n\n")
+
+
 def _agreement(m: ModelParity) -> str:
     value = f"{m.agreement:.5f}" if m.agreement_kind == "cosine" else f"{100 * m.agreement:.1f}%"
     return f"{value} {m.agreement_kind}"
@@ -263,4 +296,4 @@ def write_report(report: ParityReport, out: Path) -> None:
         f"({s['latency_runs']} runs after {s['latency_warmup']} warm-up, {s['intra_op_threads']} thread).\n\n"
         f"## Models vs torch fp32 (up to {s['parity_samples']} personalized test samples)\n\n"
         f"{models_table(report)}\n\nGate and expert are fed the torch latents, so each diff is the model's own. "
-        f"Latency: batch 1.\n\n## Accuracy drops beyond {report.max_accuracy_drop:g} points\n\n{failures}\n")
+        f"Latency: batch 1.\n\n{ood_section(report)}## Accuracy drops beyond {report.max_accuracy_drop:g} points\n\n{failures}\n")

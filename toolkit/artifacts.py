@@ -31,7 +31,8 @@ def shared_expert_job(method: str, gate: str) -> str:
     return f"shared_expert_{method}_{gate}"
 
 
-SHARED_EXPERT_GATES = ("fedgate_vl", "localgate_vl")  # their gates route over the experts + a shared expert
+SHARED_EXPERT_GATES = ("fedgate_vl", "localgate_vl", "fedgate_ood")  # their devices also hold a shared expert
+OOD_GATES = ("fedgate_ood",)  # ... which an OOD score blends in (the others' gates route to it)
 
 
 class ArtifactError(ValueError):

@@ -1,6 +1,7 @@
-"""Bundles of the gate methods with a shared expert (fedgate_vl, localgate_vl): `nmoe export` writes them
-(schema 3), the device side runs them without torch exactly as the run's torch evaluation did, and agents
-over a real mosquitto predict exactly like LocalNMoE, also on inputs routed to the shared expert."""
+"""Bundles of the gate methods with a shared expert (fedgate_vl, localgate_vl: mode "routed"; fedgate_ood:
+mode "fallback" with an OOD score): `nmoe export` writes them (schema 3), the device side runs them without
+torch as the run's torch evaluation did, and agents over a real mosquitto predict exactly like LocalNMoE,
+also on inputs that use the shared expert."""
 
 import json
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from device_agent.model_build import ModelBuildError
 from device_agent.nmoe_local import LocalNMoE
 from device_agent.rebuild import NewWeights, rebuild_bundle
 from device_agent.wire.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
-from export.bundle_writer import device_modules
+from export.bundle_writer import device_modules, with_ood_scores
 from export.parity import expert_outputs
 from toolkit.artifacts import load_nmoe
 from toolkit.cli import main
@@ -28,8 +29,10 @@ from toolkit.federated_data import FederatedData, prepare, raw_images
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = 3
 METHOD = "nmoe_fedce_fedgate_vl"
+OOD = "nmoe_fedce_fedgate_ood"
+EXPORTED = (METHOD, OOD)
 # top-3 of 3 experts + the shared one: the tiny run's gates pick the shared expert for a few inputs
-RUN = ["--set", 'stage1.methods=["fedce"]', "--set", 'gate.methods=["fedgate_vl", "localgate_vl"]',
+RUN = ["--set", 'stage1.methods=["fedce"]', "--set", 'gate.methods=["fedgate_vl", "localgate_vl", "fedgate_ood"]',
        "--set", "baselines.methods=[]", "--set", f"data.num_clients={CLIENTS}", "--set", "data.alpha=0.1",
        "--set", "gate.virtual_per_class=100", "--set", "model.top_k=3"]
 
@@ -42,16 +45,28 @@ def vl_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vl_bundles(vl_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("vl-bundles")
-    assert main(["export", str(vl_run), "--out", str(out), "--method", METHOD, "--formats", "onnx", "--quiet",
-                 "--calibration-samples", "32"]) == 0
+def exports(vl_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`nmoe export` of both methods, ONNX fp32 + int8 (int8 drops are judged by the tests, not the export)."""
+    out = {}
+    for method in EXPORTED:
+        out[method] = tmp_path_factory.mktemp(method)
+        assert main(["export", str(vl_run), "--out", str(out[method]), "--method", method, "--formats", "onnx",
+                     "--quiet", "--calibration-samples", "32", "--max-accuracy-drop", "100"]) == 0
     return out
 
 
 @pytest.fixture(scope="module")
+def vl_bundles(exports: dict[str, Path]) -> Path:
+    return exports[METHOD]
+
+
+def load_fleet(folder: Path) -> dict[int, Bundle]:
+    return {c: load_bundle(folder / f"device-{c}") for c in range(CLIENTS)}
+
+
+@pytest.fixture(scope="module")
 def fleet(vl_bundles: Path) -> dict[int, Bundle]:
-    return {c: load_bundle(vl_bundles / f"device-{c}") for c in range(CLIENTS)}
+    return load_fleet(vl_bundles)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +86,20 @@ def test_export_writes_the_shared_expert_as_the_gates_last_output(fleet: dict[in
     assert len(shared) == 1  # the server sent every device the same calibrated shared expert
 
 
-def test_parity_report_covers_the_shared_expert_and_matches_the_runs_accuracy(vl_bundles: Path, vl_run: Path) -> None:
-    report = json.loads((vl_bundles / "report.json").read_text())
+def test_fallback_bundles_carry_the_ood_score(exports: dict[str, Path]) -> None:
+    for bundle in load_fleet(exports[OOD]).values():
+        m = bundle.manifest
+        assert (m.schema_version, m.gate_outputs, m.shared_expert.mode) == (3, CLIENTS, "fallback")  # type: ignore[union-attr]
+        assert bundle.model("gate", "fp32").outputs[0].shape == ["batch", CLIENTS]
+        tensors = bundle.ood_tensors()
+        assert tensors["means"].shape[1] == m.latent_dim and tensors["precision"].shape == (m.latent_dim,) * 2
+        assert "ood_score" in bundle.samples()
+
+
+@pytest.mark.parametrize("method", EXPORTED)
+def test_parity_report_covers_the_shared_expert_and_matches_the_runs_accuracy(exports: dict[str, Path], vl_run: Path,
+                                                                             method: str) -> None:
+    report = json.loads((exports[method] / "report.json").read_text())
     rows = [m for m in report["models"] if m["role"] == "shared_expert"]
     assert {(m["device"], m["precision"]) for m in rows} == {(f"device-{c}", p) for c in range(CLIENTS)
                                                              for p in ("fp32", "int8")}
@@ -81,38 +108,43 @@ def test_parity_report_covers_the_shared_expert_and_matches_the_runs_accuracy(vl
             assert m["max_abs_diff"] < 1e-5 and m["agreement"] == 1.0
         else:
             assert m["max_abs_diff"] < 0.1 * m["reference_max_abs"] and m["agreement"] >= 0.9
-    per_client = json.loads((vl_run / "metrics.json").read_text())["methods"][METHOD]["per_client"]
+    per_client = json.loads((vl_run / "metrics.json").read_text())["methods"][method]["per_client"]
     run = {f"device-{r['client']}": 100 * r["personalized_accuracy"] for r in per_client}
     for r in report["nmoe"]:
         assert r["run_accuracy"] == pytest.approx(run[r["device"]])
         assert r["torch_accuracy"] == pytest.approx(r["run_accuracy"])  # the export's torch NMoE is the run's
         if r["precision"] == "fp32":
             assert r["accuracy"] == r["torch_accuracy"] and r["agreement"] == 1.0
-        else:
-            assert r["drop"] <= 2.0
-    assert report["failures"] == []
+        else:  # 100 test inputs per device: a point is one input
+            assert r["drop"] <= 3.0 and r["agreement"] >= 0.95
+    assert len(report["ood"]) == (CLIENTS if method == OOD else 0)
+    for o in report["ood"]:
+        assert o["max_abs_diff"] < 1e-4 and o["agreement"] == 1.0 and o["handed_off"] > 0
 
 
-def shared_routed(local: LocalNMoE, c: int, images: np.ndarray) -> np.ndarray:
-    """Indices of the images device c routes to the shared expert (expert id num_experts)."""
-    return np.nonzero((local.predict(c, images).experts == CLIENTS).any(axis=1))[0]
+def uses_shared(local: LocalNMoE, c: int, images: np.ndarray) -> np.ndarray:
+    """Indices of the images for which device c gives the shared expert (expert id num_experts) a weight > 1e-3."""
+    p = local.predict(c, images)
+    return np.nonzero(((p.experts == CLIENTS) & (p.weights > 1e-3)).any(axis=1))[0]
 
 
-def test_local_nmoe_equals_the_torch_evaluation_of_the_method(vl_run: Path, fleet: dict[int, Bundle],
-                                                              data: FederatedData) -> None:
+@pytest.mark.parametrize("method", EXPORTED)
+def test_local_nmoe_equals_the_torch_evaluation_of_the_method(vl_run: Path, exports: dict[str, Path],
+                                                              data: FederatedData, method: str) -> None:
+    fleet = load_fleet(exports[method])
     local = LocalNMoE(fleet, "fp32")
-    mods = device_modules(load_nmoe(vl_run, METHOD))
-    routed = 0
+    mods = with_ood_scores(load_nmoe(vl_run, method), device_modules(load_nmoe(vl_run, method)), data)
+    used = 0
     for c in range(CLIENTS):
         x = torch.cat([data.personal_test[c].x, data.global_test.x])
-        got = local.predict(c, raw_images(x, fleet[c].manifest.input))
-        assert mods[c].gate is not None
-        probs, idx = nmoe_predict(gate_router(mods[c].gate, local.top_k), expert_outputs(mods[c], mods, x))
+        images = raw_images(x, fleet[c].manifest.input)
+        got = local.predict(c, images)
+        probs, idx = nmoe_predict(mods[c].router(local.top_k, CLIENTS), expert_outputs(mods[c], mods, x))
         assert np.array_equal(got.experts, idx.numpy())
-        assert np.abs(got.probs - probs.numpy()).max() < 1e-5
+        assert np.abs(got.probs - probs.numpy()).max() < 1e-4  # the OOD score: numpy vs torch float32
         assert np.array_equal(got.labels, probs.argmax(dim=1).numpy())
-        routed += int((got.experts == CLIENTS).any(axis=1).sum())
-    assert routed >= 5  # the shared expert is really used
+        used += len(uses_shared(local, c, images))
+    assert used >= 5  # the shared expert is really used
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +153,13 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroker]:
         yield running
 
 
-def test_agents_over_mosquitto_predict_exactly_like_local_nmoe(fleet: dict[int, Bundle], data: FederatedData,
-                                                               broker: RunningBroker) -> None:
+@pytest.mark.parametrize("method", EXPORTED)
+def test_agents_over_mosquitto_predict_exactly_like_local_nmoe(exports: dict[str, Path], data: FederatedData,
+                                                               broker: RunningBroker, method: str) -> None:
+    fleet = load_fleet(exports[method])
     local = LocalNMoE(fleet, "fp32")
     images = raw_images(data.global_test.x, fleet[0].manifest.input)
-    agents = {c: Agent(b, MqttTransport(MqttSettings(BrokerUrl.parse(broker.url), f"test-vl-{c}")),
+    agents = {c: Agent(b, MqttTransport(MqttSettings(BrokerUrl.parse(broker.url), f"test-{method}-{c}")),
                        DeviceModels.open(b)) for c, b in fleet.items()}
     try:
         for agent in agents.values():
@@ -134,12 +168,12 @@ def test_agents_over_mosquitto_predict_exactly_like_local_nmoe(fleet: dict[int, 
             assert agent.wait_for_experts(set(agents), 30), agent.stats()
         shared_rows = 0
         for c, agent in agents.items():
-            routed = shared_routed(local, c, images)
-            batch = images[np.concatenate([routed[:8], np.arange(8)])]  # routed to the shared expert, and any
+            routed = uses_shared(local, c, images)
+            batch = images[np.concatenate([routed[:8], np.arange(8)])]  # using the shared expert, and any
             result, expected = agent.infer(batch), local.predict(c, batch)
             assert np.array_equal(result.probs, expected.probs), c
             assert np.array_equal(result.experts, expected.experts) and result.missing == {}
-            assert set(result.answered) == set(np.unique(expected.experts).tolist())
+            assert CLIENTS in result.answered and set(result.answered) <= set(np.unique(expected.experts).tolist())
             shared_rows += len(routed[:8])
         assert shared_rows >= 3
         asked = sum(a.stats()["expert_server"].get("answered", 0) for a in agents.values())
@@ -160,9 +194,10 @@ def test_agent_without_peers_routes_over_its_own_and_the_shared_expert(fleet: di
     assert np.allclose(result.weights.sum(axis=1), 1) and result.fallback_rows == 0
 
 
-def test_trial_runs_the_bundles(vl_bundles: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", EXPORTED)
+def test_trial_runs_the_bundles(exports: dict[str, Path], tmp_path: Path, method: str) -> None:
     out = tmp_path / "trial"
-    assert main(["trial", "--bundles", str(vl_bundles), "--out", str(out), "--quiet", "--samples", "6",
+    assert main(["trial", "--bundles", str(exports[method]), "--out", str(out), "--quiet", "--samples", "6",
                  "--rate", "30"]) == 0
     summary = json.loads((out / "trial.json").read_text())
     assert summary["counts"]["answered"] == 3 * 6 and summary["exactness"]["mismatches"] == 0
@@ -185,9 +220,9 @@ def test_localgate_vl_loads_for_export_with_the_runs_accuracy(vl_run: Path, data
 
 def test_methods_without_bundles_are_one_error_line(vl_run: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["export", str(vl_run), "--out", str(tmp_path / "b"), "--method", "nmoe_fedce_fedgate_ood"]) == 2
+    assert main(["export", str(vl_run), "--out", str(tmp_path / "b"), "--method", "nmoe_fedce_fedgate_switch"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("nmoe: error: ") and "\n" not in err and "fedgate_ood" in err
+    assert err.startswith("nmoe: error: ") and "\n" not in err and "fedgate_switch are not supported yet" in err
 
 
 def test_a_run_without_the_shared_expert_checkpoint_is_one_error_line(vl_run: Path, tmp_path: Path,

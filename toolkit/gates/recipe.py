@@ -130,6 +130,7 @@ class GatesRecipe(NMoERecipe):
     def prepare_ood(self, method: str, gate: str, s1: Any) -> Preparation:
         g, n = self.cfg.gate, len(self.devices)
         head, prep = self.shared_head(method, s1)
+        self.store(shared_expert_job(method, gate)).save(JobState(1, pack("shared", head), {}, True))  # for export
         _, failures = self.every_device(f"{gate}_{method}", "prepare_ood", lambda d: d.prepare_ood(OODIns(
             method, gate, head, g.heldout_fraction, g.ood_quantile, g.ood_temperature,
             derive_seed(self.cfg.seed, "ood", d.cid))))

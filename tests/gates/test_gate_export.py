@@ -3,6 +3,7 @@ mode "fallback" with an OOD score): `nmoe export` writes them (schema 3), the de
 torch as the run's torch evaluation did, and agents over a real mosquitto predict exactly like LocalNMoE,
 also on inputs that use the shared expert."""
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,11 +14,12 @@ import torch
 
 from broker.process import BrokerOptions, RunningBroker, start_broker
 from device_agent.agent import Agent
-from device_agent.bundle import Bundle, load_bundle
+from device_agent.bundle import Bundle, BundleError, load_bundle
 from device_agent.device_models import DeviceModels
 from device_agent.model_build import ModelBuildError
-from device_agent.nmoe_local import LocalNMoE
+from device_agent.nmoe_local import LocalNMoE, preprocess
 from device_agent.rebuild import NewWeights, rebuild_bundle
+from device_agent.sample_check import check_against_samples
 from device_agent.wire.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
 from export.bundle_writer import device_modules, with_ood_scores
 from export.parity import expert_outputs
@@ -25,6 +27,7 @@ from toolkit.artifacts import load_nmoe
 from toolkit.cli import main
 from toolkit.evaluate import gate_router, nmoe_predict
 from toolkit.federated_data import FederatedData, prepare, raw_images
+from toolkit.fleet.trial_summary import RequestPath, path_of
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = 3
@@ -173,7 +176,8 @@ def test_agents_over_mosquitto_predict_exactly_like_local_nmoe(exports: dict[str
             result, expected = agent.infer(batch), local.predict(c, batch)
             assert np.array_equal(result.probs, expected.probs), c
             assert np.array_equal(result.experts, expected.experts) and result.missing == {}
-            assert CLIENTS in result.answered and set(result.answered) <= set(np.unique(expected.experts).tolist())
+            chosen = set(np.unique(expected.experts).tolist())
+            assert set(result.answered) <= chosen and (CLIENTS in result.answered) == (CLIENTS in chosen)
             shared_rows += len(routed[:8])
         assert shared_rows >= 3
         asked = sum(a.stats()["expert_server"].get("answered", 0) for a in agents.values())
@@ -183,15 +187,22 @@ def test_agents_over_mosquitto_predict_exactly_like_local_nmoe(exports: dict[str
             agent.stop()
 
 
-def test_agent_without_peers_routes_over_its_own_and_the_shared_expert(fleet: dict[int, Bundle],
-                                                                       data: FederatedData) -> None:
-    """Disconnected, only the local experts are live: top-k over them, renormalized."""
-    bundle = fleet[1]
-    agent = Agent(bundle, MqttTransport(MqttSettings(BrokerUrl.parse("mqtt://127.0.0.1:1"), "test-alone")),
-                  DeviceModels.open(bundle))
-    result = agent.infer(raw_images(data.global_test.x[:20], bundle.manifest.input))
-    assert set(np.unique(result.experts).tolist()) <= {1, CLIENTS}
-    assert np.allclose(result.weights.sum(axis=1), 1) and result.fallback_rows == 0
+@pytest.mark.parametrize("method", EXPORTED)
+def test_agent_without_peers_routes_over_its_own_and_the_shared_expert(exports: dict[str, Path], data: FederatedData,
+                                                                       method: str) -> None:
+    """Disconnected, only the local experts are live: top-k over them (fallback: the own expert, then the
+    shared one with weight s), weights summing to 1, no input without an answer."""
+    bundle = load_fleet(exports[method])[1]
+    models = DeviceModels.open(bundle)
+    agent = Agent(bundle, MqttTransport(MqttSettings(BrokerUrl.parse("mqtt://127.0.0.1:1"), "test-alone")), models)
+    z_images = raw_images(data.global_test.x[:50], bundle.manifest.input)
+    result = agent.infer(z_images)
+    assert set(np.unique(result.experts).tolist()) == {1, CLIENTS} and result.missing == {}
+    assert np.allclose(result.weights.sum(axis=1), 1, atol=1e-6) and result.fallback_rows == 0
+    if method == OOD:
+        assert models.ood is not None
+        s = models.ood(models.extractor.run(preprocess(z_images, bundle.manifest.input)))
+        np.testing.assert_allclose(result.weights, np.stack([1 - s, s], axis=1), atol=1e-6)
 
 
 @pytest.mark.parametrize("method", EXPORTED)
@@ -247,3 +258,18 @@ def test_rebuild_refuses_a_shared_expert_bundle(fleet: dict[int, Bundle], tmp_pa
                        run_id="r", round_index=1)
     assert sorted(p.name for p in bundle.path.iterdir()) == before
     assert load_bundle(bundle.path).manifest.model_version == bundle.manifest.model_version
+
+
+def test_an_agent_refuses_an_ood_score_that_does_not_reproduce_its_samples(exports: dict[str, Path]) -> None:
+    bundle = load_fleet(exports[OOD])[0]
+    models = DeviceModels.open(bundle)
+    check_against_samples(bundle, models)
+    assert models.ood is not None
+    off = dataclasses.replace(models, ood=dataclasses.replace(models.ood, tau=models.ood.tau - 10 * models.ood.spread))
+    with pytest.raises(BundleError, match=r"samples\.npz: the OOD score differs from the expected ood_score"):
+        check_against_samples(bundle, off)
+
+
+def test_the_trial_counts_the_shared_expert_as_local() -> None:
+    assert path_of([0, CLIENTS], 0, CLIENTS) == path_of([0], 0, CLIENTS) == RequestPath.LOCAL
+    assert path_of([0, 1, CLIENTS], 0, CLIENTS) == RequestPath.REMOTE and path_of(None, 0, CLIENTS) == RequestPath.UNKNOWN

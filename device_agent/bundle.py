@@ -205,7 +205,8 @@ def load_bundle(path: str | Path) -> Bundle:
     except _Malformed as e:
         raise BundleError(f"{manifest_path}: {e}") from None
     refs = [(e.file, e.sha256, e.bytes) for e in manifest.models]
-    for ref in (manifest.samples, manifest.shared_expert and manifest.shared_expert.ood):
+    shared = manifest.shared_expert
+    for ref in (manifest.samples, None if shared is None else shared.ood):
         if ref is not None:
             refs.append((ref.file, ref.sha256, ref.bytes))
     for file, sha256, size in refs:

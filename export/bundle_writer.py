@@ -149,8 +149,7 @@ def with_ood_scores(trained: TrainedNMoE, modules: list[DeviceModules], data: Fe
 def ood_tensors(score: OODScore) -> dict[str, np.ndarray]:
     """What a device needs to compute the score (ood.npz, docs/bundle.md)."""
     return {"means": score.maha.means.numpy(), "precision": score.maha.precision.numpy(),
-            "tau": np.float64(score.tau), "spread": np.float64(score.spread),
-            "temperature": np.float64(score.temperature)}
+            "tau": np.array(score.tau), "spread": np.array(score.spread), "temperature": np.array(score.temperature)}
 
 
 def input_spec(dataset: dict[str, Any]) -> InputSpec:

@@ -29,6 +29,10 @@ provenance; see docs/bundle.md) and samples.npz (a few raw uint8 test images wit
 fp32 outputs, for on-device self-checks). The device agent refuses a bundle whose hashes or
 schema do not match.
 
+Gate methods of toolkit.gates (docs/gates.md): fedgate_vl, localgate_vl and fedgate_ood bundles also
+hold the shared expert every device runs itself (manifest schema 3; fedgate_ood adds the device's OOD
+score, ood.npz); fedgate_heldout and fedgate_switch cannot be exported yet.
+
 Formats: onnx (ONNX Runtime; dynamic batch), executorch (.pte lowered to XNNPACK) and tflite
 (LiteRT, via litert-torch); the last two are exported for a static batch of 1 and the agent feeds
 larger batches in chunks.
@@ -59,6 +63,7 @@ examples:
   nmoe export runs/quick --out bundles/quick                        # best nmoe_*_fedgate, all formats
   nmoe export runs/quick --out bundles/pi --formats onnx,tflite --check-arm64
   nmoe export runs/quick --out bundles/rg --method nmoe_fedce_rangate --precision fp32
+  nmoe export runs/gates --out bundles/vl --method nmoe_fedce_fedgate_vl --formats onnx
   nmoe export runs/quick --out bundles/q --calibration-samples 512 --max-accuracy-drop 0.5
 """
 

@@ -1,8 +1,8 @@
 """The device agent: serves its expert and local inference, and classifies with the whole fleet.
 
 `Agent.infer(images)`: preprocess -> extractor -> gate (or random routing) -> top-k among the live
-experts (suspect peers left out) -> its own expert in-process while the other chosen experts are
-asked concurrently over the transport (one REQUEST per expert, at most max_batch rows each) ->
+experts (suspect peers left out) -> its own expert (and a bundle's shared expert, which is always live)
+in-process while the other chosen experts are asked concurrently over the transport (one REQUEST per expert, at most max_batch rows each) ->
 combine with the gate weights, renormalized over the experts that answered before the deadline.
 A row whose chosen experts all failed is answered by the device's own expert, so an inference
 never fails while the device itself works. `begin` + `finish` are the two halves of `infer`
@@ -30,7 +30,7 @@ import numpy as np
 from device_agent.bundle import Bundle
 from device_agent.device_models import RUNTIME_NAMES, DeviceModels, model_version
 from device_agent.nmoe_local import combine, preprocess, softmax
-from device_agent.routing import Route, Suspects, gate_route, random_live_route
+from device_agent.routing import Route, Suspects, gate_route, random_live_route, with_fallback
 from device_agent.sample_check import check_against_samples
 from device_agent.serving import Deferred, RequestServer, Served, ServerLimits
 from device_agent.wire.clock import now_ms
@@ -306,15 +306,17 @@ class Agent:
         route, avoided = self._route(inst, z)
         idx, weights = route.experts.copy(), route.weights.copy()
         marks["routed"] = time.perf_counter()
-        skipped = (weights == 0) & (idx != self.expert_id)  # contributes exactly 0: not worth asking
-        calls, missing, bytes_sent = self._send(inst.version, z, np.where(skipped, -1, idx), deadline_ms,
+        local = np.isin(idx, list(inst.models.local_experts(inst.bundle.manifest)))
+        skipped = (weights == 0) & ~local  # contributes exactly 0: not worth asking
+        calls, missing, bytes_sent = self._send(inst.version, z, np.where(skipped | local, -1, idx), deadline_ms,
                                                 self.config.deadline_ms / 1000, wake)
         marks["sent"] = time.perf_counter()
         outputs = {int(e): np.zeros((len(z), inst.bundle.manifest.num_classes), np.float32)
                    for e in np.unique(idx)}
         have = {e: np.zeros(len(z), bool) for e in outputs}
-        if self.expert_id in outputs:
-            self._run_own(inst, z, np.nonzero(idx == self.expert_id)[0], outputs, have)
+        for e in inst.models.local_experts(inst.bundle.manifest):
+            if e in outputs:
+                self._run_local(inst, e, z, np.nonzero(idx == e)[0], outputs, have)
         marks["own_done"] = time.perf_counter()
         return PendingInference(inst, requests, z, route, idx, weights, avoided, outputs, have, missing, skipped, calls,
                                 until, bytes_sent, marks)
@@ -365,14 +367,18 @@ class Agent:
         """The chosen experts among those usable right now (only our own while disconnected), and the
         live experts left out because their device is suspect."""
         m = inst.bundle.manifest
-        live, avoided = {self.expert_id}, set()
+        live, avoided = set(inst.models.local_experts(m)), set()
         if self.connected.is_set():
             usable = {e for e in self.fleet.live_experts(inst.version) if e < m.num_experts}
             live |= {e for e in self.fleet.live_experts(inst.version, self.suspects.avoided())
                      if e < m.num_experts}
             avoided = usable - live
         if inst.models.gate is not None:
-            return gate_route(inst.models.gate.run(z), m.top_k, live), tuple(sorted(avoided))
+            logits = inst.models.gate.run(z)
+            route = gate_route(logits, m.top_k, {e for e in live if e < logits.shape[1]})
+            if inst.models.ood is not None and m.shared_expert is not None:  # mode "fallback"
+                route = with_fallback(route, inst.models.ood(z), m.shared_expert.index)
+            return route, tuple(sorted(avoided))
         with self._rng_lock:
             return random_live_route(len(z), m.num_experts, m.top_k, live, self._rng), tuple(sorted(avoided))
 
@@ -427,10 +433,11 @@ class Agent:
         except ProtocolError:
             return frame("fp32")
 
-    def _run_own(self, inst: Installed, z: np.ndarray, rows: np.ndarray, outputs: dict[int, np.ndarray],
-                 have: dict[int, np.ndarray]) -> None:
-        outputs[self.expert_id][rows] = softmax(inst.models.expert.run(z[rows]))
-        have[self.expert_id][rows] = True
+    def _run_local(self, inst: Installed, expert: int, z: np.ndarray, rows: np.ndarray,
+                   outputs: dict[int, np.ndarray], have: dict[int, np.ndarray]) -> None:
+        """A local expert (the own one, or the shared expert) on `rows`."""
+        outputs[expert][rows] = softmax(inst.models.local_experts(inst.bundle.manifest)[expert].run(z[rows]))
+        have[expert][rows] = True
 
     def _collect(self, p: PendingInference, calls: list[Call[np.ndarray]]) -> tuple[dict[int, float], dict[int, str]]:
         """The answers of `calls` into `p.outputs`/`p.have`: round trip per expert that answered, and why
@@ -471,7 +478,7 @@ class Agent:
             weights[orphans, 0] = 1.0
             outputs.setdefault(self.expert_id, np.zeros_like(next(iter(outputs.values()))))
             have.setdefault(self.expert_id, np.zeros(len(z), bool))
-            self._run_own(inst, z, orphans, outputs, have)
+            self._run_local(inst, self.expert_id, z, orphans, outputs, have)
         return len(orphans)
 
     def _record(self, r: InferenceResult, requests: dict[str, list[int]]) -> None:

@@ -1,4 +1,5 @@
-"""Device bundles: `manifest.json` (schema version 2; 1 is still read) plus model files, verified before any use.
+"""Device bundles: `manifest.json` (schema version 2, or 3 with a shared expert; 1 is still read) plus model files,
+verified before any use.
 
 `load_bundle` checks the schema version, every field, and the size and sha256 of every listed file
 before it returns; any problem raises one `BundleError` naming the file and the problem, and no
@@ -19,14 +20,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-SCHEMA_VERSION = 2  # what writers write
-READABLE_SCHEMA_VERSIONS = (1, 2)  # 1: no model_version field, it is provenance.config_hash
+SCHEMA_VERSION = 2  # what writers write for a bundle without a shared expert
+SHARED_EXPERT_SCHEMA_VERSION = 3  # ... and with one (the `shared_expert` field, the shared_expert role)
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)  # 1: no model_version field, it is provenance.config_hash
 MAX_MODEL_VERSION_BYTES = 255  # the wire protocol's short text
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20
-ROLES = ("extractor", "gate", "expert")
+ROLES = ("extractor", "gate", "expert", "shared_expert")
 PRECISIONS = ("fp32", "int8")
 ROUTINGS = ("gate", "random")
+SHARED_EXPERT_MODES = ("routed", "fallback")  # a gate output of its own / weight s(z) from the OOD score
+OOD_KEYS = ("means", "precision", "tau", "spread", "temperature")  # ood.npz
 DTYPES = ("float32", "int8", "uint8")
 LAYOUTS = ("NCHW",)
 
@@ -89,11 +93,24 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class SamplesRef:
-    """The self-check samples file."""
+    """A tensors file of the bundle (samples.npz, ood.npz)."""
 
     file: str
     sha256: str
     bytes: int
+
+
+@dataclass(frozen=True)
+class SharedExpert:
+    """Schema 3: an expert every device holds and runs itself (never asked over MQTT), with expert index
+    `index` (= num_experts). Mode "routed": it is the gate's last output (num_experts + 1 outputs);
+    "fallback": the gate has num_experts outputs and the shared expert gets weight s(z), the OOD score
+    of `ood`, the gate's top-k the rest."""
+
+    index: int
+    local: bool  # always true: the device runs it in-process
+    mode: str = "routed"
+    ood: SamplesRef | None = None  # mode "fallback": ood.npz
 
 
 @dataclass(frozen=True)
@@ -114,10 +131,19 @@ class Manifest:
     models: list[ModelEntry]
     provenance: dict[str, Any]
     samples: SamplesRef | None
+    shared_expert: SharedExpert | None = None  # schema 3 only
+
+    @property
+    def gate_outputs(self) -> int:
+        """Routing targets: the fleet's experts, plus the shared expert when there is one."""
+        return self.num_experts + (self.shared_expert is not None and self.shared_expert.mode == "routed")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written to manifest.json."""
-        return dataclasses.asdict(self)
+        fields = dataclasses.asdict(self)
+        if self.shared_expert is None:
+            del fields["shared_expert"]  # schema 1/2 have no such field
+        return fields
 
 
 @dataclass(frozen=True)
@@ -144,6 +170,16 @@ class Bundle:
         ref = self.manifest.samples
         if ref is None:
             raise BundleError(f"{self.path / MANIFEST}: this bundle has no samples")
+        return self._tensors(ref)
+
+    def ood_tensors(self) -> dict[str, np.ndarray]:
+        """The OOD score's tensors (ood.npz) of a shared expert in mode "fallback"."""
+        shared = self.manifest.shared_expert
+        if shared is None or shared.ood is None:
+            raise BundleError(f"{self.path / MANIFEST}: this bundle has no OOD score")
+        return self._tensors(shared.ood)
+
+    def _tensors(self, ref: SamplesRef) -> dict[str, np.ndarray]:
         with np.load(io.BytesIO(_read_verified(self.path / ref.file, ref.sha256, ref.bytes)),
                      allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
@@ -169,8 +205,10 @@ def load_bundle(path: str | Path) -> Bundle:
     except _Malformed as e:
         raise BundleError(f"{manifest_path}: {e}") from None
     refs = [(e.file, e.sha256, e.bytes) for e in manifest.models]
-    if manifest.samples is not None:
-        refs.append((manifest.samples.file, manifest.samples.sha256, manifest.samples.bytes))
+    shared = manifest.shared_expert
+    for ref in (manifest.samples, None if shared is None else shared.ood):
+        if ref is not None:
+            refs.append((ref.file, ref.sha256, ref.bytes))
     for file, sha256, size in refs:
         _verify_file(path / file, sha256, size)
     return Bundle(path, manifest)
@@ -210,7 +248,8 @@ def _parse_manifest(obj: object) -> Manifest:
     m = _obj(obj, "manifest")
     version = _get(m, "schema_version", "", _int)
     if version not in READABLE_SCHEMA_VERSIONS:
-        readable = " and ".join(map(str, READABLE_SCHEMA_VERSIONS))
+        *older, last = map(str, READABLE_SCHEMA_VERSIONS)
+        readable = f"{', '.join(older)} and {last}"
         raise _Malformed(f"schema_version {version} is not supported (this agent reads schema_version "
                          f"{readable}); export the bundle again with a matching nmoe-edge")
     provenance = _get(m, "provenance", "", _obj)
@@ -227,7 +266,14 @@ def _parse_manifest(obj: object) -> Manifest:
         raise _Malformed(f"top_k: {top_k} is more than num_experts={num_experts}")
     models = _get(m, "models", "", _list_of(_model_entry))
     routing = _get(m, "routing", "", _choice(ROUTINGS))
-    _check_models(models, routing)
+    shared = _get(m, "shared_expert", "", _shared_expert) if version >= SHARED_EXPERT_SCHEMA_VERSION else None
+    if shared is not None:
+        if shared.index != num_experts:
+            raise _Malformed(f"shared_expert.index: {shared.index}, must be num_experts={num_experts} "
+                             "(the gate's last output)")
+        if routing != "gate":
+            raise _Malformed(f"shared_expert: needs routing \"gate\", got {routing!r}")
+    _check_models(models, routing, shared is not None)
     samples = m.get("samples")
     return Manifest(
         schema_version=version, model_version=_model_version(m, provenance, version),
@@ -235,7 +281,7 @@ def _parse_manifest(obj: object) -> Manifest:
         num_experts=num_experts, top_k=top_k, latent_dim=_get(m, "latent_dim", "", _positive),
         num_classes=num_classes, class_names=class_names, routing=routing,
         input=_get(m, "input", "", _input_spec), models=models, provenance=provenance,
-        samples=None if samples is None else _samples_ref(samples, "samples"))
+        samples=None if samples is None else _samples_ref(samples, "samples"), shared_expert=shared)
 
 
 def _model_version(m: dict[str, Any], provenance: dict[str, Any], schema_version: int) -> str | None:
@@ -248,7 +294,7 @@ def _model_version(m: dict[str, Any], provenance: dict[str, Any], schema_version
         return None
 
 
-def _check_models(models: list[ModelEntry], routing: str) -> None:
+def _check_models(models: list[ModelEntry], routing: str, shared: bool) -> None:
     """Unique files and (role, format, precision); every exported variant is a complete set."""
     files = [e.file for e in models]
     if len(set(files)) != len(files):
@@ -256,7 +302,7 @@ def _check_models(models: list[ModelEntry], routing: str) -> None:
     keys = [(e.role, e.format, e.precision) for e in models]
     if len(set(keys)) != len(keys):
         raise _Malformed("models: a role/format/precision is listed twice")
-    needed = {"extractor", "expert"} | ({"gate"} if routing == "gate" else set())
+    needed = {"extractor", "expert"} | ({"gate"} if routing == "gate" else set()) | ({"shared_expert"} if shared else set())
     for fmt, precision in {(f, p) for _, f, p in keys}:
         roles = {r for r, f, p in keys if (f, p) == (fmt, precision)}
         if roles != needed:
@@ -272,6 +318,18 @@ def _model_entry(obj: object, where: str) -> ModelEntry:
         sha256=_get(m, "sha256", where, _sha256), bytes=_get(m, "bytes", where, _nonnegative),
         inputs=_get(m, "inputs", where, _list_of(_tensor_spec)),
         outputs=_get(m, "outputs", where, _list_of(_tensor_spec)))
+
+
+def _shared_expert(obj: object, where: str) -> SharedExpert:
+    m = _obj(obj, where)
+    if m.get("local") is not True:
+        raise _Malformed(f"{where}.local: must be true (a device runs its shared expert itself), got {m.get('local')!r}")
+    mode = _get(m, "mode", where, _choice(SHARED_EXPERT_MODES))
+    ood = m.get("ood")
+    if (mode == "fallback") != (ood is not None):
+        raise _Malformed(f"{where}.ood: mode {mode!r} needs {'an' if mode == 'fallback' else 'no'} OOD score file")
+    return SharedExpert(_get(m, "index", where, _nonnegative), True, mode,
+                        None if ood is None else _samples_ref(ood, f"{where}.ood"))
 
 
 def _tensor_spec(obj: object, where: str) -> TensorSpec:

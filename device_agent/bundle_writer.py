@@ -36,6 +36,7 @@ from device_agent.bundle import (
 )
 
 SAMPLES = "samples.npz"
+OOD = "ood.npz"  # the OOD score of a shared expert in mode "fallback"
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,11 @@ def restore_interrupted(dest: Path) -> None:
 
 
 def write_bundle(dest: Path, manifest: Manifest, write_models: WriteModels, samples: Mapping[str, np.ndarray],
-                 check: CheckBundle | None = None) -> Bundle:
+                 check: CheckBundle | None = None, ood: Mapping[str, np.ndarray] | None = None) -> Bundle:
     """Write a bundle to `dest`, replacing the one there only after the new one verifies.
 
-    `manifest` gives every field but `models` and `samples`, which come from the files written.
+    `manifest` gives every field but `models` and `samples` (and its shared expert's `ood`, written from
+    `ood` when given), which come from the files written.
     On any failure (including BundleError from verification or `check`) the scratch folder is
     removed and `dest` is as it was. A `dest` that exists but holds no manifest is never replaced.
     """
@@ -112,11 +114,10 @@ def write_bundle(dest: Path, manifest: Manifest, write_models: WriteModels, samp
         outside = [str(m.path) for m in models if m.path.parent != scratch]
         if outside:
             raise BundleError(f"{dest}: model files written outside the bundle folder: {', '.join(outside)}")
-        arrays: dict[str, Any] = dict(samples)  # Any: numpy's stub would match a key to savez's own options
-        with (scratch / SAMPLES).open("wb") as f:
-            np.savez(f, **arrays)
-        ref = SamplesRef(SAMPLES, file_sha256(scratch / SAMPLES), (scratch / SAMPLES).stat().st_size)
-        full = dataclasses.replace(manifest, models=[m.entry() for m in models], samples=ref)
+        full = dataclasses.replace(manifest, models=[m.entry() for m in models], samples=_save(scratch / SAMPLES, samples))
+        if ood is not None and manifest.shared_expert is not None:
+            full = dataclasses.replace(full, shared_expert=dataclasses.replace(
+                manifest.shared_expert, ood=_save(scratch / OOD, ood)))
         (scratch / MANIFEST).write_text(json.dumps(full.to_dict(), indent=2) + "\n")
         written = load_bundle(scratch)
         if check is not None:
@@ -133,6 +134,14 @@ def write_bundle(dest: Path, manifest: Manifest, write_models: WriteModels, samp
     _sync_dir(dest.parent)
     shutil.rmtree(old, ignore_errors=True)
     return Bundle(dest, written.manifest)
+
+
+def _save(path: Path, tensors: Mapping[str, np.ndarray]) -> SamplesRef:
+    """An .npz of `tensors` and its reference for the manifest."""
+    arrays: dict[str, Any] = dict(tensors)  # Any: numpy's stub would match a key to savez's own options
+    with path.open("wb") as f:
+        np.savez(f, **arrays)
+    return SamplesRef(path.name, file_sha256(path), path.stat().st_size)
 
 
 def _sync(folder: Path) -> None:

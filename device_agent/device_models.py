@@ -1,4 +1,5 @@
-"""The three models a device runs (extractor, gate, its own expert), opened from a verified bundle."""
+"""The models a device runs (extractor, gate, its own expert, and a shared expert when the bundle has one),
+opened from a verified bundle."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_agent.bundle import Bundle, BundleError
+from device_agent.bundle import Bundle, BundleError, Manifest
+from device_agent.ood_score import OODScore
 from device_agent.runtime import Runtime, checked_run, open_runtime
 
 RUNTIME_NAMES = {"onnx": "onnxruntime", "tflite": "tflite", "executorch": "executorch"}  # presence caps
@@ -28,12 +30,22 @@ class LockedRuntime:
 
 @dataclass(frozen=True)
 class DeviceModels:
-    """A device's runtimes; `gate` is None for a bundle with random routing."""
+    """A device's runtimes; `gate` is None for a bundle with random routing, `shared_expert` None for a
+    bundle without one (schema < 3)."""
 
     extractor: Runtime
     gate: Runtime | None
     expert: Runtime
     format: str
+    shared_expert: Runtime | None = None
+    ood: OODScore | None = None  # the shared expert's weight per input, in mode "fallback"
+
+    def local_experts(self, manifest: Manifest) -> dict[int, Runtime]:
+        """The experts this device runs itself, by routing index: its own and the shared expert."""
+        local = {manifest.expert_id: self.expert}
+        if self.shared_expert is not None and manifest.shared_expert is not None:
+            local[manifest.shared_expert.index] = self.shared_expert
+        return local
 
     @classmethod
     def open(cls, bundle: Bundle, precision: str = "fp32", format: str = "onnx",
@@ -51,9 +63,11 @@ class DeviceModels:
                                   f"expected [1, {outputs}] (from manifest.json)")
             return LockedRuntime(runtime)
 
-        gate = load("gate", [m.latent_dim], m.num_experts) if m.routing == "gate" else None
+        gate = load("gate", [m.latent_dim], m.gate_outputs) if m.routing == "gate" else None
+        shared = None if m.shared_expert is None else load("shared_expert", [m.latent_dim], m.num_classes)
+        ood = OODScore.of(bundle) if m.shared_expert is not None and m.shared_expert.mode == "fallback" else None
         return cls(load("extractor", m.input.shape, m.latent_dim), gate,
-                   load("expert", [m.latent_dim], m.num_classes), format)
+                   load("expert", [m.latent_dim], m.num_classes), format, shared, ood)
 
 
 def model_version(bundle: Bundle) -> str:

@@ -21,9 +21,11 @@ from device_agent.bundle import ROLES, TensorSpec
 OPSET = 18  # what `nmoe export` writes (torch's dynamo exporter minimum); ORT >= 1.14 runs it
 IR_VERSION = 10  # the IR version of those files, readable by older runtimes than onnx's default
 BATCH = "batch"
-IO_NAMES = {"extractor": ("x", "latent"), "gate": ("z", "gate_logits"), "expert": ("z", "logits")}
+IO_NAMES = {"extractor": ("x", "latent"), "gate": ("z", "gate_logits"), "expert": ("z", "logits"),
+            "shared_expert": ("z", "logits")}
 CONVS = ("features.0", "features.2", "features.4")  # nn.Sequential indices; ReLUs at 1, 3, 5, Flatten at 6
-LINEARS = {"extractor": ("project",), "gate": ("body.0", "final"), "expert": ("net.0", "net.2")}
+LINEARS = {"extractor": ("project",), "gate": ("body.0", "final"), "expert": ("net.0", "net.2"),
+           "shared_expert": ("net.0", "net.2")}  # the shared expert is an Expert
 PARAMETERS = {role: tuple(f"{layer}.{p}" for layer in (CONVS if role == "extractor" else ()) + LINEARS[role]
                           for p in ("weight", "bias")) for role in ROLES}
 

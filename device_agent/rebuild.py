@@ -25,7 +25,6 @@ import onnx
 from device_agent.bundle import (
     MANIFEST,
     PRECISIONS,
-    ROLES,
     SCHEMA_VERSION,
     Bundle,
     BundleError,
@@ -41,6 +40,7 @@ from device_agent.runtime import OnnxRuntime
 from device_agent.selfcheck import check_bundle
 
 FORMAT = "onnx"
+REBUILT_ROLES = ("extractor", "gate", "expert")  # what federated training gives new weights for
 PROVENANCE_PACKAGES = ("nmoe-edge", "numpy", "onnx", "onnxruntime")
 
 
@@ -98,6 +98,11 @@ def rebuild_bundle(dest: str | Path, base: Bundle | DeviceSpec, weights: NewWeig
     own. Raises ModelBuildError for unusable inputs and BundleError when the written bundle does not
     verify; either way the previous bundle at `dest` is left as it was.
     """
+    if isinstance(base, Bundle) and base.manifest.shared_expert is not None:
+        raise ModelBuildError(
+            f"{base.path}: a bundle with a shared expert (schema {base.manifest.schema_version}, e.g. fedgate_vl) "
+            "cannot be rebuilt on the device: federated training over MQTT trains gates over the fleet's experts "
+            "only; export such a method from a simulated run with `nmoe export`")
     spec = base if isinstance(base, DeviceSpec) else DeviceSpec.of(base.manifest)
     unknown = sorted(set(precisions) - set(PRECISIONS))
     if not precisions or unknown:
@@ -165,7 +170,7 @@ def _build(spec: DeviceSpec, weights: NewWeights, calibration: np.ndarray, sampl
     if (weights.gate is None) != (spec.routing == "random"):
         raise ModelBuildError(f"routing {spec.routing!r} needs {'no' if spec.routing == 'random' else 'a'} gate, "
                               f"weights have {'none' if weights.gate is None else 'one'}")
-    roles = [r for r in ROLES if weights.of(r) is not None]
+    roles = [r for r in REBUILT_ROLES if weights.of(r) is not None]
     models = {r: build_model(r, weights.of(r) or {}, spec.input.shape) for r in roles}
     latent_dim = _io_size(models["extractor"], "outputs")
     expected = {("gate", "inputs"): latent_dim, ("gate", "outputs"): spec.num_experts,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_agent.nmoe_local import random_route, top_k_route
+from device_agent.nmoe_local import random_route, shared_fallback, top_k_route
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,13 @@ def gate_route(gate_logits: np.ndarray, k: int, live: Collection[int]) -> Route:
     chosen, weights = top_k_route(gate_logits[:, ids], min(k, len(ids)))
     wanted, _ = top_k_route(gate_logits, k)
     return Route(ids[chosen], weights, _unavailable(wanted, ids))
+
+
+def with_fallback(route: Route, s: np.ndarray, index: int) -> Route:
+    """`route` plus the local shared expert `index` with weight s per input, the others' weights times
+    (1 - s) (a shared expert in mode "fallback"); it is always live."""
+    experts, weights = shared_fallback(route.experts, route.weights, s, index)
+    return Route(experts, weights, route.unavailable)
 
 
 def random_live_route(n: int, num_experts: int, k: int, live: Collection[int],

@@ -17,36 +17,51 @@ from device_agent.bundle import Bundle, BundleError
 from device_agent.device_models import DeviceModels
 from device_agent.nmoe_local import softmax
 from device_agent.runtime import Runtime
-from device_agent.selfcheck import EXPECTED, FP32_TOLERANCE, model_input
+from device_agent.selfcheck import EXPECTED, EXPERT_ROLES, FP32_TOLERANCE, model_input
 
 INT8_RELATIVE_TOLERANCE = 0.1
 
 
 def check_against_samples(bundle: Bundle, models: DeviceModels) -> None:
-    """BundleError (one line) unless every model reproduces the samples; nothing to check without them."""
+    """BundleError (one line) unless every model (and an OOD score) reproduces the samples; nothing to
+    check without them."""
     if bundle.manifest.samples is None:
         return
     samples = bundle.samples()
-    roles: dict[str, Runtime | None] = {"extractor": models.extractor, "gate": models.gate, "expert": models.expert}
+    roles: dict[str, Runtime | None] = {"extractor": models.extractor, "gate": models.gate, "expert": models.expert,
+                                        "shared_expert": models.shared_expert}
     for role, runtime in roles.items():
         if runtime is None:
             continue
-        expected = samples.get(EXPECTED[role])
-        if expected is None:
-            raise BundleError(f"{bundle.path / 'samples.npz'}: no {EXPECTED[role]!r} to check the {role} against")
+        expected = _expected(bundle, samples, EXPECTED[role], role)
         output = runtime.run(model_input(bundle, role, samples))
-        if role == "expert":
+        if role in EXPERT_ROLES:
             output = softmax(output)
-        if output.shape != expected.shape:
-            raise BundleError(f"{bundle.path / 'samples.npz'}: the {role} gives {list(output.shape)} for the "
-                              f"samples, {EXPECTED[role]} is {list(expected.shape)}")
-        tolerance = _tolerance(bundle, role, models.format, expected)
-        diff = float(np.abs(output - expected).max())
-        if not diff <= tolerance:  # NaN fails
-            raise BundleError(
-                f"{bundle.path / 'samples.npz'}: the {role} ({models.format}) differs from the expected "
-                f"{EXPECTED[role]} by {diff:.3g} (at most {tolerance:.3g} allowed): the runtime or the samples "
-                "are wrong; check with python -m device_agent.selfcheck")
+        _compare(bundle, f"{role} ({models.format})", output, EXPECTED[role], expected,
+                 _tolerance(bundle, role, models.format, expected))
+    if models.ood is not None:  # numpy on the stored latents: no quantization involved
+        expected = _expected(bundle, samples, "ood_score", "OOD score")
+        _compare(bundle, "OOD score", models.ood(model_input(bundle, "gate", samples)), "ood_score", expected,
+                 FP32_TOLERANCE)
+
+
+def _expected(bundle: Bundle, samples: dict[str, np.ndarray], key: str, what: str) -> np.ndarray:
+    if key not in samples:
+        raise BundleError(f"{bundle.path / 'samples.npz'}: no {key!r} to check the {what} against")
+    return samples[key]
+
+
+def _compare(bundle: Bundle, what: str, output: np.ndarray, key: str, expected: np.ndarray, tolerance: float) -> None:
+    """BundleError unless `output` has the shape of samples[key] and is within `tolerance` of it."""
+    if output.shape != expected.shape:
+        raise BundleError(f"{bundle.path / 'samples.npz'}: the {what} gives {list(output.shape)} for the "
+                          f"samples, {key} is {list(expected.shape)}")
+    diff = float(np.abs(output - expected).max())
+    if not diff <= tolerance:  # NaN fails
+        raise BundleError(
+            f"{bundle.path / 'samples.npz'}: the {what} differs from the expected {key} by {diff:.3g} "
+            f"(at most {tolerance:.3g} allowed): the runtime or the samples are wrong; check with "
+            "python -m device_agent.selfcheck")
 
 
 def _tolerance(bundle: Bundle, role: str, format: str, expected: np.ndarray) -> float:

@@ -4,7 +4,8 @@
                                      [--precision fp32,int8] [--save OUT.npz] [--json]
 
 The extractor gets `preprocess(images)`, the gate and the expert get the stored `latent` (so each
-diff is the model's own); the expert's output is compared after a softmax with `expert_probs`.
+diff is the model's own); the expert's output is compared after a softmax with `expert_probs` (a shared
+expert's with `shared_expert_probs`).
 Without --formats it checks every format of the bundle this device has a runtime for and reports
 the others as skipped (a Pi with only onnxruntime checks the ONNX models of an ONNX + LiteRT bundle);
 a format named in --formats must run. Exit status: 0 when every fp32 model checked is within
@@ -38,7 +39,9 @@ from device_agent.runtime import (
 )
 
 FP32_TOLERANCE = 1e-3
-EXPECTED = {"extractor": "latent", "gate": "gate_logits", "expert": "expert_probs"}  # role -> samples key
+EXPECTED = {"extractor": "latent", "gate": "gate_logits", "expert": "expert_probs",
+            "shared_expert": "shared_expert_probs"}  # role -> samples key
+EXPERT_ROLES = ("expert", "shared_expert")  # latent -> class logits, compared after a softmax
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def check_model(bundle: Bundle, entry: ModelEntry, samples: dict[str, np.ndarray
     if raw.shape != expected.shape:
         raise BundleError(f"{bundle.path / entry.file}: output shape {list(raw.shape)}, but samples.npz "
                           f"{EXPECTED[entry.role]} has {list(expected.shape)}")
-    output = softmax(raw) if entry.role == "expert" else raw
+    output = softmax(raw) if entry.role in EXPERT_ROLES else raw
     diff = float(np.abs(output - expected).max())
     agree, kind = _agreement(entry.role, output, expected, bundle.manifest.top_k)
     passed = entry.precision != "fp32" or diff <= FP32_TOLERANCE  # NaN fails
@@ -150,12 +153,12 @@ def read_samples(bundle: Bundle) -> dict[str, np.ndarray]:
 
 def table(checks: Sequence[ModelCheck]) -> str:
     """One row per model."""
-    header = (f"{'device':<10} {'role':<9} {'format':<10} {'prec':<5} {'max abs diff':>12}  {'agreement':<16} "
+    header = (f"{'device':<10} {'role':<13} {'format':<10} {'prec':<5} {'max abs diff':>12}  {'agreement':<16} "
               f"{'result':<6} runtime")
     rows = [header]
     for c in checks:
         result = ("ok" if c.passed else "FAIL") if c.precision == "fp32" else "-"
-        rows.append(f"{c.device_id:<10} {c.role:<9} {c.format:<10} {c.precision:<5} {c.max_abs_diff:>12.2e}  "
+        rows.append(f"{c.device_id:<10} {c.role:<13} {c.format:<10} {c.precision:<5} {c.max_abs_diff:>12.2e}  "
                     f"{f'{c.agree}/{c.samples} {c.agreement_kind}':<16} {result:<6} {c.runtime}")
     return "\n".join(rows)
 

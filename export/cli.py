@@ -29,6 +29,10 @@ provenance; see docs/bundle.md) and samples.npz (a few raw uint8 test images wit
 fp32 outputs, for on-device self-checks). The device agent refuses a bundle whose hashes or
 schema do not match.
 
+Gate methods of toolkit.gates (docs/gates.md): fedgate_vl, localgate_vl and fedgate_ood bundles also
+hold the shared expert every device runs itself (manifest schema 3; fedgate_ood adds the device's OOD
+score, ood.npz); fedgate_heldout and fedgate_switch cannot be exported yet.
+
 Formats: onnx (ONNX Runtime; dynamic batch), executorch (.pte lowered to XNNPACK) and tflite
 (LiteRT, via litert-torch); the last two are exported for a static batch of 1 and the agent feeds
 larger batches in chunks.
@@ -59,6 +63,7 @@ examples:
   nmoe export runs/quick --out bundles/quick                        # best nmoe_*_fedgate, all formats
   nmoe export runs/quick --out bundles/pi --formats onnx,tflite --check-arm64
   nmoe export runs/quick --out bundles/rg --method nmoe_fedce_rangate --precision fp32
+  nmoe export runs/gates --out bundles/vl --method nmoe_fedce_fedgate_vl --formats onnx
   nmoe export runs/quick --out bundles/q --calibration-samples 512 --max-accuracy-drop 0.5
 """
 
@@ -116,9 +121,17 @@ def _export(args: argparse.Namespace) -> int:
         return 2
 
 
+def run_accuracies(run_dir: Path, method: str) -> list[float] | None:
+    """Every device's personalized accuracy (percent) for `method` in the run's metrics.json, by client."""
+    from toolkit.run_files import read_metrics
+
+    rows = read_metrics(run_dir)["methods"].get(method, {}).get("per_client")
+    return None if rows is None else [100 * r["personalized_accuracy"] for r in sorted(rows, key=lambda r: r["client"])]
+
+
 def _run(args: argparse.Namespace) -> int:
     from export import parity
-    from export.bundle_writer import best_method, device_modules, write_bundles
+    from export.bundle_writer import best_method, device_modules, with_ood_scores, write_bundles
     from toolkit.artifacts import load_nmoe
     from toolkit.federated_data import prepare
 
@@ -126,12 +139,13 @@ def _run(args: argparse.Namespace) -> int:
     method = args.method or best_method(run_dir)
     trained = load_nmoe(run_dir, method)
     data = prepare(trained.config.data)
-    modules = device_modules(trained)
+    modules = with_ood_scores(trained, device_modules(trained), data)
     formats = [importlib.import_module(FORMATS[name]).FORMAT for name in args.formats]
     bundles = write_bundles(trained, modules, data, run_dir, out, formats, args.precision,
                             args.calibration_samples, show)
-    models, nmoe = parity.measure(bundles, modules, data, args.formats, args.precision, show)
-    report = parity.build_report(run_dir, method, args.max_accuracy_drop, models, nmoe)
+    models, nmoe, ood = parity.measure(bundles, modules, data, args.formats, args.precision, show,
+                                  run_accuracies(run_dir, method))
+    report = parity.build_report(run_dir, method, args.max_accuracy_drop, models, nmoe, ood)
     parity.write_report(report, out)
     print(f"{method}: {len(bundles)} bundles in {out}\n\n{parity.nmoe_table(report)}\n\nreport: {out / 'report.md'}")
     failures = list(report.failures)

@@ -17,13 +17,16 @@ from onnx import TensorProto, helper
 
 from device_agent.bundle import (
     SCHEMA_VERSION,
+    SHARED_EXPERT_SCHEMA_VERSION,
     BundleError,
     InputSpec,
     Manifest,
     Quantization,
+    SharedExpert,
     TensorSpec,
     load_bundle,
 )
+from device_agent.ood_score import OODScore
 from device_agent.runtime import (
     UnsupportedFormat,
     dequantize,
@@ -33,8 +36,9 @@ from device_agent.runtime import (
 )
 from export.bundle_writer import ExportError, ModelSource, WrittenModel, write_bundle
 
-SHAPES = {"extractor": ["batch", 1, 2, 2], "gate": ["batch", 4], "expert": ["batch", 4]}
-IO = {"extractor": ("x", "latent"), "gate": ("z", "gate_logits"), "expert": ("z", "logits")}
+SHAPES = {"extractor": ["batch", 1, 2, 2], "gate": ["batch", 4], "expert": ["batch", 4], "shared_expert": ["batch", 4]}
+IO = {"extractor": ("x", "latent"), "gate": ("z", "gate_logits"), "expert": ("z", "logits"),
+      "shared_expert": ("z", "logits")}
 
 
 class TinyOnnx:
@@ -57,24 +61,35 @@ class TinyOnnx:
         return written
 
 
-def sources() -> list[ModelSource]:
+def sources(roles: Sequence[str] = ("extractor", "gate", "expert")) -> list[ModelSource]:
     """Every role; TinyOnnx needs no torch module."""
     return [ModelSource(role, None, *IO[role], np.zeros((1, *SHAPES[role][1:]), np.float32))  # type: ignore[arg-type]
-            for role in ("extractor", "gate", "expert")]
+            for role in roles]
+
+
+def tiny_bundle(dest: Path, shared: bool, ood: dict[str, np.ndarray] | None = None) -> Path:
+    """A 4-expert (3 with a shared expert) tiny bundle: latent dim 4; with `ood`, in mode "fallback"."""
+    manifest = Manifest(
+        schema_version=SHARED_EXPERT_SCHEMA_VERSION if shared else SCHEMA_VERSION, model_version="m-1",
+        device_id="device-1", expert_id=1, num_experts=3 if shared else 4, top_k=2, latent_dim=4,
+        num_classes=4, class_names=["a", "b", "c", "d"], routing="gate",
+        input=InputSpec([1, 2, 2], "uint8", 1 / 255, [0.5], [0.25], "NCHW"), models=[],
+        provenance={"method": "test"}, samples=None,
+        shared_expert=SharedExpert(3, True, "fallback" if ood else "routed") if shared else None)
+    samples = {"images": np.arange(8, dtype=np.uint8).reshape(2, 1, 2, 2), "labels": np.array([0, 3])}
+    roles = ("extractor", "gate", "expert") + (("shared_expert",) if shared else ())
+    write_bundle(dest, manifest, sources(roles), [TinyOnnx()], ["fp32", "int8"], samples, ood)
+    return dest
 
 
 @pytest.fixture
 def bundle_dir(tmp_path: Path) -> Path:
-    manifest = Manifest(
-        schema_version=SCHEMA_VERSION, model_version="m-1", device_id="device-1", expert_id=1, num_experts=4, top_k=2,
-        latent_dim=4,
-        num_classes=4, class_names=["a", "b", "c", "d"], routing="gate",
-        input=InputSpec([1, 2, 2], "uint8", 1 / 255, [0.5], [0.25], "NCHW"), models=[],
-        provenance={"method": "test"}, samples=None)
-    samples = {"images": np.arange(8, dtype=np.uint8).reshape(2, 1, 2, 2), "labels": np.array([0, 3])}
-    dest = tmp_path / "device-1"
-    write_bundle(dest, manifest, sources(), [TinyOnnx()], ["fp32", "int8"], samples)
-    return dest
+    return tiny_bundle(tmp_path / "device-1", shared=False)
+
+
+@pytest.fixture
+def shared_dir(tmp_path: Path) -> Path:
+    return tiny_bundle(tmp_path / "device-1", shared=True)
 
 
 @pytest.fixture
@@ -147,9 +162,57 @@ def test_missing_file(bundle_dir: Path, no_sessions: None) -> None:
 
 
 def test_unknown_schema_version(bundle_dir: Path, no_sessions: None) -> None:
-    edit_manifest(bundle_dir, {"schema_version": 3})
-    with pytest.raises(BundleError, match=r"manifest\.json: schema_version 3 is not supported .*schema_version 1 and 2"):
+    edit_manifest(bundle_dir, {"schema_version": 4})
+    with pytest.raises(BundleError, match=r"manifest\.json: schema_version 4 is not supported .*schema_version 1, 2 and 3"):
         load_bundle(bundle_dir)
+
+
+def test_schema_3_has_a_local_shared_expert_as_the_gates_last_output(shared_dir: Path) -> None:
+    bundle = load_bundle(shared_dir)
+    m = bundle.manifest
+    assert (m.schema_version, m.shared_expert, m.num_experts, m.gate_outputs) == (3, SharedExpert(3, True), 3, 4)
+    assert bundle.model("shared_expert", "int8").file == "shared_expert.int8.onnx"
+    assert json.loads((shared_dir / "manifest.json").read_text())["shared_expert"] == {
+        "index": 3, "local": True, "mode": "routed", "ood": None}
+    assert m.to_dict() == json.loads((shared_dir / "manifest.json").read_text())
+
+
+def test_schema_2_bundles_have_no_shared_expert_field(bundle_dir: Path) -> None:
+    assert "shared_expert" not in json.loads((bundle_dir / "manifest.json").read_text())
+    assert load_bundle(bundle_dir).manifest.gate_outputs == 4
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"shared_expert": None}, r"shared_expert: expected an object"),
+    ({"shared_expert": {"index": 2, "local": True, "mode": "routed"}}, r"shared_expert\.index: 2, must be num_experts=3"),
+    ({"shared_expert": {"index": 3, "local": False, "mode": "routed"}}, r"shared_expert\.local: must be true"),
+    ({"shared_expert": {"index": 3, "local": True}}, r"shared_expert\.mode: missing"),
+    ({"shared_expert": {"index": 3, "local": True, "mode": "fallback"}}, r"shared_expert\.ood: mode 'fallback' needs an"),
+    ({"shared_expert": {"index": 3, "local": True, "mode": "routed", "ood": {"file": "o.npz", "sha256": "0" * 64,
+                                                                            "bytes": 1}}},
+     r"shared_expert\.ood: mode 'routed' needs no OOD score file"),
+    ({"shared_expert": {"index": 3, "local": True, "mode": "routed"}, "routing": "random"},
+     r"shared_expert: needs routing \"gate\""),
+    ({"schema_version": 2}, (r"models: onnx (fp32|int8) has roles \[.*'shared_expert'\], routing 'gate' needs "
+                            r"\['expert', 'extractor', 'gate'\]")),
+])
+def test_schema_3_shared_expert_is_checked(shared_dir: Path, change: dict, message: str, no_sessions: None) -> None:
+    edit_manifest(shared_dir, change)
+    with pytest.raises(BundleError, match=rf"manifest\.json: {message}"):
+        load_bundle(shared_dir)
+
+
+def test_schema_3_needs_the_shared_expert_field_and_models(shared_dir: Path, no_sessions: None) -> None:
+    manifest = json.loads((shared_dir / "manifest.json").read_text())
+    del manifest["shared_expert"]
+    (shared_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"manifest\.json: shared_expert: missing"):
+        load_bundle(shared_dir)
+    manifest["shared_expert"] = {"index": 3, "local": True, "mode": "routed"}
+    manifest["models"] = [e for e in manifest["models"] if e["role"] != "shared_expert"]
+    (shared_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"routing 'gate' needs \['expert', 'extractor', 'gate', 'shared_expert'\]"):
+        load_bundle(shared_dir)
 
 
 def test_schema_2_has_the_model_version(bundle_dir: Path) -> None:
@@ -190,6 +253,37 @@ def test_schema_2_without_model_version_is_refused(bundle_dir: Path, no_sessions
     (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"manifest\.json: model_version: missing"):
         load_bundle(bundle_dir)
+
+
+def ood_tensors(**change: np.ndarray) -> dict[str, np.ndarray]:
+    means = np.array([[0, 0, 0, 0], [4, 0, 0, 0]], np.float32)
+    return {"means": means, "precision": np.eye(4, dtype=np.float32), "tau": np.float64(4.0),
+            "spread": np.float64(2.0), "temperature": np.float64(0.5), **change}
+
+
+def test_fallback_mode_carries_a_verified_ood_score(tmp_path: Path) -> None:
+    bundle = load_bundle(tiny_bundle(tmp_path / "device-1", shared=True, ood=ood_tensors()))
+    shared = bundle.manifest.shared_expert
+    assert shared is not None and (shared.mode, shared.ood.file) == ("fallback", "ood.npz")  # type: ignore[union-attr]
+    assert bundle.manifest.gate_outputs == 3  # the gate routes over the fleet's experts only
+    score = OODScore.of(bundle)
+    z = np.array([[0, 0, 0, 0], [4, 2, 0, 0], [20, 0, 0, 0]], np.float32)  # distances 0, 4, 256
+    np.testing.assert_allclose(score.distance(z), [0, 4, 256])
+    np.testing.assert_allclose(score(z), [1 / (1 + np.exp(4)), 0.5, 1.0], rtol=1e-6)  # sigmoid((d - 4) / 1)
+    (bundle.path / "ood.npz").write_bytes(b"changed")
+    with pytest.raises(BundleError, match=r"ood\.npz: 7 bytes, manifest\.json says"):
+        load_bundle(bundle.path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"precision": np.eye(3, dtype=np.float32)}, r"ood\.npz: expected means \[K, 4\], precision \[4, 4\]"),
+    ({"spread": np.float64(0)}, r"ood\.npz: not finite, or spread / temperature not > 0"),
+    ({"tau": np.float64(np.nan)}, r"ood\.npz: not finite"),
+])
+def test_unusable_ood_scores_are_one_bundle_error(tmp_path: Path, change: dict, message: str) -> None:
+    bundle = load_bundle(tiny_bundle(tmp_path / "device-1", shared=True, ood=ood_tensors(**change)))
+    with pytest.raises(BundleError, match=message):
+        OODScore.of(bundle)
 
 
 def test_malformed_json(bundle_dir: Path, no_sessions: None) -> None:

@@ -119,8 +119,11 @@ def test_final_layers_never_leave_the_device(gates_run: dict) -> None:
     assert not Ledger.from_json(local.meta["ledger"]).names_sent()
 
 
-def test_export_refuses_the_gate_methods_until_bundles_carry_them() -> None:
+def test_export_refuses_the_gate_methods_bundles_do_not_carry() -> None:
     from toolkit.artifacts import ArtifactError, parse_method
     assert parse_method("nmoe_fedce_fedgate") == ("fedce", "fedgate")
-    with pytest.raises(ArtifactError, match="bundles of toolkit.gates' methods are not supported yet"):
-        parse_method("nmoe_fedce_fedgate_vl")
+    assert parse_method("nmoe_fedsc_localgate_vl") == ("fedsc", "localgate_vl")
+    assert parse_method("nmoe_hybrid_fedgate_ood") == ("hybrid", "fedgate_ood")
+    for gate in ("fedgate_heldout", "fedgate_switch"):
+        with pytest.raises(ArtifactError, match="bundles of fedgate_heldout, fedgate_switch are not supported yet"):
+            parse_method(f"nmoe_fedce_{gate}")

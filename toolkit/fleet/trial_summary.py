@@ -308,19 +308,21 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return events
 
 
-def path_of(answered: list[int] | None, own: int) -> RequestPath:
-    """local: only the own expert was combined; remote: a peer answered too; unknown: no agent event."""
+def path_of(answered: list[int] | None, own: int, num_experts: int) -> RequestPath:
+    """local: only the own expert (and a shared expert, index >= num_experts, which every device runs
+    itself) was combined; remote: a peer answered too; unknown: no agent event."""
     if answered is None:
         return RequestPath.UNKNOWN
-    return RequestPath.LOCAL if answered == [own] else RequestPath.REMOTE
+    return RequestPath.LOCAL if all(e == own or e >= num_experts for e in answered) else RequestPath.REMOTE
 
 
-def request_row(r: Request, inference: Inference | None, own: int, expected: Prediction) -> RequestRow:
+def request_row(r: Request, inference: Inference | None, own: int, num_experts: int,
+                expected: Prediction) -> RequestRow:
     """One request as trial.json lists it."""
     answered = None if inference is None else inference.requests[r.id]
     diff = None if r.probs is None else _r(float(np.abs(r.probs - expected.probs[r.index]).max()), 9)
     return RequestRow(r.device, r.index, r.label, r.status, r.detail, r.predicted, int(expected.labels[r.index]),
-                      diff, path_of(answered, own), answered, None if inference is None else inference.intact,
+                      diff, path_of(answered, own, num_experts), answered, None if inference is None else inference.intact,
                       _r(r.sent_s, 6), r.rtt_ms, None if inference is None else inference.total_ms,
                       r.request_bytes, r.reply_bytes, r.id)
 
@@ -330,7 +332,7 @@ def summarize(record: TrialRecord) -> TrialSummary:
     events = {d: read_events(record.events_dir / f"{d}.jsonl") for d in record.devices}
     inferences = {d: [Inference.of(e) for e in evs if e.get("event") == "inference"] for d, evs in events.items()}
     served = {cid: i for infs in inferences.values() for i in infs for cid in i.requests}
-    rows = [request_row(r, served.get(r.id), record.devices[r.device], record.expected[r.device])
+    rows = [request_row(r, served.get(r.id), record.devices[r.device], record.num_experts, record.expected[r.device])
             for r in record.requests]
     return TrialSummary(
         fleet=_fleet(record),
@@ -420,18 +422,19 @@ def _by_path(pairs: list[tuple[RequestPath, float]], measure: Callable[[Iterable
 
 def _bytes(record: TrialRecord, rows: list[RequestRow], inferences: dict[str, list[Inference]]) -> Bytes:
     """Bytes on the wire between agents (expert requests + replies) per inference, vs the raw input."""
-    per_input = [(path_of(i.answered, record.devices[d]), (i.bytes_sent + i.bytes_received) / i.inputs)
+    per_input = [(path_of(i.answered, record.devices[d], record.num_experts), (i.bytes_sent + i.bytes_received) / i.inputs)
                  for d, infs in inferences.items() for i in infs if i.requests]
     return Bytes(record.input_bytes, _by_path(per_input, _mean), _mean(r.request_bytes for r in rows if r.id),
                  _mean(r.reply_bytes for r in rows if r.status == RequestStatus.ANSWERED))
 
 
 def _routing(record: TrialRecord, rows: list[RequestRow]) -> Routing:
-    matrix = {d: [0] * record.num_experts for d in record.devices}
+    width = max([record.num_experts - 1, *(e for r in rows for e in r.answered or [])]) + 1  # + a shared expert
+    matrix = {d: [0] * width for d in record.devices}
     for r in rows:
         for e in r.answered or []:
             matrix[r.device][e] += 1
-    return Routing(list(range(record.num_experts)), matrix)
+    return Routing(list(range(width)), matrix)
 
 
 def _reroutes(inferences: dict[str, list[Inference]]) -> Reroutes:

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from toolkit.artifacts import stage3_job
-from toolkit.checkpoint import pack, unpack
+from toolkit.artifacts import shared_expert_job, stage3_job
+from toolkit.checkpoint import JobState, pack, unpack
 from toolkit.federated import EvaluateIns, EvaluateRes, Evaluator, FedAvg, Params, Strategy, nbytes
 from toolkit.federated.engine import run_federated
 from toolkit.federated.recipe import FailureRows, NMoERecipe, failure_rows, round_policy
@@ -130,6 +130,7 @@ class GatesRecipe(NMoERecipe):
     def prepare_ood(self, method: str, gate: str, s1: Any) -> Preparation:
         g, n = self.cfg.gate, len(self.devices)
         head, prep = self.shared_head(method, s1)
+        self.store(shared_expert_job(method, gate)).save(JobState(1, pack("shared", head), {}, True))  # for export
         _, failures = self.every_device(f"{gate}_{method}", "prepare_ood", lambda d: d.prepare_ood(OODIns(
             method, gate, head, g.heldout_fraction, g.ood_quantile, g.ood_temperature,
             derive_seed(self.cfg.seed, "ood", d.cid))))
@@ -149,6 +150,7 @@ class GatesRecipe(NMoERecipe):
         head, prep = self.shared_head(method, s1)
         head = ccvr_calibrated(self.models.expert(), head, vz, vy, g.batch_size,
                                derive_seed(self.cfg.seed, "ccvr", method))
+        self.store(shared_expert_job(method, gate)).save(JobState(1, pack("shared", head), {}, True))  # for export
         answers, more = self.every_device(job, "virtual_answers", lambda d: d.virtual_answers(virtual))
         table = np.stack([answers[d.cid] for d in self.devices], axis=1).astype(np.float32)
         _, last = self.every_device(job, "prepare_virtual_gate", lambda d: d.prepare_virtual_gate(

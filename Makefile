@@ -17,6 +17,7 @@ setup: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check toolkit export device_agent broker tests bench
+	$(VENV)/bin/mypy
 
 test: lint arm64-env
 	$(PY) -m pytest
@@ -61,4 +62,4 @@ arm64-check: $(STAMP) arm64-env
 	$(PY) -m export.arm64_check $(BUNDLES)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache

@@ -22,11 +22,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = {  # suite -> ({setting: config}, default report)
@@ -59,12 +61,13 @@ def verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
 
-def run_setting(config: str, run_dir: Path, overrides: list[str]) -> dict:
+def run_setting(config: str, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "toolkit.cli", "train", str(ROOT / "configs" / f"{config}.toml"),
            "--out", str(run_dir)] + [a for o in overrides for a in ("--set", o)]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
-    return json.loads((run_dir / "metrics.json").read_text())
+    metrics: dict[str, Any] = json.loads((run_dir / "metrics.json").read_text())
+    return metrics
 
 
 def gate_of(name: str) -> str:
@@ -73,9 +76,10 @@ def gate_of(name: str) -> str:
     return parts[2] if name.startswith("nmoe_") and len(parts) == 3 else ""
 
 
-def balance(m: dict) -> float:
+def balance(m: dict[str, Any]) -> float:
     """What 'best' means for a method that must do both: the mean of personalized and global accuracy."""
-    return (m["personalized_accuracy"] + m["global_accuracy"]) / 2
+    both: float = (m["personalized_accuracy"] + m["global_accuracy"]) / 2
+    return both
 
 
 def local_variant(name: str) -> str:
@@ -84,12 +88,12 @@ def local_variant(name: str) -> str:
     return f"nmoe_{name.split('_', 2)[1]}_{local}" if local else ""
 
 
-def best_new_fedgate(methods: dict) -> str | None:
+def best_new_fedgate(methods: dict[str, Any]) -> str | None:
     pool = [n for n in methods if gate_of(n) in NEW_FEDGATES]
     return max(pool, key=lambda n: balance(methods[n])) if pool else None
 
 
-def targets(methods: dict, iid: bool) -> list[str]:
+def targets(methods: dict[str, Any], iid: bool) -> list[str]:
     """The issue's targets for one setting, each with its measured numbers and a verdict."""
     name = best_new_fedgate(methods)
     dense = [n for n in DENSE if n in methods]
@@ -127,7 +131,7 @@ def targets(methods: dict, iid: bool) -> list[str]:
     return lines
 
 
-def ceiling_lines(methods: dict) -> list[str]:
+def ceiling_lines(methods: dict[str, Any]) -> list[str]:
     """Per Stage 1 method: how far perfect routing would go with these experts."""
     lines = ["Routing ceilings of the experts (label-aware, so not methods; see `toolkit/gates/ceiling.py`):", "",
              "| stage 1 | oracle routing pers. / global % | best expert per class pers. / global % |",
@@ -144,12 +148,13 @@ def ceiling_lines(methods: dict) -> list[str]:
     return lines + [""] if seen else []
 
 
-def scatter(title: str, methods: dict, path: Path) -> None:
+def scatter(title: str, methods: dict[str, Any], path: Path) -> None:
     """Personalized vs global accuracy, one point per method; the upper right corner is the goal."""
     fig, ax = plt.subplots(figsize=(8.5, 6.5))
     for name, m in methods.items():
         x, y = 100 * m["personalized_accuracy"], 100 * m["global_accuracy"]
         gate = gate_of(name)
+        style: dict[str, Any]
         if name in BASELINES:
             style = {"marker": "s", "color": "0.35", "s": 45}
         elif gate in NEW_FEDGATES or gate == "localgate_vl":
@@ -161,7 +166,7 @@ def scatter(title: str, methods: dict, path: Path) -> None:
     ax.set(title=f"{title}: personalized vs global accuracy (upper right is the goal)",
            xlabel="personalized accuracy %", ylabel="global accuracy %")
     ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], marker=mk, color=c, linestyle="", label=lab) for mk, c, lab in
+    handles = [Line2D([], [], marker=mk, color=c, linestyle="", label=lab) for mk, c, lab in
                (("s", "0.35", "dense baseline"), ("o", "tab:blue", "NMoE, classic gate"),
                 ("*", "tab:red", "NMoE, toolkit.gates"))]
     ax.legend(handles=handles, loc="lower left", fontsize=8)
@@ -169,7 +174,7 @@ def scatter(title: str, methods: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def setting_section(title: str, config: str, metrics: dict, plot: Path) -> list[str]:
+def setting_section(title: str, config: str, metrics: dict[str, Any], plot: Path) -> list[str]:
     methods = metrics["methods"]
     lines = [f"## {title} (`configs/{config}.toml`)", "",
              (f"Resumed from checkpoints: this invocation took {metrics['elapsed_seconds']:.0f} s; the training "
@@ -187,7 +192,7 @@ def setting_section(title: str, config: str, metrics: dict, plot: Path) -> list[
     return lines
 
 
-def compute_section(metrics: dict) -> list[str]:
+def compute_section(metrics: dict[str, Any]) -> list[str]:
     per = metrics["compute"]["per_device"]
     lines = ["## Compute and memory per device", "",
              "| deployment | MACs per sample | parameters | fp32 parameter memory KB | what it holds |",

@@ -20,6 +20,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "fmnist-dir0.5"
@@ -43,7 +44,7 @@ def verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
 
-def variant_rows(report: dict) -> dict[tuple[str, str], dict]:
+def variant_rows(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
     """Per format x precision: mean size, accuracies, worst drop, latencies (means over devices)."""
     nmoe_rows, model_rows = defaultdict(list), defaultdict(list)
     for r in report["nmoe"]:
@@ -68,7 +69,7 @@ def variant_rows(report: dict) -> dict[tuple[str, str], dict]:
     return out
 
 
-def variants_table(rows: dict[tuple[str, str], dict]) -> list[str]:
+def variants_table(rows: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     lines = [("| format | precision | MB per device | torch fp32 acc % | bundle acc % | worst drop (device) | "
              "NMoE p50 us | NMoE p99 us | extractor p50 us | gate p50 us | expert p50 us | max abs diff / max abs torch |"),
              "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -80,7 +81,7 @@ def variants_table(rows: dict[tuple[str, str], dict]) -> list[str]:
     return lines
 
 
-def targets(rows: dict[tuple[str, str], dict], arm64: dict | None) -> list[str]:
+def targets(rows: dict[tuple[str, str], dict[str, Any]], arm64: dict[str, Any] | None) -> list[str]:
     lines = []
     for fmt in FORMATS:
         fp32, int8 = rows.get((fmt, "fp32")), rows.get((fmt, "int8"))
@@ -99,13 +100,13 @@ def targets(rows: dict[tuple[str, str], dict], arm64: dict | None) -> list[str]:
                   f"{fp32['nmoe_us']:.0f} us"]
     if arm64 is not None:
         checks = arm64["checks"]
-        fp32 = [c for c in checks if c["precision"] == "fp32"]
-        int8 = [c for c in checks if c["precision"] == "int8"]
-        worst = max((c["max_abs_diff"] for c in fp32), default=float("nan"))
-        top1 = min((c["top1_agreement"] for c in int8), default=float("nan"))
+        fp32_checks = [c for c in checks if c["precision"] == "fp32"]
+        int8_checks = [c for c in checks if c["precision"] == "int8"]
+        worst = max((c["max_abs_diff"] for c in fp32_checks), default=float("nan"))
+        top1 = min((c["top1_agreement"] for c in int8_checks), default=float("nan"))
         lines += [(f"- ARM64 (qemu-user {', '.join(arm64['cpus'])}; {', '.join(arm64['formats'])}): fp32 max abs diff "
-                  f"vs x86 {worst:.2e} over {len(fp32)} outputs (target < 1e-4): {verdict(worst < 1e-4)}; int8 top-1 "
-                  f"agreement min {100 * top1:.1f}% over {len(int8)} outputs (target identical): "
+                  f"vs x86 {worst:.2e} over {len(fp32_checks)} outputs (target < 1e-4): {verdict(worst < 1e-4)}; int8 top-1 "
+                  f"agreement min {100 * top1:.1f}% over {len(int8_checks)} outputs (target identical): "
                   f"{verdict(top1 == 1.0)}")]
     return lines
 

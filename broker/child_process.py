@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from typing import Any
 
 
 def dies_with_parent(command: list[str]) -> list[str]:
@@ -22,7 +23,7 @@ def dies_with_parent(command: list[str]) -> list[str]:
     return command if setpriv is None else [setpriv, "--pdeathsig", "TERM", "--", *command]
 
 
-def stop_child(process: subprocess.Popen, timeout_s: float) -> None:
+def stop_child(process: subprocess.Popen[Any], timeout_s: float) -> None:
     """SIGTERM a child, wait up to `timeout_s` for it, SIGKILL it if it hangs."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)

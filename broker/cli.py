@@ -164,7 +164,12 @@ def _serve(options: BrokerOptions, bundles: Path | None, websockets: int | None 
     previous = {sig: signal.signal(sig, _on_stop_signal) for sig in STOP_SIGNALS}
     try:
         with start_broker(options) as running, bridge_for(running, websockets, bundles) as bridge:
-            _print_started(running, bundles, lambda: bridge and print_bridge(running, bridge))
+
+            def show_bridge() -> None:
+                if bridge is not None:
+                    print_bridge(running, bridge)
+
+            _print_started(running, bundles, show_bridge)
             name, status = wait_either(running.process, bridge)
         log = options.layout.log if name == "mosquitto" else bridge_log(options.layout)
         print(f"nmoe: error: {name} exited with status {status}; see {log}", file=sys.stderr)

@@ -83,7 +83,7 @@ class RunningBridge:
 
     options: BridgeOptions
     port: int
-    process: subprocess.Popen = field(repr=False)
+    process: subprocess.Popen[bytes] = field(repr=False)
 
     @property
     def page_url(self) -> str:
@@ -134,7 +134,7 @@ def start_bridge(options: BridgeOptions, log: Path) -> RunningBridge:
     return bridge
 
 
-def _read_port(process: subprocess.Popen, log: Path) -> int:
+def _read_port(process: subprocess.Popen[bytes], log: Path) -> int:
     """The port the child printed as `{"port": N}`, or BrokerError with the last line of its log."""
     import selectors
 
@@ -209,7 +209,7 @@ def print_bridge(running: RunningBroker, bridge: RunningBridge) -> None:
         print("  (listening on loopback only: for phones on the LAN, add --host 0.0.0.0 or this machine's address)")
 
 
-def wait_either(mosquitto: subprocess.Popen, bridge: RunningBridge | None) -> tuple[str, int]:
+def wait_either(mosquitto: subprocess.Popen[bytes], bridge: RunningBridge | None) -> tuple[str, int]:
     """Wait until mosquitto or the bridge exits: which one, and its status."""
     while True:
         if (status := mosquitto.poll()) is not None:
@@ -296,9 +296,11 @@ async def _relay(ws: Any, options: BridgeOptions, upstream_ssl: ssl.SSLContext |
 
 async def serve(options: BridgeOptions) -> None:
     """Listen until SIGTERM/SIGINT; print `{"port": N}` once listening."""
+    from websockets.asyncio.server import ServerConnection
     from websockets.asyncio.server import serve as ws_serve
     from websockets.datastructures import Headers
-    from websockets.http11 import Response
+    from websockets.http11 import Request, Response
+    from websockets.typing import Subprotocol
 
     files = StaticFiles(options.app_dir, options.bundles_dir)
     upstream_ssl = ssl.create_default_context(cafile=str(options.upstream_ca)) if options.upstream_ca else None
@@ -309,7 +311,7 @@ async def serve(options: BridgeOptions) -> None:
         server_ssl.load_cert_chain(options.cert[0], options.cert[1])
     active = 0
 
-    def process_request(connection: Any, request: Any) -> Response | None:
+    def process_request(connection: ServerConnection, request: Request) -> Response | None:
         if urlsplit(request.path).path == MQTT_PATH:
             if active >= MAX_CONNECTIONS:
                 return connection.respond(503, "too many connections\n")
@@ -331,9 +333,14 @@ async def serve(options: BridgeOptions) -> None:
             active -= 1
 
     stop = asyncio.get_running_loop().create_future()
+
+    def request_stop() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
-    async with ws_serve(handler, options.host, options.port, subprotocols=["mqtt"], compression=None,
+        asyncio.get_running_loop().add_signal_handler(sig, request_stop)
+    async with ws_serve(handler, options.host, options.port, subprotocols=[Subprotocol("mqtt")], compression=None,
                         process_request=process_request, max_size=MAX_MESSAGE_BYTES, ssl=server_ssl,
                         server_header=None) as server:
         port = next(iter(server.sockets)).getsockname()[1]

@@ -45,8 +45,9 @@ class ExecuTorchFormat:
 
     def write(self, source: ModelSource, precisions: Sequence[str], out_dir: Path) -> list[WrittenModel]:
         example = example_input(source.calibration)
-        inputs = [TensorSpec(source.input_name, list(example.shape), "float32")]
-        outputs = [TensorSpec(source.output_name, output_shape(source.module.eval(), example), "float32")]
+        # [*...]: a list[int | str], as TensorSpec.shape is
+        inputs = [TensorSpec(source.input_name, [*example.shape], "float32")]
+        outputs = [TensorSpec(source.output_name, [*output_shape(source.module.eval(), example)], "float32")]
         written = []
         for precision in precisions:
             path = out_dir / f"{source.role}.{precision}.pte"

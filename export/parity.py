@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,8 +93,8 @@ class ParityReport:
     run_dir: str
     method: str
     max_accuracy_drop: float
-    settings: dict
-    machine: dict
+    settings: dict[str, Any]
+    machine: dict[str, Any]
     models: list[ModelParity]
     nmoe: list[NMoEParity]
     failures: list[str]
@@ -122,7 +123,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 def top_k_sets(k: int) -> Callable[[np.ndarray, np.ndarray], float]:
     """Fraction of rows whose k largest entries are the same set."""
     def agree(a: np.ndarray, b: np.ndarray) -> float:
-        top = lambda x: np.sort(top_k_route(x, k)[0], axis=1)
+        def top(x: np.ndarray) -> np.ndarray:
+            return np.sort(top_k_route(x, k)[0], axis=1)
+
         return float(np.mean(np.all(top(a) == top(b), axis=1)))
     return agree
 

@@ -46,7 +46,8 @@ def quantize_pt2e(module: nn.Module, calibration: np.ndarray, quantizer: object,
         for start in range(0, usable, STATIC_BATCH):
             prepared(torch.from_numpy(np.ascontiguousarray(calibration[start:start + STATIC_BATCH],
                                                            dtype=np.float32)))
-    return convert_pt2e(prepared, fold_quantize=fold_quantize)
+    quantized: torch.fx.GraphModule = convert_pt2e(prepared, fold_quantize=fold_quantize)
+    return quantized
 
 
 @contextlib.contextmanager

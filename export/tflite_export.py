@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -43,7 +44,7 @@ def tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
     interpreter = Interpreter(model_path=str(path))
 
-    def spec(detail: dict) -> TensorSpec:
+    def spec(detail: dict[str, Any]) -> TensorSpec:
         dtype = np.dtype(detail["dtype"]).name
         scale, zero_point = detail["quantization"]
         quantization = Quantization(float(scale), int(zero_point)) if dtype in ("int8", "uint8") else None

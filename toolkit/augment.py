@@ -9,7 +9,10 @@ import torch.nn.functional as F
 def random_view(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One random view per image: crop-zoom, shift, horizontal flip, contrast/brightness, cutout."""
     b = x.shape[0]
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand(b, generator=gen)
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(b, generator=gen)
+
     scale = u(0.75, 1.0)
     flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
     theta = torch.zeros(b, 2, 3)

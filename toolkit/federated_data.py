@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ class FederatedData:
         return len(self.train)
 
 
-def dataset_info(splits: DatasetSplits) -> dict:
+def dataset_info(splits: DatasetSplits) -> dict[str, Any]:
     """What a device needs to feed the extractor: input shape, normalization, class names."""
     return {"name": splits.name, "input_shape": list(splits.input_shape), "input_dtype": "uint8",
             "scale": 1 / 255, "mean": list(splits.mean), "std": list(splits.std),
@@ -98,7 +99,10 @@ def prepare(cfg: DataConfig) -> FederatedData:
                                        min(cfg.personal_test_size, drawable(splits.test.y, train.y[idx])),
                                        derive_seed(cfg.seed, "ptest", c))
              for c, idx in enumerate(parts)]
-    norm = lambda ds: normalize(ds, splits.mean, splits.std)
+
+    def norm(ds: ArrayDataset) -> TensorData:
+        return normalize(ds, splits.mean, splits.std)
+
     return FederatedData(
         splits=splits,
         train=[norm(train.subset(idx)) for idx in parts],

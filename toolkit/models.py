@@ -101,12 +101,12 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates for one sample through the model's Conv2d and Linear layers."""
     total = 0
 
-    def conv_hook(m: nn.Conv2d, _inp: tuple, out: torch.Tensor) -> None:
+    def conv_hook(m: nn.Conv2d, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         nonlocal total
         kh, kw = m.kernel_size
         total += out[0].numel() * (m.in_channels // m.groups) * kh * kw
 
-    def linear_hook(m: nn.Linear, _inp: tuple, out: torch.Tensor) -> None:
+    def linear_hook(m: nn.Linear, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         nonlocal total
         total += m.in_features * m.out_features
 

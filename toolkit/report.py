@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -27,12 +28,12 @@ DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "synth
 DPI = 120
 
 
-def ordered(methods: dict) -> list[str]:
+def ordered(methods: dict[str, Any]) -> list[str]:
     """Baselines in their fixed order, then the other (NMoE) methods alphabetically."""
     return [n for n in BASELINES if n in methods] + sorted(n for n in methods if n not in BASELINES)
 
 
-def rows(metrics: dict) -> list[tuple[str, ...]]:
+def rows(metrics: dict[str, Any]) -> list[tuple[str, ...]]:
     """One formatted row per method, in table order."""
     methods = metrics["methods"]
     return [(name, f"{100 * methods[name]['personalized_accuracy']:.2f}",
@@ -41,7 +42,7 @@ def rows(metrics: dict) -> list[tuple[str, ...]]:
             for name in ordered(methods)]
 
 
-def results_table(metrics: dict) -> str:
+def results_table(metrics: dict[str, Any]) -> str:
     """Aligned plain-text table: method, accuracies in percent, bytes in MB."""
     table = [COLUMNS, *rows(metrics)]
     widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
@@ -53,7 +54,7 @@ def results_table(metrics: dict) -> str:
     return "\n".join([fmt(table[0]), "  ".join("-" * w for w in widths), *map(fmt, table[1:])])
 
 
-def best(methods: dict, key: str, names: list[str] | None = None) -> str | None:
+def best(methods: dict[str, Any], key: str, names: list[str] | None = None) -> str | None:
     """The method with the highest `key` among `names` (default: all), None if there is none."""
     pool = [n for n in (methods if names is None else names) if n in methods]
     return max(pool, key=lambda n: methods[n][key]) if pool else None
@@ -68,10 +69,11 @@ def nmoe_parts(name: str) -> tuple[str, str]:
 def shade(color: str, mix: float) -> tuple[float, float, float]:
     """`color` mixed with black (mix < 0) or white (mix > 0) by |mix|."""
     target = 1.0 if mix > 0 else 0.0
-    return tuple((1 - abs(mix)) * c + abs(mix) * target for c in to_rgb(color))
+    r, g, b = ((1 - abs(mix)) * c + abs(mix) * target for c in to_rgb(color))
+    return r, g, b
 
 
-def style(name: str) -> dict:
+def style(name: str) -> dict[str, Any]:
     """Line style: baselines solid grey with a marker each, NMoE a colour family per gate and a
     shade plus dash pattern per stage-1 method."""
     if name in BASELINE_STYLES:
@@ -83,13 +85,15 @@ def style(name: str) -> dict:
             "marker": None}
 
 
-def headline(methods: dict) -> list[str]:
+def headline(methods: dict[str, Any]) -> list[str]:
     """Baselines plus the best method per gate type: keeps crowded plots readable."""
     picks = [n for n in BASELINES if n in methods]
     gates = sorted({nmoe_parts(n)[1] for n in methods if n not in BASELINES})
     for gate in gates:
-        picks.append(best(methods, "personalized_accuracy",
-                          [n for n in methods if n not in BASELINES and nmoe_parts(n)[1] == gate]))
+        pick = best(methods, "personalized_accuracy",
+                    [n for n in methods if n not in BASELINES and nmoe_parts(n)[1] == gate])
+        assert pick is not None  # each gate was read off a method's name
+        picks.append(pick)
     return picks
 
 
@@ -105,7 +109,7 @@ def side_legend(ax: Axes, source: Axes | None = None) -> None:
               bbox_to_anchor=(1.01, 0.5), frameon=False)
 
 
-def plot_curves(metrics: dict, path: Path) -> bool:
+def plot_curves(metrics: dict[str, Any], path: Path) -> bool:
     """Personalized and global accuracy per round, one line per method with a curve."""
     methods = {n: m for n, m in metrics["methods"].items() if m.get("curve")}
     if not methods:
@@ -127,7 +131,7 @@ def plot_curves(metrics: dict, path: Path) -> bool:
     return True
 
 
-def plot_per_client(metrics: dict, path: Path) -> bool:
+def plot_per_client(metrics: dict[str, Any], path: Path) -> bool:
     """Grouped bars of personalized accuracy per client; only headline methods if > 8."""
     methods = {n: m for n, m in metrics["methods"].items() if m.get("per_client")}
     if not methods:
@@ -165,7 +169,7 @@ def plot_routing(name: str, matrix: list[list[float]], path: Path) -> None:
     save(fig, path)
 
 
-def plot_summary(metrics: dict, path: Path) -> bool:
+def plot_summary(metrics: dict[str, Any], path: Path) -> bool:
     """Horizontal bars of personalized and global accuracy per method, in table order."""
     methods = metrics["methods"]
     names = ordered(methods)
@@ -189,7 +193,7 @@ def plot_summary(metrics: dict, path: Path) -> bool:
     return True
 
 
-def routing_picks(methods: dict) -> list[str]:
+def routing_picks(methods: dict[str, Any]) -> list[str]:
     """The best (personalized accuracy) method with routing for each of fedgate, fedavggate,
     localgate."""
     picks = [best(methods, "personalized_accuracy",
@@ -198,11 +202,11 @@ def routing_picks(methods: dict) -> list[str]:
     return [p for p in picks if p]
 
 
-def write_plots(metrics: dict, out_dir: Path) -> list[Path]:
+def write_plots(metrics: dict[str, Any], out_dir: Path) -> list[Path]:
     """PNG plots into out_dir (created if missing); a plot whose data is absent is skipped."""
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = metrics["methods"]
-    plots: list[tuple[str, Callable[[dict, Path], bool]]] = [
+    plots: list[tuple[str, Callable[[dict[str, Any], Path], bool]]] = [
         ("accuracy_per_round.png", plot_curves), ("per_client_accuracy.png", plot_per_client)]
     written = [out_dir / f for f, plot in plots if plot(metrics, out_dir / f)]
     for name in routing_picks(methods):
@@ -213,7 +217,7 @@ def write_plots(metrics: dict, out_dir: Path) -> list[Path]:
     return written
 
 
-def setting(metrics: dict) -> str:
+def setting(metrics: dict[str, Any]) -> str:
     """E.g. 'Fashion-MNIST, 10 clients, Dirichlet(alpha=0.5)'."""
     data = metrics.get("config", {}).get("data", {})
     dataset = metrics.get("dataset") or data.get("dataset", "unknown dataset")
@@ -235,7 +239,7 @@ def duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
-def about(metrics: dict) -> str:
+def about(metrics: dict[str, Any]) -> str:
     """One line on the machine, elapsed time and config hash."""
     m = metrics.get("machine", {})
     return (f"Machine: {m.get('processor') or '?'}, {m.get('cpus', '?')} CPUs, "
@@ -244,13 +248,13 @@ def about(metrics: dict) -> str:
             f"Config hash `{metrics.get('config_hash', '')[:12]}`.")
 
 
-def markdown_table(metrics: dict) -> list[str]:
+def markdown_table(metrics: dict[str, Any]) -> list[str]:
     """The results table as Markdown, same rows and formatting as results_table."""
     return ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1),
             *("| " + " | ".join(r) + " |" for r in rows(metrics))]
 
 
-def best_section(methods: dict) -> list[str]:
+def best_section(methods: dict[str, Any]) -> list[str]:
     """The best method by personalized and by global accuracy, overall and among NMoE methods."""
     nmoe = [n for n in methods if n.startswith("nmoe_")]
     lines = ["## Best", ""]
@@ -263,7 +267,7 @@ def best_section(methods: dict) -> list[str]:
     return lines
 
 
-def compute_section(compute: dict) -> list[str]:
+def compute_section(compute: dict[str, Any]) -> list[str]:
     """Per-device MACs per sample and fp32 parameter memory."""
     lines = ["## Compute and memory per device", "",
              "| deployment | MACs per sample | parameters | fp32 memory KB | what |",
@@ -274,7 +278,7 @@ def compute_section(compute: dict) -> list[str]:
     return lines
 
 
-def write_report(metrics: dict, run_dir: Path) -> Path:
+def write_report(metrics: dict[str, Any], run_dir: Path) -> Path:
     """Plots into run_dir/plots and run_dir/report.md; returns the report's path."""
     plots = write_plots(metrics, run_dir / "plots")
     methods = metrics["methods"]

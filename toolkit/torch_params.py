@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import torch
 from torch import nn
 
 from toolkit.federated.params import Params
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def get_params(module: nn.Module) -> Params:
@@ -14,7 +18,7 @@ def get_params(module: nn.Module) -> Params:
     return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
 
 
-def set_params(module: nn.Module, params: Params) -> nn.Module:
+def set_params(module: M, params: Params) -> M:
     """Load every parameter (strict: names must match exactly); returns the module."""
     module.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in params.items()}, strict=True)
     return module

@@ -135,7 +135,7 @@ def label_distribution(labels: np.ndarray, num_classes: int) -> np.ndarray:
 def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
     """Integer counts proportional to `weights` that sum exactly to `total`."""
     quotas = weights / weights.sum() * total
-    counts = np.floor(quotas).astype(np.int64)
+    counts: np.ndarray = np.floor(quotas).astype(np.int64)
     short = total - counts.sum()
     counts[np.argsort(-(quotas - counts), kind="stable")[:short]] += 1
     return counts

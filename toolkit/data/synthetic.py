@@ -32,7 +32,8 @@ def _render(params: dict[str, np.ndarray], labels: np.ndarray, shifts: np.ndarra
     sigma = params["sigma"][labels]
     gy = np.exp(-((grid - cy[..., None]) ** 2) / (2 * sigma[..., None] ** 2))  # [N, B, H]
     gx = np.exp(-((grid - cx[..., None]) ** 2) / (2 * sigma[..., None] ** 2))  # [N, B, W]
-    return np.einsum("nbc,nbh,nbw->nchw", params["amp"][labels], gy, gx)
+    images: np.ndarray = np.einsum("nbc,nbh,nbw->nchw", params["amp"][labels], gy, gx)
+    return images
 
 
 def _make_split(rng: np.random.Generator, params: dict[str, np.ndarray], n: int,

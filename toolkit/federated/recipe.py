@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from toolkit.artifacts import stage1_job, stage2_job, stage3_job
 from toolkit.checkpoint import JobState, JobStore, pack, unpack
@@ -59,6 +59,8 @@ GATE_STRATEGIES: dict[str, Callable[[], Strategy]] = {
 }
 
 FailureRows = list[dict[str, Any]]  # Failure fields plus the job's name, as in metrics.json
+D = TypeVar("D", bound=Device)  # the devices a recipe drives (a subclass may ask them for more operations)
+R = TypeVar("R")
 
 
 def failure_rows(job: str, failures: Sequence[Failure]) -> FailureRows:
@@ -72,14 +74,14 @@ def round_policy(section: FederatedConfig | GateConfig) -> RoundPolicy:
                        section.round_timeout or None, section.round_retries)
 
 
-class NMoERecipe:
+class NMoERecipe(Generic[D]):
     """Runs Stage 1, 2 and 3 of a config through `devices`, checkpointing under `checkpoints`.
 
     `initial(name)` gives the seeded initial parameters of a shared model: "fedce", "fedsc",
     "hybrid" (Stage 1) or "gate".
     """
 
-    def __init__(self, cfg: Config, devices: Sequence[Device], initial: Callable[[str], Params], checkpoints: Path,
+    def __init__(self, cfg: Config, devices: Sequence[D], initial: Callable[[str], Params], checkpoints: Path,
                  executor: Executor | None = None, availability: Availability | None = None,
                  show_progress: bool = True) -> None:
         self.cfg, self.devices, self.initial, self.checkpoints = cfg, list(devices), initial, checkpoints
@@ -94,7 +96,8 @@ class NMoERecipe:
 
     def private(self, job: str) -> dict[int, Stateful]:
         """Simulation only: the private state of the devices that live in this process."""
-        return {d.cid: d.state(job) for d in self.devices if isinstance(d, Simulated)}
+        devices: Sequence[Device] = self.devices  # mypy narrows a Device, not a D, to Simulated
+        return {d.cid: d.state(job) for d in devices if isinstance(d, Simulated)}
 
     def stage1(self, method: str) -> FederatedResult:
         """The Stage 1 job of `method` (FedCE is also the `fedavg` baseline's job: computed once)."""
@@ -121,10 +124,10 @@ class NMoERecipe:
                                       lambda d: d.prepare_gate(GateDataIns(method, experts)))[1]
         return {f"nmoe_{method}_{gate}": self.gate(method, gate, s1, failures) for gate in self.cfg.gate.methods}
 
-    def every_device(self, job: str, op: str, call: Callable[[Device], Report]) -> tuple[dict[int, Report], FailureRows]:
+    def every_device(self, job: str, op: str, call: Callable[[D], R]) -> tuple[dict[int, R], FailureRows]:
         """Ask every device; ask those that failed again (up to expert.retries times), else stop."""
         e, by_id = self.cfg.expert, {d.cid: d for d in self.devices}
-        reports: dict[int, Report] = {}
+        reports: dict[int, R] = {}
         failures: list[Failure] = []
         pending = sorted(by_id)
         bar = progress_bar(total=len(pending), desc=f"{job} {op}", unit="device", enabled=self.show)
@@ -145,7 +148,7 @@ class NMoERecipe:
                             f"attempt(s): {reasons}")
 
     def experts(self, method: str, job: str | None = None,
-                train: Callable[[Device], Report] | None = None) -> FailureRows:
+                train: Callable[[D], Report] | None = None) -> FailureRows:
         """Stage 2: every device trains its own expert (the simulation checkpoints them as `step<cid>`);
         `job` and `train`: another set of experts of every device (a hook for gate variants)."""
         job, seed = job or stage2_job(method), self.cfg.seed

@@ -22,6 +22,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +182,7 @@ def _take_stage1(cfg: Config, out: Path, source: Path | None) -> list[str] | Non
     return taken
 
 
-def fedavg_metrics(recipe: NMoERecipe) -> dict[str, Any]:
+def fedavg_metrics(recipe: NMoERecipe[RemoteDevice]) -> dict[str, Any]:
     """The `fedavg` baseline on a fleet: Stage 1 FedCE's last round, as the devices evaluated it."""
     res = recipe.stage1("fedce")
     last = res.curve[-1] if res.curve else {}
@@ -192,7 +193,7 @@ def fedavg_metrics(recipe: NMoERecipe) -> dict[str, Any]:
 def _every(devices: Sequence[RemoteDevice], op: str, call: Callable[[RemoteDevice], Result],
            timeout: float) -> list[Result]:
     """One call per device, concurrently; FederateError naming every device that failed."""
-    answers, errors = ask(ThreadPool(), {d.cid: (lambda d=d: call(d)) for d in devices}, timeout)
+    answers, errors = ask(ThreadPool(), {d.cid: partial(call, d) for d in devices}, timeout)
     if errors:
         raise FederateError(f"{op} failed on {len(errors)} device(s): " +
                             "; ".join(f"client {cid}: {e}" for cid, e in errors[:4]))
@@ -218,7 +219,7 @@ def model_version(run: str, stage1: str, gate: str) -> str:
     return hashlib.sha256(f"{run}/{stage1}/{gate}".encode()).hexdigest()[:16]
 
 
-def _commit(cfg: Config, out: Path, recipe: NMoERecipe, devices: Sequence[RemoteDevice], run: str, deploy: tuple[str, str],
+def _commit(cfg: Config, out: Path, recipe: NMoERecipe[RemoteDevice], devices: Sequence[RemoteDevice], run: str, deploy: tuple[str, str],
             options: FederateOptions, timeout: float) -> dict[str, Any]:
     """Every device rebuilds its inference files with the final models and serves them."""
     stage1, gate = deploy
@@ -232,7 +233,7 @@ def _commit(cfg: Config, out: Path, recipe: NMoERecipe, devices: Sequence[Remote
     live = [d for d in devices if d.cid in online]
     log.info("commit %s/%s as model version %s on %d of %d devices", stage1, gate, version, len(live), len(devices))
     started = time.perf_counter()
-    answers, errors = ask(ThreadPool(), {d.cid: (lambda d=d: d.commit(config, shared)) for d in live},
+    answers, errors = ask(ThreadPool(), {d.cid: partial(d.commit, config, shared) for d in live},
                           max(timeout, 600.0))
     failed = {str(d.cid): "offline" for d in devices if d not in live} | {str(c): str(e) for c, e in errors}
     for cid, why in failed.items():

@@ -148,6 +148,7 @@ class LiveServer:
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET server's address
         return f"http://{host}:{port}/"
 
     def start(self) -> Self:

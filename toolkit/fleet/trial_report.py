@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,10 @@ def write_outputs(summary: TrialSummary, out: Path) -> None:
 
 def render_html(summary: TrialSummary) -> str:
     """One page: tables and the plots as embedded PNGs."""
-    figures = [("Accuracy per device", accuracy_figure), ("Latency by path", latency_figure),
-               ("Bytes on the wire per inference", bytes_figure), ("Routing matrix", routing_figure),
-               ("Timeline", timeline_figure)]
+    figures: list[tuple[str, Callable[[TrialSummary], Figure]]] = [
+        ("Accuracy per device", accuracy_figure), ("Latency by path", latency_figure),
+        ("Bytes on the wire per inference", bytes_figure), ("Routing matrix", routing_figure),
+        ("Timeline", timeline_figure)]
     body = [f"<h1>nmoe trial</h1><pre>{html.escape(summary_text(summary))}</pre>",
             "<h2>Devices</h2>" + _table(*_device_table(summary)),
             "<h2>Latency (ms)</h2>" + _table(*_latency_table(summary)),

@@ -14,6 +14,8 @@ Both use test labels, so they are ceilings to compare with, never methods.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from toolkit.evaluate import ExpertOutputs, accuracy
@@ -54,8 +56,9 @@ def ceiling_metrics(personal: ExpertOutputs, personal_y: torch.Tensor, public: E
     the public test set (the per-class choice of experts comes from the public set, so every device
     makes the same one)."""
     pick = best_expert_per_class(public.probs, public_y, public.probs.shape[2])
-    rules = {"oracle_routing": lambda out, y: oracle_scores(out.probs, y),
-             "best_expert_per_class": lambda out, y: class_expert_scores(out.probs, y, pick)}
+    rules: dict[str, Callable[[ExpertOutputs, torch.Tensor], torch.Tensor]] = {
+        "oracle_routing": lambda out, y: oracle_scores(out.probs, y),
+        "best_expert_per_class": lambda out, y: class_expert_scores(out.probs, y, pick)}
     metrics = {}
     for name, scores in rules.items():
         metrics[f"{CEILING}{name}.personalized_accuracy"] = accuracy(scores(personal, personal_y), personal_y)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,7 +87,7 @@ class SharedEvaluator:
 class GateSimDevice(SimDevice):
     """A SimDevice that also implements toolkit.gates' operations (GateDevice, HeldoutPeer)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._ood: dict[str, OODScore] = {}  # by Stage 1 method
         self._ceilings: dict[str, dict[str, float]] = {}  # by Stage 1 method
@@ -137,6 +138,7 @@ class GateSimDevice(SimDevice):
 
         def router(gate: str, params: Params) -> Router:
             client = self.gate(stage1, gate)
+            assert isinstance(client, LocalClient)  # the simulation's own client, holding its gate's state
             key = f"{stage1}/{gate}" if gate in EXTENDED_GATES else stage1
             models = gate_models(self.models, self._gate_inputs[key].train.probs.shape[1])
             return gate_router(set_params(models.gate(), {**client.state, **unpack(gate, params)}), k)
@@ -158,7 +160,10 @@ class GateSimDevice(SimDevice):
     def _with_head(self, base: GateInputs, head: Params, train: GateData | None = None) -> GateInputs:
         """The gate inputs with the shared expert as one more expert (index = number of peers)."""
         expert = set_params(self.models.expert(), head)
-        probs = lambda z: torch.softmax(predict(expert, z), dim=-1)
+
+        def probs(z: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(predict(expert, z), dim=-1)
+
         return GateInputs(train or base.train, with_expert(base.personal, probs(base.personal.z)),
                           with_expert(base.public, probs(base.public.z)))
 
@@ -190,7 +195,10 @@ class GateSimDevice(SimDevice):
         vz, vy = self._virtual(ins.virtual)
         base = self._gate_inputs[stage1]
         expert = set_params(self.models.expert(), ins.head)
-        head = lambda z: torch.softmax(predict(expert, z), dim=-1)
+
+        def head(z: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(predict(expert, z), dim=-1)
+
         real = torch.cat([base.train.probs, head(base.train.z).unsqueeze(1)], dim=1)
         answers = torch.cat([torch.from_numpy(ins.answers), head(vz)[torch.arange(len(vy)), vy].unsqueeze(1)], dim=1)
         train = GateData(torch.cat([base.train.z, vz]), torch.cat([real, true_class_table(answers, vy, self.num_classes)]),

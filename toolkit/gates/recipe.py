@@ -69,7 +69,7 @@ class Recorded:
         return res
 
 
-class GatesRecipe(NMoERecipe):
+class GatesRecipe(NMoERecipe[GateDevice]):
     """NMoERecipe plus fedgate_ood, fedgate_vl, localgate_vl and fedgate_heldout, and the ceilings."""
 
     def __init__(self, cfg: Any, devices: Sequence[GateDevice], models: ModelFactory, *args: Any,
@@ -189,7 +189,10 @@ class GatesRecipe(NMoERecipe):
     # ---- fedgate_heldout ---------------------------------------------------------------------------
     def prepare_heldout(self, method: str, gate: str, s1: Any) -> Preparation:
         g, seed = self.cfg.gate, self.cfg.seed
-        split_seed = lambda cid: derive_seed(seed, "heldout", cid)
+
+        def split_seed(cid: int) -> int:
+            return derive_seed(seed, "heldout", cid)
+
         failures = self.experts(method, heldout_job(method), lambda d: d.train_heldout_expert(HeldoutIns(
             method, g.heldout_fraction, split_seed(d.cid), derive_seed(seed, "init", f"expert{d.cid}"),
             derive_seed(seed, method, "expert", d.cid))))

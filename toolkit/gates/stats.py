@@ -51,6 +51,7 @@ def class_stats(z: torch.Tensor, y: torch.Tensor, num_classes: int) -> ClassStat
 def pool(parts: list[ClassStats]) -> ClassStats:
     """Exact statistics of the union of the clients' latents from their per-class moments (CCVR eq. 3-4)."""
     count = sum(p.count for p in parts)
+    assert isinstance(count, torch.Tensor)  # parts is never empty
     safe = count.clamp_min(1).view(-1, 1)
     mean = sum(p.count.view(-1, 1) * p.mean for p in parts) / safe
     second = sum(p.count.view(-1, 1, 1) * (p.cov + p.mean.unsqueeze(2) * p.mean.unsqueeze(1)) for p in parts)

@@ -29,43 +29,26 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.agent import (
-    TINY_OVERRIDES,
-    AgentProcs,
-    load_fleet,
-    machine,
-    other_load,
-    pctl,
-    round_trips,
-    train_export,
-    verdict,
-    wait_online,
-)
+from bench.agent import TINY_OVERRIDES, FleetClient, launch, load_fleet, train_export
+from bench.common import ROOT, machine, other_load, pctl, verdict
+from bench.common import log as bench_log
 from broker.process import BrokerOptions, start_broker
 from device_agent.bundle import Bundle
 from device_agent.device_models import model_version
 from device_agent.nmoe_local import preprocess
 from device_agent.runtime import open_runtime
 from device_agent.wire.clock import now_ms
-from device_agent.wire.protocol import (
-    ExpertRequest,
-    ExpertResponse,
-    Topics,
-    decode,
-    encode,
-    new_correlation_id,
-)
-from toolkit.fleet.agent_processes import AgentLaunch
+from device_agent.wire.protocol import ExpertRequest, ExpertResponse, Topics, encode
+from toolkit.fleet.agent_processes import AgentLaunch, AgentProcesses
 from toolkit.fleet.web_devices import CHROMIUM, DEMO_DIR, WebDevices
 
-ROOT = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 3.0
 REQUESTER = "bench-requester"
 WEB_FP32, WEB_INT8 = "web device, fp32 (onnxruntime-web)", "web device, int8 (onnxruntime-web)"
 
 
 def log(msg: str) -> None:
-    print(f"[bench/web {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    bench_log("web", msg)
 
 
 def fleet(args: argparse.Namespace) -> tuple[dict[int, Bundle], str]:
@@ -86,28 +69,28 @@ def stats(values: list[float]) -> str:
     return f"{pctl(values, 50):.3f} / {pctl(values, 95):.3f}"
 
 
-def round_trip(url: str, bundles: dict[int, Bundle], python_expert: int, web_expert: int, trips: int,
-               blocks: int) -> dict[str, list[float]]:
+def round_trip(client: FleetClient[None], bundles: dict[int, Bundle], python_expert: int, web_expert: int,
+               trips: int, blocks: int) -> dict[str, list[float]]:
     """Closed-loop 1-latent expert requests to each expert, `blocks` alternating blocks each."""
-    topics = Topics()
     out: dict[str, list[float]] = {"python": [], "web": [], "web_compute": [], "python_compute": []}
     for b in range(blocks):
         for who, e in (("python", python_expert), ("web", web_expert)):
             server = bundles[e]
             latent = server.samples()["latent"][:1].astype(np.float32)
-            version, inbox = model_version(server), topics.reply(REQUESTER)
+            version, device = model_version(server), server.manifest.device_id
 
-            def request(e: int = e, latent: np.ndarray = latent, version: str = version, inbox: str = inbox) -> bytes:
-                return encode(ExpertRequest(new_correlation_id(), e, now_ms() + 5000, version, inbox, latent, "fp32"))
+            def frame(cid: bytes, e: int = e, latent: np.ndarray = latent, version: str = version) -> bytes:
+                return encode(ExpertRequest(cid, e, now_ms() + 5000, version, client.inbox, latent, "fp32"))
 
-            times, replies = round_trips(url, topics.expert_request(e), topics.reply_filter(REQUESTER), request,
-                                         trips // blocks, 50 if b == 0 else 10)
-            out[who] += times
-            for r in replies:
-                msg = decode(r)
-                if not isinstance(msg, ExpertResponse):
-                    raise SystemExit(f"bench/web: expert {e} answered {msg}")
-                out[f"{who}_compute"].append(msg.compute_us / 1000)
+            warmup = 50 if b == 0 else 10
+            for i in range(warmup + trips // blocks):
+                call = client.requester.send(client.topics.expert_request(e), device, e, frame, 5.0, None)
+                if not client.requester.wait([call], time.monotonic() + 5) or \
+                        not isinstance(call.reply, ExpertResponse):
+                    raise SystemExit(f"bench/web: expert {e} did not answer: {call.fate} {call.reply}")
+                if i >= warmup:
+                    out[who].append(1000 * (call.round_trip_s or 0.0))
+                    out[f"{who}_compute"].append(call.reply.compute_us / 1000)
         log(f"  block {b + 1}/{blocks}: python {pctl(out['python'], 50):.3f} ms, web {pctl(out['web'], 50):.3f} ms")
     return out
 
@@ -176,7 +159,7 @@ def write(path: Path, args: argparse.Namespace, how: str, fleet_info: str, rt: d
         "# Web device benchmark (`python -m bench.web`)", "",
         f"Written by `bench/web.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Fleet: {how}; {fleet_info}.",
         "",
-        (f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; Python {m['python']}, {m['mosquitto']}, "
+        (f"Machine: {m['processor']}, {m['cpus']} cores, {m['platform']}; Python {m['python']}, {m['mosquitto']}, "
         f"paho-mqtt {m['paho']}, onnxruntime {m['onnxruntime']}; {browser} (headless), Node {node}, "
         "onnxruntime-web 1.30.0 (WebAssembly, 1 thread), mqtt.js 5.16.0."), "",
         f"Load: before {load_before}; after {load_after}.", "",
@@ -234,30 +217,31 @@ def main() -> None:
     load_before = other_load()
     with tempfile.TemporaryDirectory(prefix="bench-web-") as tmp_name:
         tmp = Path(tmp_name)
-        with start_broker(BrokerOptions(tmp / "fleet", port=0)) as broker, WebDevices(tmp) as web:
+        with start_broker(BrokerOptions(tmp / "fleet", port=0)) as broker, WebDevices(tmp) as web, \
+                AgentProcesses() as procs:
             url = broker.url
-            procs = AgentProcs()
-            procs.spawn(bundles[args.python_expert], url, "default", tmp)
+            launch(procs, bundles[args.python_expert], url, "default", tmp)
+            for e, precision in ((args.web_expert, "fp32"), (int8_expert, "int8")):
+                d = bundles[e].manifest.device_id
+                web.start(AgentLaunch(d, ("--bundle", str(bundles[e].path), "--broker", url, "--precision",
+                                          precision, "--events", str(tmp / f"{d}.jsonl")), tmp / f"{d}.log"))
+            web.wait_online({bundles[e].manifest.device_id for e in (args.web_expert, int8_expert)})
+            client: FleetClient[None] = FleetClient(url, Topics(), REQUESTER)
             try:
-                for e, precision in ((args.web_expert, "fp32"), (int8_expert, "int8")):
-                    d = bundles[e].manifest.device_id
-                    web.start(AgentLaunch(d, ("--bundle", str(bundles[e].path), "--broker", url, "--precision",
-                                              precision, "--events", str(tmp / f"{d}.jsonl")), tmp / f"{d}.log"))
-                devices = {bundles[e].manifest.device_id for e in (args.python_expert, args.web_expert, int8_expert)}
-                web.wait_online(devices - {bundles[args.python_expert].manifest.device_id})
-                wait_online(url, Topics(), devices, 60)
+                client.wait_online({args.python_expert, args.web_expert, int8_expert},
+                                   model_version(bundles[args.python_expert]), 60)
                 log(f"1. round trip: {args.trips} trips to the Python agent and to the web device")
-                rt = round_trip(url, bundles, args.python_expert, args.web_expert, args.trips, 4)
-                log("2. local inference")
-                models = {
-                    WEB_FP32: web_models(web, bundles[args.web_expert].manifest.device_id, bundles[args.web_expert],
-                                         args.calls),
-                    WEB_INT8: web_models(web, bundles[int8_expert].manifest.device_id, bundles[int8_expert], args.calls),
-                    "Python, fp32 (ONNX Runtime)": python_models(bundles[args.web_expert], "fp32", args.calls),
-                    "Python, int8 (ONNX Runtime)": python_models(bundles[int8_expert], "int8", args.calls),
-                }
+                rt = round_trip(client, bundles, args.python_expert, args.web_expert, args.trips, 4)
             finally:
-                procs.stop()
+                client.close()
+            log("2. local inference")
+            models = {
+                WEB_FP32: web_models(web, bundles[args.web_expert].manifest.device_id, bundles[args.web_expert],
+                                     args.calls),
+                WEB_INT8: web_models(web, bundles[int8_expert].manifest.device_id, bundles[int8_expert], args.calls),
+                "Python, fp32 (ONNX Runtime)": python_models(bundles[args.web_expert], "fp32", args.calls),
+                "Python, int8 (ONNX Runtime)": python_models(bundles[int8_expert], "int8", args.calls),
+            }
     log("3. CI cost")
     cost = ci_cost(not args.no_install)
     write(args.out, args, how, fleet_info, rt, models, cost, load_before, other_load())

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-done
 RUN    ?= runs/quick
 BUNDLES ?= runs/quick-bundles
 
-.PHONY: setup test lint demo bench-accuracy bench-export bench-agent bench-federated clean arm64-env arm64-check
+.PHONY: setup test lint demo bench-accuracy bench-export bench-agent bench-federated bench-scale clean arm64-env arm64-check
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	scripts/setup.sh
@@ -43,6 +43,11 @@ bench-agent: $(STAMP)
 # in-process Stage 1 alone takes minutes per round under load; docs/results/federated.md was made on a smaller config).
 bench-federated: $(STAMP)
 	$(PY) -m bench.federated
+
+# Stage 1 in-process vs Ray, inference and federated rounds across a bridged broker, the coordinator at 10, 100
+# and 1000 simulated devices (nmoe loadgen) -> docs/results/scale.md (its hand-measured section 3 is kept; ~15 min).
+bench-scale: $(STAMP)
+	nice -n 10 $(PY) -m bench.scale
 
 # Emulated aarch64 Python (qemu-user + Debian arm64 sysroot + aarch64 wheels), cached in ~/.cache/nmoe-edge/arm64.
 arm64-env:

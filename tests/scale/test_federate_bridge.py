@@ -3,21 +3,8 @@ loadgen`) on a leaf bridged to it by `nmoe broker --bridge-to`; every update sen
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
 from bench.scale_coordinator import measure, overrides
-from broker.bridge import Bridge
-from broker.process import BrokerOptions, RunningBroker, start_broker
-
-
-@pytest.fixture(scope="module")
-def brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningBroker, RunningBroker]]:
-    """(hub, leaf): the leaf bridged to the hub."""
-    with start_broker(BrokerOptions(tmp_path_factory.mktemp("hub"), port=0)) as hub, \
-            start_broker(BrokerOptions(tmp_path_factory.mktemp("leaf"), port=0, bridge=Bridge(hub.url))) as leaf:
-        yield hub, leaf
+from broker.process import RunningBroker
 
 
 def test_rounds_through_the_bridge_lose_no_update(brokers: tuple[RunningBroker, RunningBroker]) -> None:

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUND_LOG = "%s: round %d fit %.3f s, evaluate %.3f s"  # toolkit.federated.engine.run_federated's per-round line
@@ -64,11 +65,11 @@ class RoundMeter(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
-        if str(record.msg).startswith(STARTED) and self.startup_cpu != self.startup_cpu:
+        if str(record.msg).startswith(STARTED) and math.isnan(self.startup_cpu):
             self.startup_cpu = cpu
         if record.msg != ROUND_LOG or not isinstance(record.args, tuple):
             return
-        job, rnd, fit, evaluate = record.args
+        job, rnd, fit, evaluate = cast(tuple[str, int, float, float], record.args)
         if job in self._last:
             w0, c0 = self._last[job]
             self.samples.append(RoundSample(str(job), int(rnd), float(fit), float(evaluate), wall - w0, cpu - c0,

@@ -40,6 +40,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -176,15 +177,16 @@ class LoadGenerator:
             if len(self.devices) % options.per_connection == 0:
                 self._connections.append(_Connection(transport(f"{options.name}-loadgen-{e}")))
             device = SimDevice(f"{options.name}-{e}", e, behaviour, examples, self._connections[-1])
-            device.inbox = TrainingInbox(lambda _s, msg, _n, d=device: self._on_command(d, msg))
+            device.inbox = TrainingInbox(partial(self._on_command, device))
             self._connections[-1].devices.append(device)
             self.devices[device.name] = device
         self._worker = threading.Thread(target=self._work, name="loadgen", daemon=True)
 
     def _draw_devices(self) -> list[tuple[int, Behaviour, int]]:
         o, n = self.options, self.options.devices
-        counts = [round(o.failing * n), round(o.late * n), round(o.silent * n)]
-        kinds: list[Behaviour] = ["failing"] * counts[0] + ["late"] * counts[1] + ["silent"] * counts[2]
+        shares: list[tuple[Behaviour, int]] = [("failing", round(o.failing * n)), ("late", round(o.late * n)),
+                                               ("silent", round(o.silent * n))]
+        kinds: list[Behaviour] = [kind for kind, count in shares for _ in range(count)]
         kinds += ["ok"] * (n - len(kinds))
         order = self._rng.permutation(n)
         examples = self._rng.integers(o.examples[0], o.examples[1] + 1, n)
@@ -201,8 +203,7 @@ class LoadGenerator:
             first = conn.devices[0]
             will = Publication(self.topics.presence(first.name), encode_presence(Presence.offline(first.name, first.expert)),
                                qos=1, retain=True)
-            conn.transport.connect(will, lambda topic, payload, c=conn: self._on_message(c, topic, payload),
-                                   lambda event, _detail, c=conn: self._on_connection(c, event))
+            conn.transport.connect(will, partial(self._on_message, conn), partial(self._on_connection, conn))
 
     def wait_connected(self, timeout_s: float) -> bool:
         """Whether every connection is up (and its devices announced) within `timeout_s`."""
@@ -234,7 +235,7 @@ class LoadGenerator:
 
     # incoming (transport threads) ------------------------------------------------------------------
 
-    def _on_connection(self, conn: _Connection, event: ConnectionEvent) -> None:
+    def _on_connection(self, conn: _Connection, event: ConnectionEvent, _detail: str) -> None:
         if event in (ConnectionEvent.CONNECTED, ConnectionEvent.RECONNECTED):
             for d in conn.devices:
                 self._announce(d)
@@ -254,7 +255,7 @@ class LoadGenerator:
         if kind == TopicKind.TRAIN_COMMAND and d is not None and d.inbox is not None:
             d.inbox.deliver(COORDINATOR, topic, payload)
 
-    def _on_command(self, d: SimDevice, msg: Command | Result) -> None:
+    def _on_command(self, d: SimDevice, _sender: str, msg: Command | Result, _nbytes: int) -> None:
         if not isinstance(msg, Command):
             return
         with self._lock:

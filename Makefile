@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-done
 RUN    ?= runs/quick
 BUNDLES ?= runs/quick-bundles
 
-.PHONY: setup test lint demo bench-accuracy bench-export bench-agent bench-federated bench-field clean arm64-env arm64-check
+.PHONY: setup test lint demo bench-accuracy bench-export bench-agent bench-federated bench-field bench-scale clean arm64-env arm64-check
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	scripts/setup.sh
@@ -49,6 +49,11 @@ bench-federated: $(STAMP)
 # links and a 10 s outage, against loopback in one run (~10 min).
 bench-field: $(STAMP)
 	$(PY) -m bench.field --bundles $(BUNDLES)
+
+# Stage 1 in-process vs Ray, inference and federated rounds across a bridged broker, the coordinator at 10, 100
+# and 1000 simulated devices (nmoe loadgen) -> docs/results/scale.md (its hand-measured section 3 is kept; ~15 min).
+bench-scale: $(STAMP)
+	nice -n 10 $(PY) -m bench.scale
 
 # Emulated aarch64 Python (qemu-user + Debian arm64 sysroot + aarch64 wheels), cached in ~/.cache/nmoe-edge/arm64.
 arm64-env:

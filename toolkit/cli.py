@@ -94,13 +94,14 @@ def _results(args: argparse.Namespace) -> int:
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "train": EXTRA_MODULES["train"], "results": ("matplotlib",), "trial": ("paho", "torch", "matplotlib"),
     "export": EXTRA_MODULES["train"] + EXTRA_MODULES["export"], "broker": (), "agent": ("paho",),
-    "federate": ("paho", "torch", "matplotlib"), "fleet-data": ("torch",), "fleet": ("paho", "rich")}
+    "federate": ("paho", "torch", "matplotlib"), "fleet-data": ("torch",), "fleet": ("paho", "rich"),
+    "loadgen": ("paho",)}
 
 # Subcommands of other packages, found by name so that `toolkit` never depends on them (import-linter
 # checks that) and a device without torch can still run `nmoe` for the agent. Each module has
 # `register(subparsers)`, which adds its parser with `func` set, and imports nothing heavy at load.
 PLUGINS = ("toolkit.fleet.trial_cli", "toolkit.fleet.federate_cli", "toolkit.fleet.watch_cli", "export.cli", "broker.cli",
-           "device_agent.cli")
+           "device_agent.cli", "toolkit.fleet.loadgen_cli")
 
 
 def register_plugin(sub: argparse._SubParsersAction[argparse.ArgumentParser], module: str) -> None:

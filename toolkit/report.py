@@ -26,6 +26,8 @@ ROUTING_GATES = ("fedgate", "fedavggate", "localgate")
 COLUMNS = ("method", "personalized %", "global %", "upload MB", "download MB")
 DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "synthetic": "Synthetic"}
 DPI = 120
+MAX_LABELLED = 40  # clients (experts) up to which every bar, cell value and tick is drawn
+MAX_INCHES = 16.0  # a plot's width or height beyond MAX_LABELLED clients: pixels and text grow with N (N^2 for routing)
 
 
 def ordered(methods: dict[str, Any]) -> list[str]:
@@ -139,15 +141,16 @@ def plot_per_client(metrics: dict[str, Any], path: Path) -> bool:
     names = ordered(methods) if len(methods) <= 8 else headline(methods)
     clients = sorted({p["client"] for n in names for p in methods[n]["per_client"]})
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * len(clients) + 4), 4.8))
+    fig, ax = plt.subplots(figsize=(min(MAX_INCHES, max(8.0, 0.9 * len(clients) + 4)), 4.8))
     for i, name in enumerate(names):
         acc = {p["client"]: p["personalized_accuracy"] for p in methods[name]["per_client"]}
         xs = [clients.index(c) + (i - (len(names) - 1) / 2) * width for c in acc]
         ax.bar(xs, list(acc.values()), width, label=name, color=style(name)["color"],
                hatch="//" if name.startswith("nmoe_") else None, edgecolor="white", linewidth=0.3)
     subset = "" if len(names) == len(methods) else "\n(baselines + best NMoE method per gate type)"
-    ax.set(title=f"personalized accuracy per client{subset}", xlabel="client", ylabel="accuracy",
-           xticks=range(len(clients)), xticklabels=[str(c) for c in clients], ylim=(0, 1.0))
+    ax.set(title=f"personalized accuracy per client{subset}", xlabel="client", ylabel="accuracy", ylim=(0, 1.0))
+    if len(clients) <= MAX_LABELLED:
+        ax.set(xticks=range(len(clients)), xticklabels=[str(c) for c in clients])
     ax.grid(axis="y", alpha=0.3)
     side_legend(ax)
     save(fig, path)
@@ -155,16 +158,21 @@ def plot_per_client(metrics: dict[str, Any], path: Path) -> bool:
 
 
 def plot_routing(name: str, matrix: list[list[float]], path: Path) -> None:
-    """Heatmap of routing shares, rows: client data, columns: expert, value in each cell."""
+    """Heatmap of routing shares, rows: client data, columns: expert, value in each cell (up to
+    MAX_LABELLED experts; beyond, the heatmap alone, in a bounded figure)."""
     n_rows, n_cols = len(matrix), len(matrix[0])
-    fig, ax = plt.subplots(figsize=(2.0 + 0.6 * n_cols, 1.2 + 0.55 * n_rows))
+    labelled = max(n_rows, n_cols) <= MAX_LABELLED
+    size = (2.0 + 0.6 * n_cols, 1.2 + 0.55 * n_rows)
+    fig, ax = plt.subplots(figsize=size if labelled else (min(MAX_INCHES, size[0]), min(MAX_INCHES, size[1])))
     image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
-    for i, row in enumerate(matrix):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if value > 0.5 else "black")
+    if labelled:
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if value > 0.5 else "black")
+        ax.set(xticks=range(n_cols), yticks=range(n_rows))
     ax.set(title=f"routing of {name}\n(row: client's test data, column: expert)", xlabel="expert",
-           ylabel="client data", xticks=range(n_cols), yticks=range(n_rows))
+           ylabel="client data")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of top-k selections")
     save(fig, path)
 

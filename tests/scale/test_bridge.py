@@ -8,7 +8,6 @@ crosses the bridge, and must equal LocalNMoE's exactly with no expert missing.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from fleet_helpers import TOPICS, Client, request_frame, running, start_agents
 
 from broker.bridge import Bridge
 from broker.errors import BrokerError
-from broker.process import BrokerOptions, RunningBroker, render_config, start_broker
+from broker.process import BrokerOptions, RunningBroker, render_config
 from device_agent.bundle import Bundle
 from device_agent.nmoe_local import LocalNMoE
 from device_agent.wire.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
@@ -28,14 +27,6 @@ ON_LEAF = {1}
 
 def transport(broker: RunningBroker, name: str) -> MqttTransport:
     return MqttTransport(MqttSettings(BrokerUrl.parse(broker.url), f"test-{name}"))
-
-
-@pytest.fixture(scope="module")
-def brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningBroker, RunningBroker]]:
-    """(hub, leaf): the leaf bridged to the hub."""
-    with start_broker(BrokerOptions(tmp_path_factory.mktemp("hub"), port=0)) as hub, \
-            start_broker(BrokerOptions(tmp_path_factory.mktemp("leaf"), port=0, bridge=Bridge(hub.url))) as leaf:
-        yield hub, leaf
 
 
 def wait_crossing(source: RunningBroker, sink: RunningBroker, timeout_s: float = 10.0) -> None:

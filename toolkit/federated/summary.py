@@ -28,5 +28,6 @@ def mean_accuracies(results: list[tuple[int, EvaluateRes]]) -> Metrics:
 
 
 def routing_rows(results: list[tuple[int, EvaluateRes]], num_experts: int) -> list[list[float]]:
-    """Row per client: the shares of its top-k choices per expert, from its `routing.<e>` metrics."""
-    return [[res.metrics[f"{ROUTING}{e}"] for e in range(num_experts)] for _, res in results]
+    """Row per client: the shares of its top-k choices per expert, from its `routing.<e>` metrics (absent: 0,
+    so a device with many experts may send only its nonzero shares)."""
+    return [[res.metrics.get(f"{ROUTING}{e}", 0.0) for e in range(num_experts)] for _, res in results]

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from device_agent.wire.clock import now_ms
 from device_agent.wire.events import Counters, EventLog
@@ -66,6 +67,7 @@ class FleetLink:
         self._waiting: dict[bytes, _Waiting] = {}
         self._born: dict[str, tuple[float, str | None]] = {}  # device -> (ts, model) of its online presence
         self._seen: set[str] = set()  # devices that were online at some point
+        self._live: Mapping[int, str] | None = None  # live()'s answer until the next presence arrives
         self._connected = threading.Event()
         self._connection: tuple[ConnectionEvent, str] | None = None
         self._sent = self._received = 0
@@ -93,9 +95,13 @@ class FleetLink:
 
     # who is live ------------------------------------------------------------------------------------
 
-    def live(self) -> dict[int, str]:
-        """Expert (= client) id -> the online device holding it (any model version)."""
-        return {p.expert: p.device for p in self.fleet.online()}
+    def live(self) -> Mapping[int, str]:
+        """Expert (= client) id -> the online device holding it (any model version); read-only, computed
+        once per change of presence (a round asks it once per device: O(N) each time made rounds O(N^2))."""
+        with self._lock:
+            if self._live is None:
+                self._live = MappingProxyType({p.expert: p.device for p in self.fleet.online()})
+            return self._live
 
     def wait_live(self, experts: set[int], timeout_s: float, check: Callable[[], None] = lambda: None) -> set[int]:
         """Wait until every expert in `experts` has an online device (or the timeout); those that have."""
@@ -116,8 +122,8 @@ class FleetLink:
             self._waiting[command.task_id] = waiting
         try:
             self._send(waiting)
-            while not waiting.done.wait(0.2):
-                if now_ms() > command.deadline_ms:
+            while not waiting.done.wait(max(0.0, (command.deadline_ms - now_ms()) / 1000)):
+                if now_ms() >= command.deadline_ms:
                     self.counters.add("timeouts")
                     raise TaskTimeout(f"{device}: no result for {command.op.value} {command.job} "
                                       f"round {command.round} before its deadline")
@@ -175,6 +181,8 @@ class FleetLink:
 
     def _on_presence(self, device: str, payload: bytes) -> None:
         status = self.fleet.update(device, payload)
+        with self._lock:
+            self._live = None
         if status != "online":
             self._born.pop(device, None)  # offline: its next online presence is a rebirth
             return

@@ -25,7 +25,7 @@ import time
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from device_agent.training.device_ops import (
 )
 from device_agent.wire.clock import now_ms
 from device_agent.wire.events import Counters, EventLog
+from device_agent.wire.tensor_codec import ProtocolError
 from device_agent.wire.training_frames import Command, Op, Result, Status
 from device_agent.wire.training_link import (
     COORDINATOR,
@@ -324,8 +325,17 @@ class TrainingService:
                       {k: float(v) for k, v in (metrics or {}).items()}, error[:1000], tensors or {})
 
     def _send(self, result: Result) -> None:
-        sent = send_training(self.agent.transport, self.agent.topics.train_result(self.agent.me), result,
-                             self.options.max_message)
+        """Publish `result`; one that cannot be encoded (e.g. a header over the protocol's limit) goes out as an
+        ERROR saying so, so that the coordinator counts a failure and this worker keeps serving."""
+        topic = self.agent.topics.train_result(self.agent.me)
+        try:
+            sent = send_training(self.agent.transport, topic, result, self.options.max_message)
+        except ProtocolError as e:
+            self.events.emit("error", where="training", op=result.op.value, error=f"result not sendable: {e}")
+            self.counters.add("unsendable_results")
+            failed = replace(result, status=Status.ERROR, num_examples=0, metrics={}, tensors={},
+                             error=f"result not sendable: {e}"[:1000])
+            sent = send_training(self.agent.transport, topic, failed, self.options.max_message)
         self.counters.add("result_bytes", sent)
 
 

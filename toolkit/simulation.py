@@ -330,7 +330,7 @@ class SimDevice:
         return EvaluateRes(len(self.personal), {
             "personalized_accuracy": accuracy(own, self.personal.y),
             "global_accuracy": accuracy(public, self.public.data.y),
-            **{f"{ROUTING}{e}": share for e, share in enumerate(shares)}})
+            **{f"{ROUTING}{e}": share for e, share in enumerate(shares) if share}})
 
     # ---- simulation only -----------------------------------------------------------------------
     def state(self, job: str) -> Stateful:

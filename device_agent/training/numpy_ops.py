@@ -106,7 +106,7 @@ class NumpyOps:
         shares = np.bincount(chosen.ravel(), minlength=self.num_experts) / chosen.size
         return len(self.data.test), {"personalized_accuracy": _accuracy(own, self.data.test.y),
                                      "global_accuracy": _accuracy(public, test.y),
-                                     **{f"{ROUTING}{e}": float(s) for e, s in enumerate(shares)}}
+                                     **{f"{ROUTING}{e}": float(s) for e, s in enumerate(shares) if s}}
 
     def use_extractor(self, stage1: str, extractor: Params) -> tuple[int, Metrics]:
         from device_agent.model_build import build_model  # needs onnx (the [agent] extra has it)

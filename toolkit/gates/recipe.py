@@ -110,7 +110,7 @@ class GatesRecipe(NMoERecipe[GateDevice]):
             result["ceiling"] = mean_ceilings(rows)
         width = sum(k.startswith(ROUTING) for k in rows[0])
         if width > len(self.devices):  # a shared expert: one more routing column
-            result["routing"] = [[m[f"{ROUTING}{e}"] for e in range(width)] for m in rows]
+            result["routing"] = [[m.get(f"{ROUTING}{e}", 0.0) for e in range(width)] for m in rows]
         return result, failures
 
     # ---- the shared expert ---------------------------------------------------------------------

@@ -7,7 +7,7 @@
  * own expert alone, so an inference never fails while the device itself works.
  */
 import { toHex } from "../wire/bytes.js";
-import { ErrorCode, type Request, encodeFrame, errorName, newCorrelationId } from "../wire/frames.js";
+import { ErrorCode, type Request, encodeFrame, errorName, newCorrelationId, peekRequestRoute } from "../wire/frames.js";
 import { type Presence, encodePresence } from "../wire/presence.js";
 import { ENCODINGS, type Encoding, type WireTensor } from "../wire/tensor.js";
 import { Topics } from "../wire/topics.js";
@@ -65,6 +65,10 @@ export class WebDevice {
   readonly expertServer: RequestServer;
   readonly inferServer: RequestServer;
   connected = false;
+  /** Receives the payloads of `train/{me}/cmd` (set before `start`: ./training.ts). */
+  training: ((payload: Uint8Array) => void) | null = null;
+  /** Servers of the expert at other model versions (federated training's staging expert). */
+  private readonly versions = new Map<string, RequestServer>();
   private readonly rng: NumpyRandom;
   private ids = 0;
 
@@ -102,6 +106,7 @@ export class WebDevice {
     t.subscribe(this.topics.expertRequest(this.expertId));
     t.subscribe(this.topics.inferRequest(this.me));
     t.subscribe(this.topics.replyFilter(this.me));
+    if (this.training !== null) t.subscribe(this.topics.trainCommand(this.me), 1);
     t.connect(this.offline(), (topic, payload) => this.onMessage(topic, payload), (e, d) => this.onConnection(e, d));
   }
 
@@ -111,6 +116,7 @@ export class WebDevice {
     this.connected = false;
     this.expertServer.stop();
     this.inferServer.stop();
+    for (const server of this.versions.values()) server.stop();
     this.events.emit("counters", { device: this.me, counters: this.stats() });
     this.events.emit("stop", { device: this.me });
   }
@@ -118,7 +124,19 @@ export class WebDevice {
   /** Every counter, grouped as the Python agent's `Agent.stats()`. */
   stats(): Record<string, Record<string, number>> {
     return { agent: this.counters.snapshot(), expert_server: this.expertServer.stats(), infer_server: this.inferServer.stats(),
-      replies: this.replies.counters.snapshot(), presence: this.fleet.counters.snapshot() };
+      replies: this.replies.counters.snapshot(), presence: this.fleet.counters.snapshot(),
+      ...Object.fromEntries([...this.versions].map(([v, server]) => [`expert_server@${v}`, server.stats()])) };
+  }
+
+  /** Also answer expert requests of model `version` with `compute(latents, n) -> probs` (federated
+   * training: the expert just trained, before any bundle holds it), as the Python agent's
+   * `serve_expert_version`. */
+  serveExpertVersion(version: string, latentDim: number, compute: (z: Float32Array, n: number) => Float32Array): void {
+    this.versions.get(version)?.stop();
+    this.versions.set(version, new RequestServer({
+      kind: "expert", expertId: this.expertId, modelVersion: version, rowShape: [latentDim], encodings: ENCODINGS,
+      compute: async (z, n) => compute(z, n),
+    }, this.config.limits, this.topics, this.me, (topic, payload) => this.transport.publish(topic, payload), this.events));
   }
 
   presence(): Presence {
@@ -328,7 +346,10 @@ export class WebDevice {
       const status = this.fleet.update(t.device, payload);
       if (status !== null) this.events.emit("presence", { device: t.device, status });
     } else if (t?.kind === "expert" && t.expert === this.expertId) {
-      this.expertServer.submit(payload);
+      const version = peekRequestRoute(payload)?.modelVersion;
+      ((version !== undefined ? this.versions.get(version) : undefined) ?? this.expertServer).submit(payload);
+    } else if (t?.kind === "train" && t.direction === "cmd" && t.device === this.me && this.training !== null) {
+      this.training(payload);
     } else if (t?.kind === "infer" && t.device === this.me) {
       this.inferServer.submit(payload);
     } else if (t?.kind === "reply" && t.device === this.me) {

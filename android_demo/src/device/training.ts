@@ -8,8 +8,10 @@
  * - a COMMAND past its deadline, or of another run than the one set up, is `refused`;
  * - per job the last round and the gate before it are kept: the same round again is recomputed
  *   from the same state, an older round is `refused` (stale);
- * - an op the device cannot do (Stage 1, `commit`: it rebuilds ONNX files) is answered `error`
- *   with the reason, so the coordinator counts a failure of this client at once instead of waiting.
+ * - an op the device cannot do (Stage 1: convolutions) is answered `error` with the reason, so the
+ *   coordinator counts a failure of this client at once instead of waiting;
+ * - `commit` installs the final models in TypeScript (fp32; no ONNX files, no int8) and serves them
+ *   as the committed model version; its bundle's manifest must agree with the run's shapes.
  * State lives in the page's memory (see ./training_ops.ts): a closed page forgets its run.
  */
 import { WireError, toHex } from "../wire/bytes.js";
@@ -24,7 +26,8 @@ import type { DeviceData } from "./device_data.js";
 import { Counters } from "./events.js";
 import { CallGroup } from "./requester.js";
 import { publishPacketSize } from "./transport.js";
-import type { Params } from "../train/mlp.js";
+import { extract } from "../train/extractor.js";
+import { EXPERT, GATE, type Params, forward } from "../train/mlp.js";
 import { INIT, type Metrics, OperationRefused, WebOps, copyParams, parseJob } from "./training_ops.js";
 
 export const DEFAULT_MAX_MESSAGE = 256 * 1024;
@@ -150,9 +153,35 @@ export class TrainingService {
         return ok(await ops.prepareGate(stage1, experts, (e, z, n) => this.peerOutputs(e, version, z, n, ops.latentDim(stage1)),
           initial(cmd.tensors)));
       }
+      case "commit":
+        return ok(this.commit(ops, cmd));
       default:
-        throw new OperationRefused(`${cmd.op}: a web device does not rebuild ONNX bundles; it serves the models it was given`);
+        throw new OperationRefused(`unknown op ${cmd.op}`);
     }
+  }
+
+  /** Serve the final models as `model_version` (fp32, in TypeScript: a web device writes no ONNX files). */
+  private commit(ops: WebOps, cmd: Command): [number, Metrics] {
+    const started = monotonicMs();
+    const c = fromJson(cmd.config) as Record<string, unknown>;
+    const m = this.device.bundle.manifest;
+    const final = ops.finalModels(String(c["stage1"]), c["gate_job"] ? String(c["gate_job"]) : null, cmd.tensors);
+    const model = ops.config["model"] as Record<string, unknown>;
+    const spec = this.data.spec;
+    const differ = [["experts", c["num_experts"], m.numExperts], ["top_k", model["top_k"], m.topK],
+      ["latent_dim", ops.latentDim(String(c["stage1"])), m.latentDim], ["classes", this.data.classNames.length, m.numClasses],
+      ["input", JSON.stringify([spec.shape, spec.scale, spec.mean, spec.std]), JSON.stringify([m.input.shape, m.input.scale, m.input.mean, m.input.std])]]
+      .filter(([, a, b]) => a !== b);
+    if (differ.length) {
+      throw new OperationRefused(`the run's models do not fit this device's bundle (${differ.map(([k, a, b]) => `${k} ${a} vs ${b}`).join(", ")})`);
+    }
+    this.device.install({
+      extractor: { run: async (x, shape) => extract(final.extractor, x, shape[0]!, spec.shape).z },
+      gate: final.gate === null ? null : { run: async (z, shape) => forward(GATE, final.gate!, z, shape[0]!).out },
+      expert: { run: async (z, shape) => forward(EXPERT, final.expert, z, shape[0]!).out },
+      precision: "fp32 (TypeScript)",
+    }, String(c["model_version"]));
+    return [this.data.train.n, { rebuild_s: Math.round(monotonicMs() - started) / 1000 }];
   }
 
   private setup(cmd: Command): Result {

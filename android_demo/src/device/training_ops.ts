@@ -62,7 +62,8 @@ const num = (o: Record<string, unknown>, section: string, key: string): number =
 };
 
 export class WebOps {
-  private readonly latents = new Map<string, Latents>(); // by Stage 1 method
+  private readonly extractors = new Map<string, Params>(); // by Stage 1 method
+  private readonly latents = new Map<string, Latents>();
   private readonly experts = new Map<string, Params>();
   private readonly gateInputs = new Map<string, GateInputs>();
   readonly gates = new Map<string, Params>(); // by Stage 3 job
@@ -92,6 +93,7 @@ export class WebOps {
 
   useExtractor(stage1: string, tensors: ReadonlyMap<string, Tensor>): [number, Metrics] {
     const weights = new Map([...tensors].map(([k, t]) => [k.startsWith("extractor.") ? k.slice("extractor.".length) : k, t]));
+    this.extractors.set(stage1, copyParams(weights));
     let dim = 0;
     const run = (s: Split | null): Float32Array => {
       if (s === null) throw new OperationRefused("the device data has no global test split");
@@ -165,6 +167,14 @@ export class WebOps {
     return [new Map(upload.map((n) => [n, trained.get(n)!])), this.data.train.n, metrics];
   }
 
+  /** The models a commit serves (the gate: the job's state merged with the final shared parameters). */
+  finalModels(stage1: string, gateJob: string | null, shared: ReadonlyMap<string, Tensor>): FinalModels {
+    const extractor = this.extractors.get(stage1);
+    const expert = this.experts.get(stage1);
+    if (extractor === undefined || expert === undefined) throw new OperationRefused(`no extractor or expert of ${stage1} on this device`);
+    return { extractor, expert, gate: gateJob === null ? null : new Map([...this.gateState(gateJob), ...copyParams(shared)]) };
+  }
+
   evaluate(job: string, params: ReadonlyMap<string, Tensor>, seed: bigint): [number, Metrics] {
     const { stage, stage1, gate } = parseJob(job);
     if (stage === 1) throw new OperationRefused("Stage 1 trains convolutions: a web device trains Stages 2 and 3 only");
@@ -196,6 +206,13 @@ export class WebOps {
     return [this.data.test.n, { personalized_accuracy: accuracy(own.predicted, this.data.test.y),
       global_accuracy: accuracy(global.predicted, this.data.globalTest!.y), ...shares }];
   }
+}
+
+/** What a commit serves: the shared extractor and this device's gate (null: RanGate) and expert. */
+export interface FinalModels {
+  readonly extractor: Params;
+  readonly gate: Params | null;
+  readonly expert: Params;
 }
 
 /** RanGate as toolkit.evaluate.random_router: torch.rand(n, E) of a fresh stream of `seed`, argsort, first k, weights 1/k. */

@@ -4,11 +4,11 @@
  * prefix and every invalid vector rejected, the CHUNKs decoded, re-encoded, produced by splitting
  * command_fit and reassembled to it; plus deterministic mutations (decode or WireError, nothing else).
  */
-import { WireError, fromHex, toHex } from "../src/wire/bytes.js";
+import { fromHex, toHex } from "../src/wire/bytes.js";
 import { CHUNK_HEADER, Reassembler, decodeChunk, encodeChunk, splitMessage } from "../src/wire/chunks.js";
 import { type Json, toJson } from "../src/wire/json.js";
 import { type Op, type Status, type TrainingMessage, decodeTraining, encodeTraining } from "../src/wire/training.js";
-import type { CheckResult } from "./vector_checks.js";
+import { type CheckResult, fuzzVectors, rejects } from "./vector_checks.js";
 
 export interface TrainingVector {
   name: string;
@@ -103,16 +103,6 @@ function same(a: unknown, b: unknown): boolean {
   return a === b;
 }
 
-function rejects(decode: () => unknown): string | null {
-  try {
-    decode();
-  } catch (e) {
-    if (e instanceof WireError) return null;
-    return `threw ${e instanceof Error ? e.name : typeof e} instead of WireError: ${e}`;
-  }
-  return "accepted";
-}
-
 /** Every check of the training vectors. */
 export async function runTrainingChecks(valid: TrainingVector[], invalid: TrainingInvalid[]): Promise<CheckResult[]> {
   const results: CheckResult[] = [];
@@ -196,28 +186,10 @@ export async function runTrainingChecks(valid: TrainingVector[], invalid: Traini
   return results;
 }
 
-/** Deterministic mutations of every training vector: decode or WireError only. */
+/** Deterministic mutations of every training vector: decode (and re-encode) or WireError only. */
 export function runTrainingFuzz(valid: TrainingVector[], rounds: number, seed = 7): CheckResult[] {
-  let state = seed >>> 0;
-  const rand = (n: number): number => {
-    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
-    return state % n;
-  };
-  const failures: string[] = [];
-  for (let i = 0; i < rounds; i++) {
-    const v = valid[rand(valid.length)]!;
-    const bytes = fromHex(v.hex).slice();
-    const kind = rand(3);
-    if (kind === 0) bytes[rand(bytes.length)] = rand(256);
-    else if (kind === 1) bytes[rand(bytes.length)]! ^= 1 << rand(8);
-    const mutated = kind === 2 ? bytes.subarray(0, rand(bytes.length + 1)) : bytes;
-    try {
-      if (v.kind === "chunk") decodeChunk(mutated);
-      else encodeTraining(decodeTraining(mutated));
-    } catch (e) {
-      if (!(e instanceof WireError)) failures.push(`${v.name} mutation ${i}: ${e}`);
-    }
-  }
-  return [{ name: `training fuzz: ${rounds} mutations decode or raise WireError only`,
-    error: failures.length ? failures.slice(0, 5).join("; ") : null }];
+  return fuzzVectors("training fuzz", valid, rounds, seed, (v, mutated) => {
+    if (v.kind === "chunk") decodeChunk(mutated);
+    else encodeTraining(decodeTraining(mutated));
+  });
 }

@@ -278,7 +278,8 @@ function wireForm(): void {
       return;
     }
     const value = (id: string): string => ($(id) as HTMLInputElement).value;
-    void start(source, broker, { username: value("username"), password: value("password"),
+    const data = new URLSearchParams(location.hash.slice(1)).get("data"); // training data: #data=URL of its .npz
+    void start(source, broker, { username: value("username"), password: value("password"), ...(data ? { data } : {}),
       ...(value("precision") ? { precision: value("precision") as Precision } : {}),
       latentEncoding: value("encoding") as Encoding });
   };

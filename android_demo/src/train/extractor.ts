@@ -7,7 +7,7 @@
 import type { Tensor } from "../wire/tensor.js";
 
 const fr = Math.fround;
-export const CONVS = ["features.0", "features.2", "features.4"] as const;
+const CONVS = ["features.0", "features.2", "features.4"] as const;
 
 function weight(weights: ReadonlyMap<string, Tensor>, name: string): Tensor {
   const t = weights.get(name);

@@ -61,12 +61,6 @@ export interface Result extends Common {
 
 export type TrainingMessage = Command | Result;
 
-/** Whether `payload` starts like a COMMAND or RESULT frame (version >= 2, kind 4 or 5). */
-export function isTraining(payload: Uint8Array): boolean {
-  return payload.length >= 4 && payload[0] === MAGIC[0] && payload[1] === MAGIC[1] && payload[2]! >= 2
-    && (payload[3] === KIND_CODES.command || payload[3] === KIND_CODES.result);
-}
-
 function checkName(name: unknown): string {
   if (typeof name !== "string" || !NAME.test(name)) throw new WireError(`bad tensor name ${String(name).slice(0, 80)}`);
   return name;

@@ -6,7 +6,7 @@
  */
 import { fromHex, toHex } from "../src/wire/bytes.js";
 import { CHUNK_HEADER, Reassembler, decodeChunk, encodeChunk, splitMessage } from "../src/wire/chunks.js";
-import { type Json, toJson } from "../src/wire/json.js";
+import { type Json, JsonNumber, pythonJson, toJson } from "../src/wire/json.js";
 import { type Op, type Status, type TrainingMessage, decodeTraining, encodeTraining } from "../src/wire/training.js";
 import { type CheckResult, fuzzVectors, rejects } from "./vector_checks.js";
 
@@ -176,6 +176,14 @@ export async function runTrainingChecks(valid: TrainingVector[], invalid: Traini
     await r2.add("coordinator", parts[0]!);
     await r2.add("coordinator", { ...parts[1]!, total: parts[1]!.total + 1 });
     assert(r2.counters.get("conflicting") === 1 && r2.pending() === 1, "conflicting chunk not dropped");
+  });
+  await check("training: the header JSON is spelled as Python's json.dumps (sorted, ASCII, float repr)", () => {
+    const v = toJson({ b: [1e-5, 0.5, 1.0, 1e16, 1e15, 123456789012345680, 0.0001, -2.5e-7, 3], a: "\u00e9\u007f\n\u{1f600}" });
+    const floats = (v as Map<string, Json>).get("b") as JsonNumber[];
+    const spelled = new Map<string, Json>([["a", (v as Map<string, Json>).get("a")!],
+      ["b", floats.map((x, i) => (i === 8 ? x : new JsonNumber(x.value, false)))]]);
+    const want = '{"a":"\\u00e9\\u007f\\n\\ud83d\\ude00","b":[1e-05,0.5,1.0,1e+16,1000000000000000.0,1.2345678901234568e+17,0.0001,-2.5e-07,3]}';
+    assert(pythonJson(spelled) === want, pythonJson(spelled));
   });
   await check("training: the header keeps 63-bit seeds exact and rejects 2^63", () => {
     const m = messageOf(fit) as Extract<TrainingMessage, { kind: "command" }>;

@@ -218,7 +218,7 @@ export function pythonFloat(x: number): string {
   return plainFloat(x);
 }
 
-/** What Python's `json.dumps(v, sort_keys=True, separators=(",", ":"))` writes (ASCII, \\u escapes):
+/** What Python's `json.dumps(v, sort_keys=True, separators=(",", ":"))` writes (ASCII, \u escapes):
  * the header of the training frames (docs/protocol.md §16.2). */
 export function pythonJson(v: Json): string {
   if (v === null || typeof v === "boolean") return canonicalJson(v);

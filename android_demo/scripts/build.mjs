@@ -1,5 +1,6 @@
 // Build the web device with esbuild: the app into dist/ (with onnxruntime-web's wasm beside it), or
-// with --tests the Node tests into build/tests/ and the browser checks into build/browser/.
+// with --tests the Node tests into build/tests/, the browser checks into build/browser/ and the trainer's
+// parity tool into build/tools/.
 import { build } from "esbuild";
 import { cpSync, mkdirSync, readdirSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
@@ -25,6 +26,8 @@ async function testBundles() {
   rmSync(join(root, "build"), { recursive: true, force: true });
   await build({ ...common, entryPoints: readdirSync(join(root, "tests")).filter((f) => f.endsWith(".test.ts")).map((f) => join(root, "tests", f)), outdir: join(root, "build/tests"),
     outExtension: { ".js": ".mjs" }, platform: "node" });
+  await build({ ...common, entryPoints: [join(root, "tests/train_parity.ts")], outfile: join(root, "build/tools/train_parity.mjs"),
+    platform: "node" });
   await build({ ...common, entryPoints: [join(root, "tests/browser_entry.ts")], outfile: join(root, "build/browser/checks.js"),
     platform: "browser", format: "iife" });
 }

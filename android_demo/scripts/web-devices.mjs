@@ -4,7 +4,8 @@
 //
 // One Chromium (Debian's /usr/bin/chromium, or $NMOE_CHROMIUM) with one page per device. Commands
 // are JSON lines on stdin, answers JSON lines on stdout:
-//   {"cmd":"open","device":D,"url":PAGE,"config":{...},"events":FILE,"log":FILE}
+//   {"cmd":"open","device":D,"url":PAGE,"config":{...},"events":FILE,"log":FILE[,"dataFile":NPZ]}
+//        (dataFile: the page fetches its training data from config.data, answered here from that file)
 //        -> {"event":"online","device":D} once its broker connection is up,
 //           {"event":"failed","device":D,"error":...} when the page refuses to start (e.g. a tampered bundle)
 //   {"cmd":"kill","device":D}   close the page abruptly (no DISCONNECT: the broker publishes its will) -> {"event":"killed"}
@@ -35,7 +36,7 @@ function append(file, line) {
   appendFileSync(file, `${line}\n`);
 }
 
-async function open({ device, url, config, events, log }) {
+async function open({ device, url, config, events, log, dataFile }) {
   const page = await context.newPage();
   const entry = { page, log, killed: false, online: false };
   pages.set(device, entry);
@@ -59,6 +60,7 @@ async function open({ device, url, config, events, log }) {
       note(`${e.event}: ${e.detail}`);
     }
   });
+  if (dataFile) await page.route(config.data, (route) => route.fulfill({ path: dataFile, contentType: "application/octet-stream" }));
   await page.addInitScript((c) => { window.NMOE_CONFIG = c; }, config);
   note(`opening ${url} as ${device}`);
   await page.goto(url);

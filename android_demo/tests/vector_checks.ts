@@ -148,7 +148,8 @@ function checkPresence(v: Vector): void {
   }
 }
 
-function rejects(decode: () => unknown): string | null {
+/** null when `decode` throws WireError, else what it did instead. */
+export function rejects(decode: () => unknown): string | null {
   try {
     decode();
   } catch (e) {
@@ -217,8 +218,10 @@ export function runVectorChecks(valid: Vector[], invalid: InvalidVector[]): Chec
   return results;
 }
 
-/** Deterministic mutations of every valid payload: decoders may accept or reject (WireError), never throw else. */
-export function runFuzz(valid: Vector[], rounds: number, seed = 1): CheckResult[] {
+/** `rounds` deterministic mutations (a byte set, a bit flipped, a truncation) of the vectors' payloads,
+ * each given to `decode`, which may return or throw WireError, nothing else; the failures as one check. */
+export function fuzzVectors<V extends { name: string; hex: string }>(name: string, valid: V[], rounds: number, seed: number,
+  decode: (v: V, payload: Uint8Array) => void): CheckResult[] {
   let state = seed >>> 0;
   const rand = (n: number): number => {
     state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
@@ -231,15 +234,20 @@ export function runFuzz(valid: Vector[], rounds: number, seed = 1): CheckResult[
     const kind = rand(3);
     if (kind === 0) bytes[rand(bytes.length)] = rand(256);
     else if (kind === 1) bytes[rand(bytes.length)]! ^= 1 << rand(8);
-    const mutated = kind === 2 ? bytes.subarray(0, rand(bytes.length + 1)) : bytes;
-    const decode = v.kind === "presence" ? () => decodePresence(mutated) : () => decodeFrame(mutated);
     try {
-      const d = decode();
-      if (v.kind !== "presence") peekRequestRoute(mutated);
-      if ("kind" in d && d.kind === "response") encodeFrame(d);
+      decode(v, kind === 2 ? bytes.subarray(0, rand(bytes.length + 1)) : bytes);
     } catch (e) {
       if (!(e instanceof WireError)) failures.push(`${v.name} mutation ${i}: ${e}`);
     }
   }
-  return [{ name: `fuzz: ${rounds} mutations decode or raise WireError only`, error: failures.length ? failures.slice(0, 5).join("; ") : null }];
+  return [{ name: `${name}: ${rounds} mutations decode or raise WireError only`, error: failures.length ? failures.slice(0, 5).join("; ") : null }];
+}
+
+/** Deterministic mutations of every valid payload: decoders may accept or reject (WireError), never throw else. */
+export function runFuzz(valid: Vector[], rounds: number, seed = 1): CheckResult[] {
+  return fuzzVectors("fuzz", valid, rounds, seed, (v, mutated) => {
+    const d = v.kind === "presence" ? decodePresence(mutated) : decodeFrame(mutated);
+    if (v.kind !== "presence") peekRequestRoute(mutated);
+    if ("kind" in d && d.kind === "response") encodeFrame(d);
+  });
 }

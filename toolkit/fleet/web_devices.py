@@ -6,8 +6,10 @@ bridge (`broker.websocket_bridge`, started here and pointed at the fleet's broke
 bundle (served by the bridge from the bundles' folder), and join the fleet over MQTT-over-WebSockets
 like a phone would. `WebDevices.start` takes the same `AgentLaunch` as an `nmoe agent` process
 (`--bundle`, `--broker`, credentials, `--precision`, `--latent-encoding`, `--deadline-ms`,
-`--max-batch`, `--queue`, `--no-microbatch`, `--prefix`, `--fleet`, `--events`), so `MixedFleet` can run the last N devices of a trial in the browser with no other
-change to the trial: one fleet, one trial, one report.
+`--max-batch`, `--queue`, `--no-microbatch`, `--prefix`, `--fleet`, `--events`, and for federated
+training `--data FILE`; `--state` and `--trainer` are ignored: a page keeps its
+training state in memory and trains Stages 2-3 in TypeScript), so `MixedFleet` can run the last N
+devices of a trial in the browser with no other change to the trial: one fleet, one trial, one report.
 """
 
 from __future__ import annotations
@@ -126,12 +128,16 @@ class WebDevices:
             config["microbatch"] = False
         if password_file is not None:
             config["password"] = Path(password_file).read_text().strip()
+        command: dict[str, Any] = {}
+        if (data := _option(args, "--data")) is not None:  # the page fetches it from a URL the runner answers
+            config["data"] = f"{self.bridge.page_url}nmoe-data/{launch.device}.npz"
+            command["dataFile"] = str(Path(data).resolve())
         events = Path(_option(args, "--events") or self.work_dir / "events" / f"{launch.device}.jsonl")
         self.logs[launch.device] = launch.log
         self._opened.append(launch.device)
         launch.log.parent.mkdir(parents=True, exist_ok=True)
         self._send({"cmd": "open", "device": launch.device, "url": self.bridge.page_url, "config": config,
-                    "events": str(events), "log": str(launch.log)})
+                    "events": str(events), "log": str(launch.log), **command})
 
     def pid(self, device: str) -> int:
         """The Node process driving the pages (a page has no pid of its own)."""

@@ -125,3 +125,27 @@ export function readNpy(bytes: Uint8Array): NpyArray {
   if (dtype === "<i8") return { dtype, shape, data: Float64Array.from(new BigInt64Array(need(8)), Number) };
   throw new ArchiveError(`.npy dtype ${dtype} is not supported`);
 }
+
+/** The text of a 0-d numpy string array (dtype '<U{n}': n UTF-32LE code units, NUL-padded). */
+export function readNpyText(bytes: Uint8Array): string {
+  const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  if (bytes.length < 10 || v.getUint8(0) !== 0x93 || new TextDecoder().decode(bytes.subarray(1, 6)) !== "NUMPY") {
+    throw new ArchiveError("not a .npy file");
+  }
+  const major = v.getUint8(6);
+  const headerStart = major === 1 ? 10 : 12;
+  const headerLength = major === 1 ? v.getUint16(8, true) : v.getUint32(8, true);
+  const header = new TextDecoder().decode(bytes.subarray(headerStart, headerStart + headerLength));
+  const units = /'descr':\s*'<U(\d+)'/.exec(header)?.[1];
+  if (units === undefined || !/'shape':\s*\(\)/.test(header)) throw new ArchiveError(`not a 0-d string .npy: ${header.slice(0, 80)}`);
+  const body = headerStart + headerLength;
+  if (bytes.length !== body + 4 * Number(units)) throw new ArchiveError("truncated string .npy");
+  let text = "";
+  for (let i = 0; i < Number(units); i++) {
+    const cp = v.getUint32(body + 4 * i, true);
+    if (cp === 0) break;
+    if (cp > 0x10ffff) throw new ArchiveError("bad code point in string .npy");
+    text += String.fromCodePoint(cp);
+  }
+  return text;
+}

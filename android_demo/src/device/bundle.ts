@@ -3,6 +3,8 @@
  * strict JSON, schema version, every field, then every listed file's size and sha256.
  * A bundle comes from a `BundleSource`: a URL (a folder served over HTTP), picked files or a zip.
  */
+import { toHex } from "../wire/bytes.js";
+import { sha256 } from "../wire/chunks.js";
 import { type Json, JsonError, JsonNumber, type JsonObject, fromJson, parseJson } from "../wire/json.js";
 
 export const SCHEMA_VERSIONS = [2, 1] as const; // 2 adds model_version; 1 takes it from provenance.config_hash
@@ -260,8 +262,7 @@ function checkModels(models: ModelEntry[], routing: string): void {
 }
 
 async function sha256Hex(bytes: Uint8Array): Promise<string> {
-  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes as Uint8Array<ArrayBuffer>));
-  return [...digest].map((b) => b.toString(16).padStart(2, "0")).join("");
+  return toHex(await sha256(bytes));
 }
 
 /** Read and verify a bundle: manifest fields, then the size and sha256 of every listed file. */

@@ -7,7 +7,7 @@
  * own expert alone, so an inference never fails while the device itself works.
  */
 import { toHex } from "../wire/bytes.js";
-import { ErrorCode, type Request, encodeFrame, errorName, newCorrelationId } from "../wire/frames.js";
+import { ErrorCode, type Request, encodeFrame, errorName, newCorrelationId, peekRequestRoute } from "../wire/frames.js";
 import { type Presence, encodePresence } from "../wire/presence.js";
 import { ENCODINGS, type Encoding, type WireTensor } from "../wire/tensor.js";
 import { Topics } from "../wire/topics.js";
@@ -16,7 +16,7 @@ import type { Bundle } from "./bundle.js";
 import { elapsedMs, monotonicMs, nowMs } from "./clock.js";
 import { Counters, EventLog } from "./events.js";
 import { FleetView } from "./fleet.js";
-import { type DeviceModels, RUNTIME_NAME } from "./models.js";
+import { RUNTIME_NAME } from "./models.js";
 import { type Route, argmaxRows, combine, expertsOf, gateRoute, preprocess, randomLiveRoute, renormalize, rowsOf, softmax } from "./nmoe.js";
 import { CallGroup, ReplyRouter } from "./requester.js";
 import { NumpyRandom } from "./rng.js";
@@ -54,6 +54,19 @@ export interface InferenceResult {
   readonly peers: Map<number, string>;
 }
 
+/** One model's runner: float32 [n, ...] in, float32 [n, ...] out (an onnxruntime-web session, or TypeScript). */
+export interface ModelRunner {
+  run(x: Float32Array, shape: number[]): Promise<Float32Array>;
+}
+
+/** The models a device runs: its bundle's (`DeviceModels`) or, after a commit, the ones it trained. */
+export interface Models {
+  readonly extractor: ModelRunner;
+  readonly gate: ModelRunner | null; // null: random routing
+  readonly expert: ModelRunner;
+  readonly precision: string;
+}
+
 export class WebDevice {
   readonly events = new EventLog();
   readonly counters = new Counters();
@@ -62,13 +75,18 @@ export class WebDevice {
   readonly replies = new ReplyRouter();
   readonly me: string;
   readonly expertId: number;
-  readonly expertServer: RequestServer;
-  readonly inferServer: RequestServer;
+  expertServer: RequestServer;
+  inferServer: RequestServer;
   connected = false;
+  /** Receives the payloads of `train/{me}/cmd` (set before `start`: ./training.ts). */
+  training: ((payload: Uint8Array) => void) | null = null;
+  /** Servers of the expert at other model versions (federated training's staging expert). */
+  private readonly versions = new Map<string, RequestServer>();
   private readonly rng: NumpyRandom;
   private ids = 0;
+  private version: string;
 
-  constructor(readonly bundle: Bundle, readonly models: DeviceModels, readonly transport: MqttTransport,
+  constructor(readonly bundle: Bundle, public models: Models, readonly transport: MqttTransport,
     readonly config: DeviceConfig = DEFAULT_CONFIG) {
     const m = bundle.manifest;
     this.me = m.deviceId;
@@ -77,20 +95,42 @@ export class WebDevice {
     this.topics.reply(this.me); // WireError for a device id the protocol refuses
     this.fleet = new FleetView(this.me);
     this.rng = new NumpyRandom([config.seed, this.expertId]);
+    this.version = bundle.modelVersion;
+    [this.expertServer, this.inferServer] = this.servers(models, this.version);
+  }
+
+  /** The expert and inference servers of `models` at model `version`. */
+  private servers(models: Models, version: string): [RequestServer, RequestServer] {
+    const m = this.bundle.manifest;
     const publish = (topic: string, payload: Uint8Array): void => this.transport.publish(topic, payload);
-    this.expertServer = new RequestServer({
-      kind: "expert", expertId: this.expertId, modelVersion: bundle.modelVersion, rowShape: [m.latentDim],
+    return [new RequestServer({
+      kind: "expert", expertId: this.expertId, modelVersion: version, rowShape: [m.latentDim],
       encodings: ENCODINGS, compute: async (z, n) => softmax(await models.expert.run(z, [n, m.latentDim]), m.numClasses),
-    }, config.limits, this.topics, this.me, publish, this.events);
-    this.inferServer = new RequestServer({
-      kind: "infer", expertId: this.expertId, modelVersion: bundle.modelVersion, rowShape: [...m.input.shape],
+    }, this.config.limits, this.topics, this.me, publish, this.events), new RequestServer({
+      kind: "infer", expertId: this.expertId, modelVersion: version, rowShape: [...m.input.shape],
       encodings: ENCODINGS, check: checkPixels,
       compute: async (x, n, requests) => (await this.infer(Uint8Array.from(x), n, requests)).probs,
-    }, config.limits, this.topics, this.me, publish, this.events);
+    }, this.config.limits, this.topics, this.me, publish, this.events)];
   }
 
   get modelVersion(): string {
-    return this.bundle.modelVersion;
+    return this.version;
+  }
+
+  /** Switch to `models` as model `version` (a federated commit), as the Python agent's `install`: serve
+   * the new version and stop serving the old one (a request of the old version is answered
+   * WRONG_MODEL_VERSION, so its sender re-routes), announce the new presence. Inferences already begun
+   * finish with the models they began with. The bundle's manifest still gives the shapes (the commit
+   * checks that they agree). */
+  install(models: Models, version: string): void {
+    const previous = this.version;
+    const old = [this.expertServer, this.inferServer];
+    this.models = models;
+    this.version = version;
+    [this.expertServer, this.inferServer] = this.servers(models, version);
+    for (const server of old) server.stop();
+    this.events.emit("install", { device: this.me, model: version, previous });
+    if (this.connected) this.transport.publish(this.topics.presence(this.me), encodePresence(this.presence()), 1, true);
   }
 
   // lifecycle --------------------------------------------------------------------------------
@@ -102,6 +142,7 @@ export class WebDevice {
     t.subscribe(this.topics.expertRequest(this.expertId));
     t.subscribe(this.topics.inferRequest(this.me));
     t.subscribe(this.topics.replyFilter(this.me));
+    if (this.training !== null) t.subscribe(this.topics.trainCommand(this.me), 1);
     t.connect(this.offline(), (topic, payload) => this.onMessage(topic, payload), (e, d) => this.onConnection(e, d));
   }
 
@@ -111,6 +152,7 @@ export class WebDevice {
     this.connected = false;
     this.expertServer.stop();
     this.inferServer.stop();
+    for (const server of this.versions.values()) server.stop();
     this.events.emit("counters", { device: this.me, counters: this.stats() });
     this.events.emit("stop", { device: this.me });
   }
@@ -118,7 +160,19 @@ export class WebDevice {
   /** Every counter, grouped as the Python agent's `Agent.stats()`. */
   stats(): Record<string, Record<string, number>> {
     return { agent: this.counters.snapshot(), expert_server: this.expertServer.stats(), infer_server: this.inferServer.stats(),
-      replies: this.replies.counters.snapshot(), presence: this.fleet.counters.snapshot() };
+      replies: this.replies.counters.snapshot(), presence: this.fleet.counters.snapshot(),
+      ...Object.fromEntries([...this.versions].map(([v, server]) => [`expert_server@${v}`, server.stats()])) };
+  }
+
+  /** Also answer expert requests of model `version` with `compute(latents, n) -> probs` (federated
+   * training: the expert just trained, before any bundle holds it), as the Python agent's
+   * `serve_expert_version`. */
+  serveExpertVersion(version: string, latentDim: number, compute: (z: Float32Array, n: number) => Float32Array): void {
+    this.versions.get(version)?.stop();
+    this.versions.set(version, new RequestServer({
+      kind: "expert", expertId: this.expertId, modelVersion: version, rowShape: [latentDim], encodings: ENCODINGS,
+      compute: async (z, n) => compute(z, n),
+    }, this.config.limits, this.topics, this.me, (topic, payload) => this.transport.publish(topic, payload), this.events));
   }
 
   presence(): Presence {
@@ -328,7 +382,10 @@ export class WebDevice {
       const status = this.fleet.update(t.device, payload);
       if (status !== null) this.events.emit("presence", { device: t.device, status });
     } else if (t?.kind === "expert" && t.expert === this.expertId) {
-      this.expertServer.submit(payload);
+      const version = peekRequestRoute(payload)?.modelVersion;
+      ((version !== undefined ? this.versions.get(version) : undefined) ?? this.expertServer).submit(payload);
+    } else if (t?.kind === "train" && t.direction === "cmd" && t.device === this.me && this.training !== null) {
+      this.training(payload);
     } else if (t?.kind === "infer" && t.device === this.me) {
       this.inferServer.submit(payload);
     } else if (t?.kind === "reply" && t.device === this.me) {

@@ -28,6 +28,8 @@ interface HeadlessConfig {
   maxBatch?: number;
   queueSize?: number;
   microbatch?: boolean;
+  data?: string; // URL of the device's training data (.npz): it takes part in federated training
+  maxMessage?: number;
 }
 
 interface NmoeApi {
@@ -98,6 +100,8 @@ async function start(source: BundleSource, broker: string, options: Omit<Headles
       ...(options.username ? { username: options.username } : {}),
       ...(options.password ? { password: options.password } : {}),
       ...(options.precision ? { precision: options.precision } : {}),
+      ...(options.data ? { data: options.data } : {}),
+      ...(options.maxMessage ? { maxMessage: options.maxMessage } : {}),
       device: {
         ...(options.latentEncoding ? { latentEncoding: options.latentEncoding } : {}),
         ...(options.deadlineMs ? { deadlineMs: options.deadlineMs } : {}),
@@ -274,7 +278,8 @@ function wireForm(): void {
       return;
     }
     const value = (id: string): string => ($(id) as HTMLInputElement).value;
-    void start(source, broker, { username: value("username"), password: value("password"),
+    const data = new URLSearchParams(location.hash.slice(1)).get("data"); // training data: #data=URL of its .npz
+    void start(source, broker, { username: value("username"), password: value("password"), ...(data ? { data } : {}),
       ...(value("precision") ? { precision: value("precision") as Precision } : {}),
       latentEncoding: value("encoding") as Encoding });
   };

@@ -4,9 +4,14 @@
  * RFC 8259; and the canonical serializer of docs/protocol.md §4 (sorted keys, no whitespace).
  */
 
-/** A JSON number and whether its text was an integer (no fraction, no exponent). */
+/** A JSON number and whether its text was an integer (no fraction, no exponent); an integer also
+ * keeps its exact value (`exact`), which `value` loses beyond 2^53. */
 export class JsonNumber {
-  constructor(readonly value: number, readonly integer: boolean) {}
+  readonly exact: bigint | null;
+
+  constructor(readonly value: number, readonly integer: boolean, exact?: bigint) {
+    this.exact = integer ? exact ?? (Number.isSafeInteger(value) ? BigInt(value) : null) : null;
+  }
 }
 
 export type Json = null | boolean | string | JsonNumber | Json[] | JsonObject;
@@ -128,7 +133,8 @@ export function parseJson(text: string): Json {
     const m = NUMBER.exec(text);
     if (m === null) return fail(c === "N" || c === "I" || c === "-" ? "NaN is not allowed" : "unexpected character");
     pos += m[0].length;
-    return new JsonNumber(Number(m[0]), !/[.eE]/.test(m[0]));
+    const integer = !/[.eE]/.test(m[0]);
+    return new JsonNumber(Number(m[0]), integer, integer ? BigInt(m[0]) : undefined);
   };
 
   const result = value(0);
@@ -148,10 +154,14 @@ function byCodePoint(a: string, b: string): number {
   return x.length - y.length;
 }
 
-function quote(s: string): string {
+function quote(s: string, ascii = false): string {
   let out = '"';
   for (const c of s) {
     const code = c.codePointAt(0)!;
+    if (ascii && code > 0x7e) {
+      for (let i = 0; i < c.length; i++) out += "\\u" + c.charCodeAt(i).toString(16).padStart(4, "0");
+      continue;
+    }
     if (c === '"') out += '\\"';
     else if (c === "\\") out += "\\\\";
     else if (c === "\n") out += "\\n";
@@ -194,6 +204,33 @@ export function canonicalJson(v: Json): string {
   if (Array.isArray(v)) return `[${v.map(canonicalJson).join(",")}]`;
   const keys = [...v.keys()].sort(byCodePoint);
   return `{${keys.map((k) => `${quote(k)}:${canonicalJson(v.get(k)!)}`).join(",")}}`;
+}
+
+/** Python's `repr(float)`: the shortest round-trip digits, exponent form below 1e-4 and from 1e16. */
+export function pythonFloat(x: number): string {
+  if (!Number.isFinite(x)) throw new JsonError(`${x} is not allowed in JSON`);
+  if (x === 0) return Object.is(x, -0) ? "-0.0" : "0.0";
+  const [mantissa, expText] = x.toExponential().split("e") as [string, string];
+  const exp = Number(expText);
+  if (exp < -4 || exp >= 16) {
+    return `${mantissa}e${exp < 0 ? "-" : "+"}${String(Math.abs(exp)).padStart(2, "0")}`;
+  }
+  return plainFloat(x);
+}
+
+/** What Python's `json.dumps(v, sort_keys=True, separators=(",", ":"))` writes (ASCII, \u escapes):
+ * the header of the training frames (docs/protocol.md §16.2). */
+export function pythonJson(v: Json): string {
+  if (v === null || typeof v === "boolean") return canonicalJson(v);
+  if (typeof v === "string") return quote(v, true);
+  if (v instanceof JsonNumber) {
+    if (!v.integer) return pythonFloat(v.value);
+    if (v.exact === null) throw new JsonError(`integer ${v.value} is not exact`);
+    return String(v.exact);
+  }
+  if (Array.isArray(v)) return `[${v.map(pythonJson).join(",")}]`;
+  const keys = [...v.keys()].sort(byCodePoint);
+  return `{${keys.map((k) => `${quote(k, true)}:${pythonJson(v.get(k)!)}`).join(",")}}`;
 }
 
 /** A plain JS value (numbers, strings, arrays, objects) as Json; integers stay integers. */

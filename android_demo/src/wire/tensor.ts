@@ -170,22 +170,23 @@ function dtypeOf(encoding: Encoding): DType {
   throw new WireError(`unknown encoding ${encoding}`);
 }
 
-/** Number of elements, or WireError when ndim, a dim or the byte size breaks §6. */
-function checkedSize(shape: readonly number[], itemsize: number): number {
+/** Number of elements, or WireError when ndim, a dim or the byte size (at most `maxBytes`) breaks §6. */
+function checkedSize(shape: readonly number[], itemsize: number, maxBytes: number): number {
   if (shape.length < 1 || shape.length > MAX_DIMS) throw new WireError(`bad tensor ndim ${shape.length}`);
   let bytes = itemsize;
   for (const d of shape) {
     if (!Number.isInteger(d) || d < 1) throw new WireError("tensor dims must be >= 1");
-    bytes *= d; // dims are < 2^32 and bytes <= 2^20 before this: never above 2^52, exact
-    if (bytes > MAX_PAYLOAD) throw new WireError("tensor too large");
+    bytes *= d; // dims are < 2^32 and bytes <= 2^26 before this: below 2^58, exact enough to compare
+    if (bytes > maxBytes) throw new WireError("tensor too large");
   }
   return bytes / itemsize;
 }
 
-/** Append `tensor` in `encoding`; WireError for a shape or value the encoding cannot carry. */
-export function writeTensor(w: Writer, tensor: Tensor, encoding: Encoding): void {
+/** Append `tensor` in `encoding`; WireError for a shape or value the encoding cannot carry (data
+ * larger than `maxBytes`: MAX_PAYLOAD, or more inside a training frame, §16.2). */
+export function writeTensor(w: Writer, tensor: Tensor, encoding: Encoding, maxBytes = MAX_PAYLOAD): void {
   const dtype = dtypeOf(encoding);
-  const count = checkedSize(tensor.shape, dtype.itemsize);
+  const count = checkedSize(tensor.shape, dtype.itemsize, maxBytes);
   if (count !== tensor.data.length) throw new WireError(`tensor data has ${tensor.data.length} values, shape says ${count}`);
   for (const x of tensor.data) if (!Number.isFinite(x)) throw new WireError("non-finite value in tensor");
   w.u8(dtype.code).u8(tensor.shape.length);
@@ -193,8 +194,9 @@ export function writeTensor(w: Writer, tensor: Tensor, encoding: Encoding): void
   dtype.write(w, tensor.data);
 }
 
-/** Read a tensor of one of the `allowed` dtype codes; it must end the frame. */
-export function readTensor(r: Reader, allowed: ReadonlySet<number>): WireTensor {
+/** Read a tensor of one of the `allowed` dtype codes; it must end the frame unless `last` is false
+ * (the named tensors of a training frame, whose data may reach `maxBytes`, §16.2). */
+export function readTensor(r: Reader, allowed: ReadonlySet<number>, last = true, maxBytes = MAX_PAYLOAD): WireTensor {
   const code = r.u8("tensor header");
   const dtype = DTYPES.get(code);
   if (dtype === undefined || !allowed.has(code)) throw new WireError(`unknown tensor dtype ${code}`);
@@ -202,7 +204,7 @@ export function readTensor(r: Reader, allowed: ReadonlySet<number>): WireTensor 
   if (ndim < 1 || ndim > MAX_DIMS) throw new WireError(`bad tensor ndim ${ndim}`);
   const shape: number[] = [];
   for (let i = 0; i < ndim; i++) shape.push(r.u32("tensor dims"));
-  const count = checkedSize(shape, dtype.itemsize);
+  const count = checkedSize(shape, dtype.itemsize, maxBytes);
   let params: Int8Params | null = null;
   if (dtype.hasParams) {
     r.need(5, "int8 parameters");
@@ -212,7 +214,7 @@ export function readTensor(r: Reader, allowed: ReadonlySet<number>): WireTensor 
     params = { scale, zeroPoint };
   }
   const raw = r.take(count * dtype.itemsize, "tensor data");
-  r.end();
+  if (last) r.end();
   const data = dtype.read(raw, count, params);
   for (const x of data) if (!Number.isFinite(x)) throw new WireError("non-finite value in tensor");
   return { shape, data, encoding: dtype.encoding };

@@ -26,7 +26,8 @@ export type ParsedTopic =
   | { readonly kind: "presence"; readonly device: string }
   | { readonly kind: "expert"; readonly expert: number }
   | { readonly kind: "reply"; readonly device: string; readonly server: string }
-  | { readonly kind: "infer"; readonly device: string };
+  | { readonly kind: "infer"; readonly device: string }
+  | { readonly kind: "train"; readonly device: string; readonly direction: "cmd" | "up" };
 
 /** Topics of one prefix and fleet. */
 export class Topics {
@@ -75,6 +76,16 @@ export class Topics {
     return `${this.reply(device)}/+`;
   }
 
+  /** Where the coordinator sends `device` its COMMANDs (§16.1). */
+  trainCommand(device: string): string {
+    return this.topic(`train/${checkId(device, "device")}/cmd`);
+  }
+
+  /** Where `device` publishes its RESULTs (§16.1). */
+  trainResult(device: string): string {
+    return this.topic(`train/${checkId(device, "device")}/up`);
+  }
+
   /** The owner of a reply inbox of this fleet (a request's reply topic); WireError otherwise. */
   inboxOwner(topic: string): string {
     const head = `${this.base}/reply/`;
@@ -83,13 +94,14 @@ export class Topics {
     return owner;
   }
 
-  /** One of the four topic forms of this prefix and fleet, or null for anything else. */
+  /** One of the topic forms of this prefix and fleet, or null for anything else. */
   parse(topic: string): ParsedTopic | null {
     if (!topic.startsWith(`${this.base}/`) || utf8(topic).length > MAX_TOPIC) return null;
     const parts = topic.slice(this.base.length + 1).split("/");
     const [kind, a = "", b] = parts;
     if (kind === "presence" && parts.length === 2 && isId(a)) return { kind, device: a };
     if (kind === "reply" && parts.length === 3 && isId(a) && b !== undefined && isId(b)) return { kind, device: a, server: b };
+    if (kind === "train" && parts.length === 3 && isId(a) && (b === "cmd" || b === "up")) return { kind, device: a, direction: b };
     if (parts.length === 3 && b === "req") {
       if (kind === "infer" && isId(a)) return { kind, device: a };
       const expert = parseExpertId(a);

@@ -30,6 +30,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 
+from bench.common import verdict
+
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = {  # suite -> ({setting: config}, default report)
     "accuracy": ({"Dirichlet 0.1": "fmnist-dir0.1", "Dirichlet 0.5": "fmnist-dir0.5", "IID": "fmnist-iid"},
@@ -55,10 +57,6 @@ def pts(x: float) -> str:
 
 def mb(x: int) -> str:
     return f"{x / 1e6:.2f}"
-
-
-def verdict(ok: bool) -> str:
-    return "**met**" if ok else "**missed**"
 
 
 def run_setting(config: str, run_dir: Path, overrides: list[str]) -> dict[str, Any]:

@@ -22,6 +22,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from bench.common import verdict
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "fmnist-dir0.5"
 ONLY_FEDGATE = ['stage1.methods=["fedce"]', 'gate.methods=["fedgate"]', "baselines.methods=[]"]
@@ -38,10 +40,6 @@ def nmoe(*args: str) -> int:
 
 def mean(values: list[float]) -> float:
     return statistics.fmean(values)
-
-
-def verdict(ok: bool) -> str:
-    return "**met**" if ok else "**missed**"
 
 
 def variant_rows(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:

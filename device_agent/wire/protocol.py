@@ -27,6 +27,7 @@ from device_agent.wire.frames import (
     pack_frame,
     short_text,
 )
+from device_agent.wire.strict_json import load_json
 from device_agent.wire.tensor_codec import (
     ENCODINGS,
     MAX_DIMS,
@@ -35,7 +36,6 @@ from device_agent.wire.tensor_codec import (
     Encoding,
     ProtocolError,
     TensorEncoding,
-    byte_view,
     encode_tensor_as,
     is_uint8_valued,
 )
@@ -488,20 +488,7 @@ def encode_presence(p: Presence) -> bytes:
 
 def decode_presence(payload: bytes | bytearray | memoryview) -> Presence:
     """Parse and validate a presence payload; unknown keys are ignored."""
-    view = byte_view(payload)
-    if len(view) > MAX_PRESENCE:
-        raise ProtocolError(f"presence larger than {MAX_PRESENCE} bytes")
-    try:
-        obj = json.loads(
-            bytes(view).decode("utf-8"),
-            object_pairs_hook=_unique_keys,
-            parse_constant=_reject_constant,
-        )
-    except ProtocolError:
-        raise
-    except (ValueError, RecursionError) as e:
-        raise ProtocolError("presence is not UTF-8 JSON") from e
-    return _presence_from_obj(obj)
+    return _presence_from_obj(load_json(payload, MAX_PRESENCE, "presence"))
 
 
 def _presence_from_obj(obj: object) -> Presence:
@@ -581,16 +568,6 @@ def _key(obj: dict[str, object], key: str, kind: type[_T] | tuple[type, ...]) ->
         raise ProtocolError(f"presence key {key!r} has the wrong type")
     return value  # type: ignore[return-value]
 
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ProtocolError("duplicate key in presence JSON")
-    return obj
-
-
-def _reject_constant(name: str) -> None:
-    raise ProtocolError(f"{name} is not allowed in presence JSON")
 
 
 # ---------------------------------------------------------------------------------------------

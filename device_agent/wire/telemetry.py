@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 from device_agent.wire.frames import check_text, check_uint
 from device_agent.wire.protocol import MAX_TOPIC, ErrorCode, Topics, _check_id
-from device_agent.wire.tensor_codec import ProtocolError, byte_view
+from device_agent.wire.strict_json import load_json
+from device_agent.wire.tensor_codec import ProtocolError
 
 TELEMETRY_VERSION = 1
 DRAIN_VERSION = 1
@@ -146,7 +147,7 @@ def encode_telemetry(t: Telemetry) -> bytes:
 
 def decode_telemetry(payload: bytes | bytearray | memoryview) -> Telemetry:
     """Parse and validate one telemetry payload; unknown keys are ignored."""
-    return _telemetry_from_obj(_load(payload, MAX_TELEMETRY, "telemetry"))
+    return _telemetry_from_obj(load_json(payload, MAX_TELEMETRY, "telemetry"))
 
 
 def _telemetry_from_obj(obj: object) -> Telemetry:
@@ -207,7 +208,7 @@ def encode_drain(d: Drain) -> bytes:
 
 def decode_drain(payload: bytes | bytearray | memoryview) -> Drain:
     """Parse and validate one drain command; unknown keys are ignored."""
-    return _drain_from_obj(_load(payload, MAX_DRAIN, "drain"))
+    return _drain_from_obj(load_json(payload, MAX_DRAIN, "drain"))
 
 
 def _drain_from_obj(obj: object) -> Drain:
@@ -293,24 +294,3 @@ def _dump(obj: dict[str, Any], limit: int, what: str) -> bytes:
         raise ProtocolError(f"{what} larger than {limit} bytes")
     return data
 
-
-def _load(payload: bytes | bytearray | memoryview, limit: int, what: str) -> object:
-    view = byte_view(payload)
-    if len(view) > limit:
-        raise ProtocolError(f"{what} larger than {limit} bytes")
-
-    def unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        obj = dict(pairs)
-        if len(obj) != len(pairs):
-            raise ProtocolError(f"duplicate key in {what} JSON")
-        return obj
-
-    def constant(name: str) -> None:
-        raise ProtocolError(f"{name} is not allowed in {what} JSON")
-
-    try:
-        return json.loads(bytes(view).decode("utf-8"), object_pairs_hook=unique, parse_constant=constant)
-    except ProtocolError:
-        raise
-    except (ValueError, RecursionError) as e:
-        raise ProtocolError(f"{what} is not UTF-8 JSON") from e

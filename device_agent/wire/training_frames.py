@@ -24,6 +24,7 @@ import numpy as np
 
 from device_agent.wire.chunks import MAX_MESSAGE
 from device_agent.wire.frames import MAGIC, open_frame, pack_frame
+from device_agent.wire.strict_json import strict_loads
 from device_agent.wire.tensor_codec import ProtocolError, byte_view, encode_tensor
 
 MAX_HEADER = 16_384
@@ -139,7 +140,7 @@ def decode_training(payload: bytes | bytearray | memoryview) -> TrainMessage:
     frame = open_frame(payload, KINDS, MAX_MESSAGE)
     head_text = frame.text("<I", "header", MAX_HEADER)
     try:
-        head = json.loads(head_text, object_pairs_hook=_unique, parse_constant=_reject_constant)
+        head = strict_loads(head_text, "header")
     except ProtocolError:
         raise
     except (ValueError, RecursionError) as e:
@@ -223,13 +224,3 @@ def _check_count(n: int) -> int:
         raise ProtocolError(f"more than {MAX_TENSORS} tensors")
     return n
 
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ProtocolError("duplicate key in header JSON")
-    return obj
-
-
-def _reject_constant(name: str) -> None:
-    raise ProtocolError(f"{name} is not allowed in header JSON")

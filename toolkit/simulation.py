@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from device_agent.wire.training_frames import routing_metrics
 from toolkit.artifacts import stage1_job, stage2_job, stage3_job
 from toolkit.config import STAGE1_METHODS, Config, FederatedConfig
 from toolkit.evaluate import (
@@ -33,7 +34,6 @@ from toolkit.evaluate import (
 from toolkit.federated import Client, EvaluateIns, EvaluateRes, Evaluator, Params, Stateful
 from toolkit.federated.operations import ExpertIns, ExtractorIns, GateDataIns, Peer, Report
 from toolkit.federated.params import digest
-from toolkit.federated.summary import ROUTING
 from toolkit.federated_data import FederatedData
 from toolkit.models import ContrastiveNet, DenseModel, Expert, Extractor, Gate, ProjectionHead
 from toolkit.seeding import derive_seed
@@ -330,7 +330,7 @@ class SimDevice:
         return EvaluateRes(len(self.personal), {
             "personalized_accuracy": accuracy(own, self.personal.y),
             "global_accuracy": accuracy(public, self.public.data.y),
-            **{f"{ROUTING}{e}": share for e, share in enumerate(shares) if share}})
+            **routing_metrics(shares)})
 
     # ---- simulation only -----------------------------------------------------------------------
     def state(self, job: str) -> Stateful:

@@ -36,8 +36,8 @@ from device_agent.training.mlp import EXPERT, GATE, Dims
 from device_agent.training.optim import OptimSpec
 from device_agent.training.tasks import ExpertTask, GateTask
 from device_agent.training.torch_stream import TorchStream, torch_order
+from device_agent.wire.training_frames import routing_metrics
 
-ROUTING = "routing."  # metric routing.<e>: share of the device's top-k choices that went to expert e
 _BATCH = 512  # rows per extractor call
 GATE_INIT = "init."  # gate-data key prefix of the gate's initial parameters (from PREPARE_GATE)
 
@@ -106,7 +106,7 @@ class NumpyOps:
         shares = np.bincount(chosen.ravel(), minlength=self.num_experts) / chosen.size
         return len(self.data.test), {"personalized_accuracy": _accuracy(own, self.data.test.y),
                                      "global_accuracy": _accuracy(public, test.y),
-                                     **{f"{ROUTING}{e}": float(s) for e, s in enumerate(shares) if s}}
+                                     **routing_metrics(shares)}
 
     def use_extractor(self, stage1: str, extractor: Params) -> tuple[int, Metrics]:
         from device_agent.model_build import build_model  # needs onnx (the [agent] extra has it)

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -30,9 +31,16 @@ from device_agent.wire.tensor_codec import ProtocolError, byte_view, encode_tens
 MAX_HEADER = 16_384
 MAX_TENSORS = 1024
 MAX_ERROR = 1024
+ROUTING = "routing."  # EVALUATE metric routing.<e>: share of the device's top-k choices that went to expert e
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _MAX_SEED = (1 << 63) - 1
+
+
+def routing_metrics(shares: Iterable[float]) -> dict[str, float]:
+    """The `routing.<e>` metrics of a device's routing shares (§16.3). Zero shares are left out (an absent share
+    reads as 0): with hundreds of experts a full row would overflow the RESULT header."""
+    return {f"{ROUTING}{e}": float(s) for e, s in enumerate(shares) if s}
 
 
 class TrainKind(IntEnum):

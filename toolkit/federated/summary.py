@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from device_agent.wire.training_frames import ROUTING
 from toolkit.federated.client import EvaluateRes, Metrics
 
 ACCURACIES = ("personalized_accuracy", "global_accuracy")
-ROUTING = "routing."  # metric `routing.<e>`: share of the client's top-k choices that went to expert e
 
 
 def summarize(per_client: list[dict[str, Any]]) -> dict[str, Any]:

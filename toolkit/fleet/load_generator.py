@@ -55,7 +55,7 @@ from device_agent.wire.protocol import (
     encode_presence,
 )
 from device_agent.wire.tensor_codec import ENCODINGS
-from device_agent.wire.training_frames import Command, Op, Result, Status
+from device_agent.wire.training_frames import Command, Op, Result, Status, routing_metrics
 from device_agent.wire.training_link import (
     COORDINATOR,
     DEFAULT_MAX_MESSAGE,
@@ -355,7 +355,7 @@ class LoadGenerator:
             tests = int(config["data"]["personal_test_size"])
             chosen = np.argpartition(rng.random((tests, experts)), experts - k, axis=1)[:, experts - k:]
             shares = np.bincount(chosen.ravel(), minlength=experts) / chosen.size
-            metrics |= {f"routing.{e}": float(s) for e, s in enumerate(shares) if s}  # zeros left out: see below
+            metrics |= routing_metrics(shares)
         return metrics
 
     def _send(self, d: SimDevice, result: Result, how: str) -> None:

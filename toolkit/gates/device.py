@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from device_agent.wire.training_frames import ROUTING
 from toolkit.artifacts import stage2_job, stage3_job
 from toolkit.checkpoint import unpack
 from toolkit.evaluate import ExpertOutputs, Router, gate_router, predict
 from toolkit.federated import Client, EvaluateIns, EvaluateRes, Evaluator, Params, Stateful
 from toolkit.federated.operations import Report
-from toolkit.federated.summary import ROUTING
 from toolkit.gates.ceiling import ceiling_metrics
 from toolkit.gates.methods import (
     EXTENDED_GATES,

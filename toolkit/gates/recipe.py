@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from device_agent.wire.training_frames import ROUTING
 from toolkit.artifacts import shared_expert_job, stage3_job
 from toolkit.checkpoint import JobState, pack, unpack
 from toolkit.federated import EvaluateIns, EvaluateRes, Evaluator, FedAvg, Params, Strategy, nbytes
 from toolkit.federated.engine import run_federated
 from toolkit.federated.recipe import FailureRows, NMoERecipe, failure_rows, round_policy
-from toolkit.federated.summary import ROUTING
 from toolkit.gates.ceiling import CEILING, mean_ceilings
 from toolkit.gates.device import gate_init, heldout_job, shared_head_init
 from toolkit.gates.methods import EXTENDED_GATES, SWITCHED, ccvr_calibrated

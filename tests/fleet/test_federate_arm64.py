@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from absent_packages import subprocess_env
-from test_federate_memory import small_config
+from test_federate_memory import ResultLog, small_config
 from test_federate_numpy import FAST, TOLERANCE
 
 from broker.process import BrokerOptions, start_broker
 from device_agent.wire.mqtt_transport import BrokerUrl, MqttSettings, MqttTransport
 from device_agent.wire.protocol import Topics
 from device_agent.wire.training_frames import Op, Result
-from device_agent.wire.training_link import TrainingInbox
 from device_agent.wire.transport import ConnectionEvent
 from toolkit.arm64_env import emulated_command, ensure_env
 from toolkit.fleet.agent_processes import AgentLaunch, AgentProcesses
@@ -70,21 +69,13 @@ def _fleet_run(work: Path, source: Path, pi_on_arm64: bool) -> tuple[dict, list[
     """`nmoe federate` through three torch-free agents; (metrics, device-2's RESULTs, device-2's machine record)."""
     cfg = small_config(*CONFIG)
     data = write_fleet_data(cfg, work / "data")
-    results: list[Result] = []
-    lock = threading.Lock()
-
-    def keep(_sender: str, msg: object, _size: int) -> None:
-        if isinstance(msg, Result):
-            with lock:
-                results.append(msg)
-
-    inbox = TrainingInbox(keep)
+    log = ResultLog(PI)
     with start_broker(BrokerOptions(work / "fleet", port=0)) as broker, AgentProcesses() as agents:
         url = BrokerUrl.parse(broker.url)
         spy = MqttTransport(MqttSettings(url, "spy"))
         spy.subscribe(Topics("nmoe", "default").train_result(PI), qos=1)
         connected = threading.Event()
-        spy.connect(None, lambda topic, payload: inbox.deliver(PI, topic, payload),
+        spy.connect(None, log.deliver,
                     lambda event, _detail: connected.set() if event == ConnectionEvent.CONNECTED else None)
         try:
             assert connected.wait(10)  # subscribed before any agent starts
@@ -99,7 +90,7 @@ def _fleet_run(work: Path, source: Path, pi_on_arm64: bool) -> tuple[dict, list[
             spy.close()
     assert set(stopped.values()) == {0}, stopped
     machine = json.loads((work / "logs" / f"{PI}.machine.json").read_text())
-    return metrics, results, machine
+    return metrics, log.results, machine
 
 
 def _by_task(results: list[Result]) -> dict[tuple[str, str, int], Result]:

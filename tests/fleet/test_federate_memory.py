@@ -18,7 +18,8 @@ from device_agent.agent import Agent, AgentConfig
 from device_agent.device_data import load_device_data
 from device_agent.training_service import ServiceOptions, TrainingService
 from device_agent.wire.memory_transport import MemoryBroker
-from device_agent.wire.training_frames import Command, decode_training
+from device_agent.wire.training_frames import Command, Result, decode_training
+from device_agent.wire.training_link import TrainingInbox
 from toolkit import config
 from toolkit.cli import main
 from toolkit.fleet.device_data_files import write_fleet_data
@@ -40,6 +41,30 @@ class Fleet:
     broker: MemoryBroker
     agents: list[Agent]
     services: list[TrainingService]
+
+
+class ResultLog:
+    """A spy's record of one device's RESULTs (whole or chunked), in arrival order: subscribe its `deliver`
+    to the device's result topic."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.results = device, list[Result]()
+        self._arrived = threading.Condition()
+        self._inbox = TrainingInbox(self._keep)
+
+    def deliver(self, topic: str, payload: bytes) -> None:
+        self._inbox.deliver(self.device, topic, payload)
+
+    def wait_for(self, count: int, timeout_s: float) -> bool:
+        """Until `count` RESULTs arrived (False after `timeout_s`)."""
+        with self._arrived:
+            return self._arrived.wait_for(lambda: len(self.results) >= count, timeout_s)
+
+    def _keep(self, _sender: str, msg: object, _size: int) -> None:
+        if isinstance(msg, Result):
+            with self._arrived:
+                self.results.append(msg)
+                self._arrived.notify_all()
 
 
 @contextmanager

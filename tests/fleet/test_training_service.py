@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from test_federate_memory import fleet, small_config
+from test_federate_memory import ResultLog, fleet, small_config
 
-from device_agent.wire.training_frames import Command, Op, Result, Status
-from device_agent.wire.training_link import TrainingInbox, frames_of, new_task_id
+from device_agent.wire.training_frames import Command, Op, Status
+from device_agent.wire.training_link import frames_of, new_task_id
 
 
 def test_an_unsendable_result_goes_out_as_an_error_and_the_worker_keeps_serving(
@@ -20,20 +19,10 @@ def test_an_unsendable_result_goes_out_as_an_error_and_the_worker_keeps_serving(
     cfg = small_config('gate.methods=["fedgate"]')
     with fleet(cfg, tmp_path, "numpy") as f:
         service, agent = f.services[0], f.agents[0]
-        answers: list[Result] = []
-        arrived = threading.Condition()
-
-        def keep(_sender: str, msg: object, _size: int) -> None:
-            if isinstance(msg, Result):
-                with arrived:
-                    answers.append(msg)
-                    arrived.notify_all()
-
-        inbox = TrainingInbox(keep)
+        log = ResultLog(agent.me)
         coordinator = f.broker.transport("coordinator")
         coordinator.subscribe(agent.topics.train_result(agent.me))
-        coordinator.connect(None, lambda topic, payload: inbox.deliver(agent.me, topic, payload),
-                            lambda _event, _detail: None)
+        coordinator.connect(None, log.deliver, lambda _event, _detail: None)
         huge = {f"routing.{e}": 0.001 for e in range(2000)}
         sizes = iter([huge, {"loss": 0.5}])
         monkeypatch.setattr(service, "_execute", lambda cmd: service._result(cmd, Status.OK, 1, next(sizes)))
@@ -42,9 +31,8 @@ def test_an_unsendable_result_goes_out_as_an_error_and_the_worker_keeps_serving(
                           int(time.time() * 1000) + 60_000)
             for payload in frames_of(cmd, agent.topics.train_command(agent.me), 256 * 1024):
                 coordinator.publish(agent.topics.train_command(agent.me), payload, qos=1)
-            with arrived:
-                assert arrived.wait_for(lambda s=sent: len(answers) >= s, 10)
-        first, second = answers
+            assert log.wait_for(sent, 10)
+        first, second = log.results
         assert first.status == Status.ERROR and first.error.startswith("result not sendable: header larger than")
         assert first.metrics == {} and first.num_examples == 0
         assert second.status == Status.OK and second.metrics == {"loss": 0.5}

@@ -24,6 +24,7 @@ from toolkit.federated import (
     ThreadPool,
     run_federated,
 )
+from toolkit.federated.executor import Pending, SendableCall, SendThenWait
 from toolkit.federated.summary import mean_accuracies
 
 INIT = {"w": np.zeros(2, np.float32)}
@@ -135,6 +136,77 @@ def test_executors_let_keyboard_interrupt_through() -> None:
     for executor in (InProcess(), ThreadPool()):
         with pytest.raises(KeyboardInterrupt):
             executor.map([interrupted], timeout=None)
+
+
+@dataclass
+class Mailed(Toy):
+    """A `Sender`: its calls are sent, then awaited; `log` records (what, cid, thread) in call order."""
+
+    log: list[tuple[str, int, int]] = field(default_factory=list)
+    answers: bool = True  # False: never answers (its wait sleeps out the time it is given)
+
+    def _pending(self, what: str, answer: object) -> Pending[object]:
+        self.log.append((f"send_{what}", self.cid, threading.get_ident()))
+
+        def wait(timeout: float | None) -> object:
+            self.log.append((f"wait_{what}", self.cid, threading.get_ident()))
+            if not self.answers:
+                time.sleep(timeout or 0.0)
+                raise TimeoutError(f"client {self.cid}: no answer")
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        return wait
+
+    def send_fit(self, ins: FitIns) -> Pending[FitRes]:
+        try:
+            answer: object = Toy.fit(self, ins)
+        except RuntimeError as e:
+            answer = e
+        return self._pending("fit", answer)  # type: ignore[return-value]
+
+    def send_evaluate(self, ins: EvaluateIns) -> Pending[EvaluateRes]:
+        return self._pending("evaluate", Toy.evaluate(self, ins))  # type: ignore[return-value]
+
+
+def test_send_then_wait_sends_every_call_from_the_caller_thread_before_waiting_and_equals_in_process() -> None:
+    log: list[tuple[str, int, int]] = []
+    mailed = [Mailed(c, float(c + 1), raises_in={2} if c == 3 else set(), log=log) for c in range(4)]
+    res = run(mailed, policy=RoundPolicy(min_fit_fraction=0.75), evaluate=mean_accuracies, executor=SendThenWait())
+    plain = run([Toy(c, float(c + 1), raises_in={2} if c == 3 else set()) for c in range(4)],
+                policy=RoundPolicy(min_fit_fraction=0.75), evaluate=mean_accuracies)
+    np.testing.assert_array_equal(res.shared["w"], plain.shared["w"])
+    assert res.curve == plain.curve and res.ledger.failures == plain.ledger.failures
+    assert {thread for _, _, thread in log} == {threading.get_ident()}  # no thread per call
+    steps = [[what for what, _, _ in log[i:i + 8]] for i in range(0, len(log), 8)]  # fit, evaluate; 3 rounds
+    assert steps == [["send_fit"] * 4 + ["wait_fit"] * 4, ["send_evaluate"] * 4 + ["wait_evaluate"] * 4] * 3
+
+
+def test_send_then_wait_waits_once_for_all_until_the_deadline() -> None:
+    calls = [SendableCall(lambda: 0, lambda: (lambda timeout: 1)),
+             SendableCall(lambda: 0, lambda: Mailed(7, answers=False)._pending("fit", None)),
+             SendableCall(lambda: 0, lambda: Mailed(8, answers=False)._pending("fit", None))]
+    start = time.monotonic()
+    out = SendThenWait().map(calls, timeout=1.0)
+    assert time.monotonic() - start < 1.9  # one deadline for the step, not one per silent call
+    assert out[0] == 1 and all(isinstance(o, TimeoutError) for o in out[1:])
+
+
+def test_send_then_wait_reports_send_errors_and_hands_other_calls_to_its_fallback() -> None:
+    def refused() -> Pending[int]:
+        raise ConnectionError("offline")
+
+    out = SendThenWait().map([SendableCall(lambda: 0, refused), SendableCall(lambda: 0, lambda: (lambda t: 2))], None)
+    assert isinstance(out[0], ConnectionError) and out[1] == 2
+    barrier = threading.Barrier(2, timeout=30)  # plain calls: the fallback (a ThreadPool) runs them concurrently
+    assert SendThenWait().map([barrier.wait, barrier.wait], timeout=None) in ([0, 1], [1, 0])
+
+    def interrupted(timeout: float | None) -> int:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        SendThenWait().map([SendableCall(lambda: 0, lambda: interrupted)], timeout=None)
 
 
 def test_uploads_with_wrong_names_shapes_or_values_are_refused_not_fatal() -> None:

@@ -1,8 +1,10 @@
 """The client side of a federated job, as any transport sees it.
 
 `Client` is what every participant offers (an in-process client, an MQTT proxy of a device agent,
-a Ray actor): train on the shared parameters, evaluate its own model. `Stateful` is what only the
-simulation offers: private state held in this process, checkpointed so that a resume is exact.
+a Ray actor): train on the shared parameters, evaluate its own model. `Sender` is what a client
+whose calls are messages may add: send a call now, wait for its answer later (the fleet asks a
+thousand devices without a thread each). `Stateful` is what only the simulation offers: private
+state held in this process, checkpointed so that a resume is exact.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from toolkit.federated.executor import Pending
 from toolkit.federated.params import Params
 
 Metrics = dict[str, float]
@@ -67,6 +70,14 @@ class Client(Evaluator, Protocol):
     def fit(self, ins: FitIns) -> FitRes:
         """Merge ins.params into the local model, train locally, return exactly the names in ins.upload."""
         ...
+
+
+class Sender(Protocol):
+    """A client whose calls are messages (a device's proxy): `send_*` sends the call and returns at once."""
+
+    def send_fit(self, ins: FitIns) -> Pending[FitRes]: ...
+
+    def send_evaluate(self, ins: EvaluateIns) -> Pending[EvaluateRes]: ...
 
 
 @runtime_checkable

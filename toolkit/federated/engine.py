@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 
@@ -29,12 +29,14 @@ from toolkit.federated.client import (
     Client,
     EvaluateIns,
     EvaluateRes,
+    Evaluator,
     FitIns,
     FitRes,
     Metrics,
+    Sender,
     Stateful,
 )
-from toolkit.federated.executor import Executor, InProcess
+from toolkit.federated.executor import Executor, InProcess, SendableCall
 from toolkit.federated.ledger import Failure, FailureKind, Ledger
 from toolkit.federated.params import Params
 from toolkit.federated.strategy import Results, Strategy
@@ -87,6 +89,19 @@ def ask(executor: Executor, calls: Mapping[int, Callable[[], R]],
         else:
             answers.append((cid, outcome))
     return answers, errors
+
+
+def fit_call(client: Client, ins: FitIns) -> Callable[[], FitRes]:
+    """`client.fit(ins)` as one call of a step; a `SendableCall` when the client is a `Sender`."""
+    run = partial(client.fit, ins)
+    return SendableCall(run, partial(cast(Sender, client).send_fit, ins)) if hasattr(client, "send_fit") else run
+
+
+def evaluate_call(client: Evaluator, ins: EvaluateIns) -> Callable[[], EvaluateRes]:
+    """`client.evaluate(ins)` as one call of a step; a `SendableCall` when the client is a `Sender`."""
+    run = partial(client.evaluate, ins)
+    return SendableCall(run, partial(cast(Sender, client).send_evaluate, ins)) \
+        if hasattr(client, "send_evaluate") else run
 
 
 def failure_of(rnd: int, attempt: int, cid: int, op: str, error: Exception) -> Failure:
@@ -163,7 +178,7 @@ class _Job:
             if shared:
                 self.ledger.record(rnd, cid, "down", shared)
             ins = FitIns(rnd, shared, self.upload, derive_seed(self.seed, self.name, rnd, cid))
-            calls[cid] = partial(self.clients[cid].fit, ins)
+            calls[cid] = fit_call(self.clients[cid], ins)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         answers, errors = ask(self.executor, calls, remaining)
         failures = [failure_of(rnd, attempt, cid, "fit", e) for cid, e in errors]
@@ -184,7 +199,7 @@ class _Job:
     def evaluate(self, rnd: int, shared: Params, summarize: Summarize) -> dict[str, float] | None:
         """One curve point from the available clients' own evaluations (None when none answered)."""
         ins = EvaluateIns(rnd, shared)
-        calls = {cid: partial(self.clients[cid].evaluate, ins) for cid in self.available(0)}
+        calls = {cid: evaluate_call(self.clients[cid], ins) for cid in self.available(0)}
         answers, errors = ask(self.executor, calls, self.policy.timeout)
         for cid, error in errors:
             self.record(failure_of(rnd, 0, cid, "evaluate", error), error)

@@ -11,6 +11,10 @@ KeyboardInterrupt and other BaseExceptions that are not Exceptions still propaga
 - `ThreadPool` runs every call at once in its own thread: for clients that wait on a network (MQTT
   proxies). A call still running at the deadline is abandoned (its thread finishes in the background
   and its result is dropped), so only use it with clients that tolerate that.
+- `SendThenWait` sends every call first, from the caller's thread, then waits for the answers
+  against one deadline: no thread per call. For clients whose calls are messages (the MQTT fleet's
+  device proxies), as Flower's `Grid.send_and_receive` pushes a round's messages, then pulls the
+  replies. A call qualifies when it is a `SendableCall`; a step with other calls goes to `ThreadPool`.
 - A Ray executor (issue 14) is another implementation of the same `map`.
 """
 
@@ -19,9 +23,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
+Pending = Callable[[float | None], T]  # waits up to the given seconds (None: its own deadline) for the answer;
+# raises the call's exception, or TimeoutError when none came in time (the call is then abandoned)
 
 
 class Executor(Protocol):
@@ -75,4 +82,45 @@ class ThreadPool:
                 outcomes.append(error)
             else:
                 raise error  # KeyboardInterrupt and the like end the run
+        return outcomes
+
+
+@dataclass(frozen=True)
+class SendableCall(Generic[T]):
+    """A call that can also run in two halves: `send()` puts it on the wire and returns its `Pending`."""
+
+    run: Callable[[], T]
+    send: Callable[[], Pending[T]]
+
+    def __call__(self) -> T:
+        return self.run()
+
+
+class SendThenWait:
+    """Sends every call in the caller's thread, then waits for each answer until the deadline (see the
+    module docstring); steps whose calls are not all `SendableCall`s go to `fallback`."""
+
+    def __init__(self, fallback: Executor | None = None) -> None:
+        self.fallback = fallback or ThreadPool()
+
+    def map(self, calls: Sequence[Callable[[], T]], timeout: float | None) -> list[T | Exception]:
+        sendable = [c for c in calls if isinstance(c, SendableCall)]
+        if len(sendable) != len(calls):
+            return self.fallback.map(calls, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sent: list[Pending[T] | Exception] = []
+        for call in sendable:
+            try:
+                sent.append(call.send())
+            except Exception as e:  # noqa: BLE001 - a call that cannot be sent is that call's outcome
+                sent.append(e)
+        outcomes: list[T | Exception] = []
+        for pending in sent:
+            if isinstance(pending, Exception):
+                outcomes.append(pending)
+                continue
+            try:
+                outcomes.append(pending(None if deadline is None else max(0.0, deadline - time.monotonic())))
+            except Exception as e:  # noqa: BLE001 - a failing client is an outcome, not the end of the run
+                outcomes.append(e)
         return outcomes

@@ -36,7 +36,7 @@ from device_agent.wire.transport import Transport
 from toolkit.artifacts import stage3_job
 from toolkit.config import Config
 from toolkit.federated.engine import ask
-from toolkit.federated.executor import ThreadPool
+from toolkit.federated.executor import SendThenWait, ThreadPool
 from toolkit.federated.recipe import NMoERecipe
 from toolkit.fleet.fleet_link import FleetLink
 from toolkit.fleet.remote_devices import FleetSession, Initializations, RemoteDevice
@@ -150,7 +150,7 @@ def _run(cfg: Config, out: Path, link: FleetLink, run: str, deploy: tuple[str, s
     setups = _every(devices, "setup", lambda d: d.setup({**cfg.to_dict(), "torch_threads": threads}), timeout)
     models = ModelFactory(cfg, *_data_shape(setups))
     session.inits = Initializations(models, frozenset(c for c, r in enumerate(setups) if r.metrics.get("wants_init")))
-    recipe = NMoERecipe(cfg, devices, models.initial, out / "checkpoints", executor=ThreadPool(),
+    recipe = NMoERecipe(cfg, devices, models.initial, out / "checkpoints", executor=SendThenWait(),
                         availability=LiveDevices(link, n, options.wait_s), show_progress=options.show_progress)
     methods: dict[str, dict[str, Any]] = {}
     if "fedavg" in cfg.baselines.methods and taken is not None and FEDAVG_JOB not in taken:

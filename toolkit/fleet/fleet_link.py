@@ -2,7 +2,8 @@
 
 `ask(device, command)` publishes a COMMAND (chunked when large) to `train/{device}/cmd` and blocks
 until that device's RESULT with the same task id arrives, or the command's deadline passes
-(`TaskTimeout`). Results are matched like replies (wire.requester): by task id, from the device
+(`TaskTimeout`); `send(device, command)` publishes it and returns the wait as a call of its own, so
+that one thread can send a round's COMMANDs, then collect their RESULTs. Results are matched like replies (wire.requester): by task id, from the device
 that was asked (the topic's device), for the same op, job and round; anything else is dropped and
 counted (unknown or late, wrong sender, stale, duplicate, malformed). A COMMAND still waiting is
 published again when its device is born again (it reconnected: QoS 1 messages to a clean session
@@ -12,10 +13,12 @@ stored RESULT, so nothing is computed twice.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
 
 from device_agent.wire.clock import now_ms
@@ -25,6 +28,7 @@ from device_agent.wire.protocol import Presence, ProtocolError, TopicKind, Topic
 from device_agent.wire.training_frames import Command, Result, Status
 from device_agent.wire.training_link import COORDINATOR, TrainingInbox, send_training
 from device_agent.wire.transport import ConnectionEvent, Transport
+from toolkit.federated.executor import Pending
 
 
 class TaskFailed(RuntimeError):
@@ -117,25 +121,42 @@ class FleetLink:
 
     def ask(self, device: str, command: Command) -> Result:
         """Send `command` to `device` and wait for its RESULT (see the module docstring)."""
+        return self.send(device, command)(None)
+
+    def send(self, device: str, command: Command) -> Pending[Result]:
+        """Send `command` to `device` now; the call returned waits for its RESULT, until the command's
+        deadline or the seconds it is given, whichever comes first (TaskTimeout), and stops waiting then."""
         waiting = _Waiting(device, command)
         with self._lock:
             self._waiting[command.task_id] = waiting
         try:
             self._send(waiting)
-            while not waiting.done.wait(max(0.0, (command.deadline_ms - now_ms()) / 1000)):
-                if now_ms() >= command.deadline_ms:
+        except BaseException:
+            self._forget(waiting)
+            raise
+        return partial(self._result, waiting)
+
+    def _result(self, waiting: _Waiting, timeout: float | None) -> Result:
+        command = waiting.command
+        try:
+            until = now_ms() + timeout * 1000 if timeout is not None else math.inf
+            while not waiting.done.wait(max(0.0, (min(command.deadline_ms, until) - now_ms()) / 1000)):
+                if now_ms() >= min(command.deadline_ms, until):
                     self.counters.add("timeouts")
-                    raise TaskTimeout(f"{device}: no result for {command.op.value} {command.job} "
+                    raise TaskTimeout(f"{waiting.device}: no result for {command.op.value} {command.job} "
                                       f"round {command.round} before its deadline")
         finally:
-            with self._lock:
-                self._waiting.pop(command.task_id, None)
+            self._forget(waiting)
         result = waiting.result
         assert result is not None
         if result.status != Status.OK:
-            raise TaskFailed(f"{device} {result.status.value} {command.op.value} {command.job} round "
+            raise TaskFailed(f"{waiting.device} {result.status.value} {command.op.value} {command.job} round "
                              f"{command.round}: {result.error}")
         return result
+
+    def _forget(self, waiting: _Waiting) -> None:
+        with self._lock:
+            self._waiting.pop(waiting.command.task_id, None)
 
     def _send(self, waiting: _Waiting) -> None:
         assert self.transport is not None, "connect() first"

@@ -24,6 +24,7 @@ from device_agent.wire.training_frames import Command, Op, Result
 from device_agent.wire.training_link import new_task_id
 from toolkit.artifacts import stage1_job, stage2_job, stage3_job
 from toolkit.federated.client import EvaluateIns, EvaluateRes, FitIns, FitRes
+from toolkit.federated.executor import Pending
 from toolkit.federated.operations import ExpertIns, ExtractorIns, GateDataIns, Report
 from toolkit.fleet.fleet_link import FleetLink
 from toolkit.simulation import ModelFactory, rangate_seed
@@ -69,9 +70,14 @@ class FleetSession:
     def call(self, cid: int, op: Op, job: str, rnd: int = 0, *, seed: int = 0, config: dict[str, Any] | None = None,
              upload: tuple[str, ...] = (), tensors: dict[str, Any] | None = None) -> Result:
         """Send one COMMAND to client `cid`'s device and wait for its OK RESULT."""
+        return self.send(cid, op, job, rnd, seed=seed, config=config, upload=upload, tensors=tensors)(None)
+
+    def send(self, cid: int, op: Op, job: str, rnd: int = 0, *, seed: int = 0, config: dict[str, Any] | None = None,
+             upload: tuple[str, ...] = (), tensors: dict[str, Any] | None = None) -> Pending[Result]:
+        """Send one COMMAND to client `cid`'s device now; the call returned waits for its OK RESULT."""
         command = Command(new_task_id(), op, self.run, job, rnd, seed,
                           now_ms() + int(self.task_timeout_s * 1000), config or {}, upload, tensors or {})
-        return self.link.ask(self.device_of(cid), command)
+        return self.link.send(self.device_of(cid), command)
 
 
 @dataclass(frozen=True)
@@ -84,13 +90,21 @@ class RemoteClient:
     seed: int = 0  # of an evaluation (RanGate's routing)
 
     def fit(self, ins: FitIns) -> FitRes:
-        r = self.session.call(self.cid, Op.FIT, self.job, ins.round, seed=ins.seed, upload=ins.upload,
-                              tensors=ins.params)
-        return FitRes(r.tensors, r.num_examples, r.metrics)
+        return self.send_fit(ins)(None)
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
-        r = self.session.call(self.cid, Op.EVALUATE, self.job, ins.round, seed=self.seed, tensors=ins.params)
-        return EvaluateRes(r.num_examples, r.metrics)
+        return self.send_evaluate(ins)(None)
+
+    def send_fit(self, ins: FitIns) -> Pending[FitRes]:
+        """`Sender` (toolkit.federated.client): the FIT COMMAND goes out now."""
+        pending = self.session.send(self.cid, Op.FIT, self.job, ins.round, seed=ins.seed, upload=ins.upload,
+                                    tensors=ins.params)
+        return lambda timeout: _fit_res(pending(timeout))
+
+    def send_evaluate(self, ins: EvaluateIns) -> Pending[EvaluateRes]:
+        """`Sender`: the EVALUATE COMMAND goes out now."""
+        pending = self.session.send(self.cid, Op.EVALUATE, self.job, ins.round, seed=self.seed, tensors=ins.params)
+        return lambda timeout: _evaluate_res(pending(timeout))
 
 
 @dataclass(frozen=True)
@@ -131,6 +145,14 @@ class RemoteDevice:
     def commit(self, config: dict[str, Any], shared: dict[str, Any]) -> Result:
         """Rebuild the device's inference files with the final models and serve them (docs/federated.md)."""
         return self.session.call(self.cid, Op.COMMIT, "commit", config=config, tensors=shared)
+
+
+def _fit_res(r: Result) -> FitRes:
+    return FitRes(r.tensors, r.num_examples, r.metrics)
+
+
+def _evaluate_res(r: Result) -> EvaluateRes:
+    return EvaluateRes(r.num_examples, r.metrics)
 
 
 def _report(r: Result) -> Report:

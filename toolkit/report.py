@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -28,6 +29,8 @@ DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "synth
 DPI = 120
 MAX_LABELLED = 40  # clients (experts) up to which every bar, cell value and tick is drawn
 MAX_INCHES = 16.0  # a plot's width or height beyond MAX_LABELLED clients: pixels and text grow with N (N^2 for routing)
+MAX_CELLS = 400  # heatmap rows (columns) drawn; beyond, blocks of rows (columns) are averaged: matplotlib's
+# resampling of a 1000 x 1000 image into a 16-inch figure took ~200 MB, of 400 x 400 ~80 MB
 
 
 def ordered(methods: dict[str, Any]) -> list[str]:
@@ -157,21 +160,37 @@ def plot_per_client(metrics: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def block_means(matrix: np.ndarray, max_cells: int = MAX_CELLS) -> tuple[np.ndarray, int]:
+    """`matrix` with each k x k block replaced by its mean (the last blocks may be smaller), k the least
+    factor that leaves at most `max_cells` rows and columns; and k (1: unchanged)."""
+    k = -(-max(matrix.shape) // max_cells)
+    if k == 1:
+        return matrix, 1
+    rows, cols = -(-matrix.shape[0] // k), -(-matrix.shape[1] // k)
+    padded = np.full((rows * k, cols * k), np.nan, matrix.dtype)
+    padded[:matrix.shape[0], :matrix.shape[1]] = matrix
+    return np.nanmean(padded.reshape(rows, k, cols, k), axis=(1, 3)), k
+
+
 def plot_routing(name: str, matrix: list[list[float]], path: Path) -> None:
     """Heatmap of routing shares, rows: client data, columns: expert, value in each cell (up to
-    MAX_LABELLED experts; beyond, the heatmap alone, in a bounded figure)."""
+    MAX_LABELLED experts; beyond, the heatmap alone, in a bounded figure; beyond MAX_CELLS, of block means)."""
     n_rows, n_cols = len(matrix), len(matrix[0])
     labelled = max(n_rows, n_cols) <= MAX_LABELLED
     size = (2.0 + 0.6 * n_cols, 1.2 + 0.55 * n_rows)
     fig, ax = plt.subplots(figsize=size if labelled else (min(MAX_INCHES, size[0]), min(MAX_INCHES, size[1])))
-    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    shown, k = block_means(np.asarray(matrix, np.float32))
+    # extent: the axes keep counting clients and experts when blocks are drawn
+    image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1,
+                      extent=(-0.5, shown.shape[1] * k - 0.5, shown.shape[0] * k - 0.5, -0.5))
     if labelled:
         for i, row in enumerate(matrix):
             for j, value in enumerate(row):
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if value > 0.5 else "black")
         ax.set(xticks=range(n_cols), yticks=range(n_rows))
-    ax.set(title=f"routing of {name}\n(row: client's test data, column: expert)", xlabel="expert",
+    blocks = f", each cell the mean of {k} x {k}" if k > 1 else ""
+    ax.set(title=f"routing of {name}\n(row: client's test data, column: expert{blocks})", xlabel="expert",
            ylabel="client data")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of top-k selections")
     save(fig, path)

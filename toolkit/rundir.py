@@ -27,9 +27,12 @@ log = logging.getLogger("nmoe")
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (a crash never leaves half a file)."""
+    """Write JSON atomically (a crash never leaves half a file), streamed: a 1000-client metrics.json
+    (N x N routing matrices) is never one string in memory."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    with tmp.open("w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
     os.replace(tmp, path)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.report import write_plots
+from toolkit.report import block_means, write_plots
 
 CLIENTS = 300
 
@@ -35,3 +35,15 @@ def test_plots_of_300_clients_stay_a_few_thousand_pixels(tmp_path: Path) -> None
     for path in written.values():
         width, height = png_size(path)
         assert width <= 3000 and height <= 3000, (path.name, width, height)
+
+
+def test_routing_heatmaps_beyond_max_cells_draw_block_means() -> None:
+    matrix = np.arange(25, dtype=np.float32).reshape(5, 5)
+    same, k = block_means(matrix, max_cells=5)
+    assert k == 1 and same is matrix
+    means, k = block_means(matrix, max_cells=2)  # 5 rows in blocks of 3: rows 0-2 and 3-4 (a smaller last block)
+    assert k == 3 and means.shape == (2, 2)
+    np.testing.assert_allclose(means, [[matrix[:3, :3].mean(), matrix[:3, 3:].mean()],
+                                       [matrix[3:, :3].mean(), matrix[3:, 3:].mean()]])
+    wide, k = block_means(np.ones((2, 1000), np.float32))  # the larger side decides; values are kept
+    assert k == 3 and wide.shape == (1, 334) and np.all(wide == 1.0)

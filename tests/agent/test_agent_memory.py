@@ -126,7 +126,8 @@ def test_silent_peers_time_out_weights_renormalize_and_rows_fall_back(
         assert agents[0].wait_for_experts({1, 2}, 5)
         start = time.monotonic()
         result = agents[0].infer(images)
-        assert 0.2 <= time.monotonic() - start < 1.0
+        assert 0.2 <= time.monotonic() - start < 5.0  # waited for the deadline, then not for ever (a loaded
+        # machine adds seconds: latency belongs to bench/agent, not to a test)
     z = local.latents(0, images)
     wanted = local.route(0, z)[0]
     own = local.experts[0](z)

@@ -58,10 +58,11 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningB
 def test_fleet_over_mosquitto_predicts_exactly_like_local_nmoe(
         bundles: dict[int, Bundle], images: np.ndarray, secure_broker: RunningBroker) -> None:
     local = LocalNMoE(bundles, "fp32")
-    with running(mqtt_fleet(bundles, secure_broker, versions={0: "5"})) as agents:
+    # a deadline no loaded machine misses: this test is about exact answers (latency: bench/agent)
+    with running(mqtt_fleet(bundles, secure_broker, AgentConfig(deadline_ms=30_000), versions={0: "5"})) as agents:
         for e, agent in agents.items():
             nodelay = agent.transport._client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # type: ignore[attr-defined]
-            assert nodelay
+            assert nodelay  # Nagle would make a round trip ~40-90 ms (bench/agent measures it)
             for batch in (images, images[:1], images[3:11]):
                 result, expected = agent.infer(batch), local.predict(e, batch)
                 assert np.array_equal(result.probs, expected.probs), e
@@ -71,7 +72,6 @@ def test_fleet_over_mosquitto_predicts_exactly_like_local_nmoe(
         round_trips = [ms for _ in range(50) for ms in agents[0].infer(images[:1]).remote_ms.values()]
         print(f"\nremote expert round trip over mosquitto+TLS, 1 latent: median {np.median(round_trips):.2f} ms, "
               f"p99 {np.percentile(round_trips, 99):.2f} ms")
-        assert np.median(round_trips) < 20  # Nagle would make it ~40-90 ms
         app = Client(MqttTransport(settings_for(secure_broker, OPERATOR)), (TOPICS.reply_filter(OPERATOR),))
         app.publish(TOPICS.infer_request("device-1"), request_frame(
             1, images.astype(np.float32), agents[1].model_version, inbox=TOPICS.reply(OPERATOR)))

@@ -121,16 +121,21 @@ def test_rate_cap(echo_server: int) -> None:
 
 
 def test_outage_holds_everything_until_it_ends(echo_server: int) -> None:
+    # Times are read against the proxy's own clock (it starts between `began` and `clocked`), not
+    # against fixed sleeps: on a loaded machine the first echo alone can take a good part of a second.
     with LinkProxies() as proxies:
-        port = proxies.add("d", LinkSpec(outages=(Outage(0.3, 1.0),)), "127.0.0.1", echo_server)
+        port = proxies.add("d", LinkSpec(outages=(Outage(0.5, 3.0),)), "127.0.0.1", echo_server)
+        began = time.monotonic()
         proxies.start_clock()
+        clocked = time.monotonic()
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.sendall(b"before")
             assert s.recv(100) == b"before"
-            time.sleep(0.5)  # inside the outage (0.3 .. 1.3 s)
+            time.sleep(max(0.0, clocked + 1.0 - time.monotonic()))  # inside the outage (0.5 .. 3.5 s)
             sent = time.monotonic()
+            assert sent < began + 3.0, "the machine stalled past the outage: nothing to test"
             s.sendall(b"during")
             assert s.recv(100) == b"during"
-            assert time.monotonic() - sent >= 0.75  # held until ~1.3 s
+            assert time.monotonic() >= began + 3.5  # held until the outage ended
         stats = proxies.stats()["d"]
         assert stats.held_by_outage >= 1 and stats.bytes_up == 12

@@ -157,6 +157,8 @@ class _Connection:
         self.transport = transport
         self.devices: list[SimDevice] = []
         self.connected = threading.Event()
+        self.settled = threading.Event()  # connected, or the first attempt failed (`failure` says why)
+        self.failure = ""
 
 
 class LoadGenerator:
@@ -206,9 +208,18 @@ class LoadGenerator:
             conn.transport.connect(will, partial(self._on_message, conn), partial(self._on_connection, conn))
 
     def wait_connected(self, timeout_s: float) -> bool:
-        """Whether every connection is up (and its devices announced) within `timeout_s`."""
+        """Whether every connection is up (and its devices announced) within `timeout_s`; False as soon as
+        one cannot connect (broker unreachable or refusing: `failure()` says why)."""
         end = time.monotonic() + timeout_s
-        return all(c.connected.wait(max(0.0, end - time.monotonic())) for c in self._connections)
+        for c in self._connections:
+            c.settled.wait(max(0.0, end - time.monotonic()))
+            if not c.connected.is_set():
+                return False
+        return True
+
+    def failure(self) -> str:
+        """Why a connection could not connect ("" if none failed)."""
+        return next((c.failure for c in self._connections if c.failure), "")
 
     def stop(self) -> None:
         """Stop answering, publish every device's offline presence and disconnect."""
@@ -235,13 +246,17 @@ class LoadGenerator:
 
     # incoming (transport threads) ------------------------------------------------------------------
 
-    def _on_connection(self, conn: _Connection, event: ConnectionEvent, _detail: str) -> None:
+    def _on_connection(self, conn: _Connection, event: ConnectionEvent, detail: str) -> None:
         if event in (ConnectionEvent.CONNECTED, ConnectionEvent.RECONNECTED):
             for d in conn.devices:
                 self._announce(d)
             conn.connected.set()
+            conn.settled.set()
         elif event == ConnectionEvent.DISCONNECTED:
             conn.connected.clear()
+        elif event in (ConnectionEvent.UNREACHABLE, ConnectionEvent.REFUSED) and not conn.settled.is_set():
+            conn.failure = f"{'refused' if event == ConnectionEvent.REFUSED else 'unreachable'}: {detail}"
+            conn.settled.set()
 
     def _announce(self, d: SimDevice) -> None:
         d.link.transport.publish(self.topics.presence(d.name), encode_presence(d.presence()), qos=1, retain=True)

@@ -88,8 +88,8 @@ def _loadgen(args: argparse.Namespace) -> int:
     generator.start()
     if not generator.wait_connected(30):
         generator.stop()
-        print(f"nmoe: error: could not connect {generator.connections} connection(s) to {args.broker} in 30 s",
-              file=sys.stderr)
+        why = generator.failure() or "no answer in 30 s"
+        print(f"nmoe: error: cannot connect to the broker at {args.broker} ({why}); is it running?", file=sys.stderr)
         return 2
     print(f"{args.devices} simulated devices (experts {args.first_expert}..{args.first_expert + args.devices - 1}) "
           f"on {generator.connections} connection(s) to {args.broker}", flush=True)

@@ -5,6 +5,7 @@ docs/protocol.md §9, BUSY from its bounded queue, 200 malformed frames survived
 import json
 import random
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from fleet_helpers import TOPICS, Client, request_frame
 from web_helpers import launch
 
-from broker.process import RunningBroker
+from broker.process import BrokerOptions, RunningBroker, start_broker
 from device_agent.bundle import BundleError, load_bundle
 from device_agent.device_models import model_version
 from device_agent.nmoe_local import softmax
@@ -183,3 +184,38 @@ def test_a_tampered_bundle_is_refused_with_a_clear_message(damage: str, onnx_tfl
         assert all(part in message for part in expected), message
         assert web.exited() == {"device-1": 2}
         assert all(part in (tmp_path / "web" / "logs" / "device-1.log").read_text() for part in expected)
+
+
+def _lan_address() -> str | None:
+    """This machine's address on its network (not loopback), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: the kernel picks the outgoing interface
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_a_page_loaded_over_plain_http_from_the_lan_verifies_its_bundle_and_serves(
+        onnx_tflite_bundles: Path, tmp_path: Path, expert_fp32) -> None:
+    """A phone opens http://<LAN address>:PORT/ (README): not a secure context, so no WebCrypto; the
+    bundle's sha256 checks and the chunks' digests must work without it."""
+    address = _lan_address()
+    if address is None:
+        pytest.skip("this machine has no network address besides loopback")
+    # a broker of its own: the module's device-2 (web_device) stays online on web_broker
+    with start_broker(BrokerOptions(tmp_path / "fleet", port=0)) as broker, \
+            WebDevices(tmp_path / "web", host=address) as web:
+        web.start(launch(onnx_tflite_bundles, "device-2", broker, tmp_path / "web", "--precision", "fp32"))
+        assert web.bridge is not None and web.bridge.page_url.startswith(f"http://{address}:")
+        web.wait_online(["device-2"], timeout_s=90)
+        assert web.evaluate("device-2", "return [isSecureContext, typeof crypto.subtle];") == [False, "undefined"]
+        bundle, expert = expert_fp32
+        z = np.random.default_rng(3).standard_normal((2, bundle.manifest.latent_dim)).astype(np.float32)
+        client = _client(broker, "lan")
+        try:
+            reply = _ask(client, request_frame(EXPERT, z, model_version(bundle)))
+        finally:
+            client.close()
+        assert isinstance(reply, ExpertResponse) and np.abs(reply.probs - expert(z)).max() < 1e-5

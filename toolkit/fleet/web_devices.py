@@ -82,9 +82,11 @@ def _option(args: tuple[str, ...], name: str) -> str | None:
 class WebDevices:
     """Pages in one headless Chromium, each a web device; the `AgentProcesses` interface."""
 
-    def __init__(self, work_dir: Path, logs: dict[str, Path] | None = None) -> None:
+    def __init__(self, work_dir: Path, logs: dict[str, Path] | None = None, host: str = "127.0.0.1") -> None:
+        """`host`: where the bridge serves the page; a LAN address loads it as a phone on the network does
+        (plain http:// beyond loopback: not a secure context, so no WebCrypto)."""
         check_web_setup()
-        self.work_dir = work_dir
+        self.work_dir, self.host = work_dir, host
         self.logs = {} if logs is None else logs  # device -> its log (shared with the agents' in a MixedFleet)
         self.bridge: RunningBridge | None = None
         self._bundles_dir: Path | None = None
@@ -227,7 +229,7 @@ class WebDevices:
         if broker.tls:
             raise TrialError("web devices in a trial reach the broker through a plain ws:// bridge: not with mqtts://")
         self._bundles_dir = bundles_dir
-        self.bridge = start_bridge(BridgeOptions((broker.host, broker.port), bundles_dir=bundles_dir),
+        self.bridge = start_bridge(BridgeOptions((broker.host, broker.port), self.host, bundles_dir=bundles_dir),
                                    self.work_dir / "logs" / "websocket-bridge.log")
         self._node = subprocess.Popen(
             dies_with_parent(["node", str(RUNNER), self._profile.name]), cwd=DEMO_DIR, stdin=subprocess.PIPE,

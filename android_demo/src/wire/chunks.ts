@@ -5,6 +5,7 @@
  * receiver keys chunks by (sender, transfer id, index) and hands a message over only when the
  * slices tile it exactly and hash to the digest.
  */
+import { sha256 as nobleSha256 } from "@noble/hashes/sha2.js";
 import { Reader, WireError, Writer, toHex } from "./bytes.js";
 import { MAGIC } from "./frames.js";
 import { MAX_MESSAGE, TRAINING_VERSION } from "./training.js";
@@ -24,9 +25,15 @@ export interface Chunk {
   readonly data: Uint8Array;
 }
 
-/** SHA-256 of `bytes` (WebCrypto: the browser's and Node's). */
+/**
+ * SHA-256 of `bytes`: WebCrypto where the page has it, else @noble/hashes. Browsers give WebCrypto's
+ * `crypto.subtle` only to secure contexts (https://, localhost): a phone that opens the bridge's
+ * http://<LAN address>:PORT/ page has none.
+ */
 export async function sha256(bytes: Uint8Array): Promise<Uint8Array> {
-  return new Uint8Array(await crypto.subtle.digest("SHA-256", bytes as Uint8Array<ArrayBuffer>));
+  const subtle = globalThis.crypto?.subtle;
+  if (subtle === undefined) return nobleSha256(bytes);
+  return new Uint8Array(await subtle.digest("SHA-256", bytes as Uint8Array<ArrayBuffer>));
 }
 
 /** Whether `payload` starts like a CHUNK frame (magic, version 2, kind 6). */

@@ -5,10 +5,10 @@ until that device's RESULT with the same task id arrives, or the command's deadl
 (`TaskTimeout`); `send(device, command)` publishes it and returns the wait as a call of its own, so
 that one thread can send a round's COMMANDs, then collect their RESULTs. Results are matched like
 replies (wire.requester): by task id, from the device that was asked (the topic's device), for the
-same op, job and round; anything else is dropped and counted (unknown or late, wrong sender, stale, duplicate, malformed). A COMMAND still waiting is
-published again when its device is born again (it reconnected: QoS 1 messages to a clean session
-are lost) and when the coordinator itself reconnects; a device answers a repeated task id with its
-stored RESULT, so nothing is computed twice.
+same op, job and round; anything else is dropped and counted (unknown or late, wrong sender, stale,
+duplicate, malformed). A COMMAND still waiting is published again when its device is born again (it
+reconnected: QoS 1 messages to a clean session are lost) and when the coordinator itself reconnects;
+a device answers a repeated task id with its stored RESULT, so nothing is computed twice.
 """
 
 from __future__ import annotations

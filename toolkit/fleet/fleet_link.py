@@ -13,7 +13,6 @@ a device answers a repeated task id with its stored RESULT, so nothing is comput
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -138,10 +137,10 @@ class FleetLink:
 
     def _result(self, waiting: _Waiting, timeout: float | None) -> Result:
         command = waiting.command
+        end = command.deadline_ms if timeout is None else min(command.deadline_ms, now_ms() + timeout * 1000)
         try:
-            until = now_ms() + timeout * 1000 if timeout is not None else math.inf
-            while not waiting.done.wait(max(0.0, (min(command.deadline_ms, until) - now_ms()) / 1000)):
-                if now_ms() >= min(command.deadline_ms, until):
+            while not waiting.done.wait(max(0.0, (end - now_ms()) / 1000)):
+                if now_ms() >= end:
                     self.counters.add("timeouts")
                     raise TaskTimeout(f"{waiting.device}: no result for {command.op.value} {command.job} "
                                       f"round {command.round} before its deadline")
